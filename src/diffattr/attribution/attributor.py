@@ -1,0 +1,163 @@
+"""The user-facing object: featurize a training set once, then score any targets.
+
+    attributor = Attributor(model, train_set, store_dir="runs/x/features", method="das")
+    attributor.featurize()
+    scores = attributor.score(generated_images)
+    ids, values = scores.top_k(8)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffattr.attribution.featurize import DEFAULT_MAX_EXACT_BYTES, FeatureSettings, featurize
+from diffattr.attribution.gradients import select_parameters
+from diffattr.attribution.kernel import DEFAULT_RELATIVE_LAMBDA, Kernel
+from diffattr.attribution.methods import Method, ScoreInputs, get_method
+from diffattr.attribution.scores import Scores
+from diffattr.attribution.store import FeatureStore
+from diffattr.data import ImageDataset
+from diffattr.diffusion.schedule import NoiseSchedule
+from diffattr.errors import DataError
+
+
+def images_fingerprint(images: torch.Tensor, ids: np.ndarray) -> str:
+    """sha256 of target images and ids (names a target feature store)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(images.numpy(), dtype=np.float32).tobytes())
+    h.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def as_images(targets: Any, ids: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """(images, ids) from a tensor, an :class:`ImageDataset` or generated ``Samples``."""
+    if isinstance(targets, ImageDataset):
+        return targets.images, targets.ids.numpy()
+    images = getattr(targets, "images", targets)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise DataError("targets must be an N×C×H×W tensor, an ImageDataset or Samples")
+    if ids is None:
+        ids = np.arange(images.shape[0], dtype=np.int64)
+    return images.float(), np.asarray(ids, dtype=np.int64)
+
+
+class Attributor:
+    """Attribute images of ``model`` to the training set ``train`` with one method."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train: ImageDataset,
+        store_dir: str | Path,
+        method: str = "das",
+        schedule: NoiseSchedule | None = None,
+        settings: FeatureSettings | None = None,
+        lam: float | None = None,
+        relative_lambda: float = DEFAULT_RELATIVE_LAMBDA,
+        batch_size: int = 32,
+        device: str = "cpu",
+        progress: bool = True,
+        max_exact_bytes: int = DEFAULT_MAX_EXACT_BYTES,
+        **method_options: Any,
+    ) -> None:
+        self.model = model
+        self.train = train
+        self.store_dir = Path(store_dir)
+        self.method: Method = get_method(method, **method_options)
+        self.schedule = schedule or NoiseSchedule()
+        self.lam, self.relative_lambda = lam, relative_lambda
+        self.batch_size, self.device, self.progress = batch_size, device, progress
+        base = settings or FeatureSettings()
+        if self.method.measure is not None:
+            base = replace(base, measure=self.method.measure)
+        num_params = sum(
+            dict(model.named_parameters())[n].numel()
+            for n in select_parameters(model, base.params)
+        )
+        self.settings = base.resolved(num_params, len(train), max_exact_bytes)
+        self._kernel: Kernel | None = None
+        self._train_store: FeatureStore | None = None
+
+    def _store_path(self, role: str) -> Path:
+        return self.store_dir / f"{role}-{self.settings.measure}-{self.settings.key()}"
+
+    def featurize(self) -> FeatureStore | None:
+        """Compute (or finish) the training features; None for image-based methods."""
+        if self.method.measure is None:
+            return None
+        if self._train_store is None or not self._train_store.is_complete():
+            self._train_store = featurize(
+                self.model,
+                self.train.images,
+                self.train.ids.numpy(),
+                self._store_path("train"),
+                self.settings,
+                self.schedule,
+                self.train.fingerprint(),
+                batch_size=self.batch_size,
+                device=self.device,
+                progress=self.progress,
+                desc=f"featurize train ({self.settings.measure})",
+            )
+        return self._train_store
+
+    def featurize_targets(self, images: torch.Tensor, ids: np.ndarray) -> FeatureStore:
+        """Compute the target features (stored, keyed by the target images)."""
+        fp = images_fingerprint(images, ids)
+        return featurize(
+            self.model,
+            images,
+            ids,
+            self._store_path(f"targets-{fp[:10]}"),
+            self.settings,
+            self.schedule,
+            fp,
+            batch_size=self.batch_size,
+            device=self.device,
+            progress=self.progress,
+            desc=f"featurize targets ({self.settings.measure})",
+        )
+
+    def kernel(self) -> Kernel:
+        if self._kernel is None:
+            store = self.featurize()
+            assert store is not None
+            self._kernel = Kernel.fit(store.features, self.lam, self.relative_lambda)
+        return self._kernel
+
+    def score(self, targets: Any, target_ids: np.ndarray | None = None) -> Scores:
+        """Scores (targets × training samples) for images, a dataset or generated samples."""
+        images, ids = as_images(targets, target_ids)
+        if tuple(images.shape[1:]) != tuple(self.train.images.shape[1:]):
+            raise DataError(
+                f"target images are {tuple(images.shape[1:])}, the training images "
+                f"{tuple(self.train.images.shape[1:])}"
+            )
+        inputs = ScoreInputs(
+            train_images=self.train.images,
+            target_images=images,
+            num_train=len(self.train),
+            num_targets=images.shape[0],
+        )
+        meta: dict[str, Any] = {"options": self.method.options}
+        if self.method.measure is not None:
+            store = self.featurize()
+            assert store is not None
+            tstore = self.featurize_targets(images, ids)
+            inputs.train_features = store.features
+            inputs.target_features = np.asarray(tstore.features)
+            inputs.train_error = store.column("error")
+            inputs.train_residual = store.column("residual")
+            meta["features"] = self.settings.to_dict()
+            if self.method.uses_kernel:
+                inputs.kernel = self.kernel()
+                meta["lambda"] = inputs.kernel.lam
+                meta["kernel_form"] = inputs.kernel.form
+        values = self.method.score(inputs)
+        return Scores(values, self.train.ids.numpy(), ids, self.method.name, meta)

@@ -1,0 +1,169 @@
+"""Per-sample gradients of a measure with ``torch.func``, averaged over timesteps.
+
+For a sample z (id i, image x₀) and each chosen timestep t, with noise ε keyed by
+(seed, i, t) and x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε:
+
+    g(z, t) = ∇_θ f(ε_θ(x_t, t), ε, ᾱ_t)
+    ḡ(z)    = (1/K) Σ_t g(z, t) / ‖g(z, t)‖    (normalisation optional)
+
+computed as ``vmap(grad(f))`` over ``functional_call`` on micro-batches of (sample, t) pairs.
+The same forward pass also yields the per-sample training error e = mean_t ‖ε_θ − ε‖²/d and the
+reduced residual r = mean_t mean(ε_θ − ε), which DAS uses to weight its scores.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+
+from diffattr.attribution.measure import Measure
+from diffattr.diffusion.presets import use_classic_attention
+from diffattr.diffusion.schedule import ATTRIBUTION_NOISE_KEY, NoiseSchedule, keyed_noise
+from diffattr.errors import ConfigError, NumericalError
+from diffattr.seeding import generator
+
+TIMESTEP_STRATEGIES = ("uniform", "first", "random")
+
+
+@dataclass(frozen=True)
+class TimestepSpec:
+    """Which timesteps features average over: K of them, chosen by ``strategy``."""
+
+    num: int = 10
+    strategy: str = "uniform"
+    seed: int = 0
+
+    def validate(self, num_train_timesteps: int) -> None:
+        if self.strategy not in TIMESTEP_STRATEGIES:
+            raise ConfigError(
+                f"unknown timestep strategy {self.strategy!r}",
+                hint=f"choose from {TIMESTEP_STRATEGIES}",
+            )
+        if not 1 <= self.num <= num_train_timesteps:
+            raise ConfigError(f"--timesteps must be in [1, {num_train_timesteps}], got {self.num}")
+
+    def for_sample(self, sample_id: int, num_train_timesteps: int) -> np.ndarray:
+        """The K timesteps of one sample: uniform range(0, T, T//K), first 0…K−1, or random."""
+        T, K = num_train_timesteps, self.num
+        if self.strategy == "uniform":
+            return np.arange(0, T, T // K, dtype=np.int64)[:K]
+        if self.strategy == "first":
+            return np.arange(K, dtype=np.int64)
+        g = generator(self.seed, 4242, sample_id)
+        return np.sort(torch.randperm(T, generator=g)[:K].numpy()).astype(np.int64)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def select_parameters(model: torch.nn.Module, pattern: str | None = None) -> list[str]:
+    """Names of the parameters whose gradients are taken (all, or those matching ``pattern``)."""
+    names = [n for n, _ in model.named_parameters()]
+    if pattern:
+        try:
+            rx = re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"invalid --params pattern {pattern!r}: {exc}") from exc
+        names = [n for n in names if rx.search(n)]
+        if not names:
+            raise ConfigError(f"--params pattern {pattern!r} matches no parameter of the model")
+    return names
+
+
+class GradientComputer:
+    """Per-sample, timestep-averaged gradients of ``measure`` for one model.
+
+    ``param_names`` selects the differentiated parameters; the rest are held fixed.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        measure: Measure,
+        schedule: NoiseSchedule,
+        timesteps: TimestepSpec,
+        noise_seed: int = 0,
+        normalize: bool = True,
+        param_names: list[str] | None = None,
+        micro_batch: int = 64,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        timesteps.validate(schedule.num_train_timesteps)
+        self.model = model.to(device).eval()
+        use_classic_attention(self.model)
+        self.measure, self.schedule, self.timesteps = measure, schedule, timesteps
+        self.noise_seed, self.normalize = noise_seed, normalize
+        self.micro_batch = max(1, micro_batch)
+        self.device = torch.device(device)
+        names = param_names or select_parameters(model)
+        named = dict(model.named_parameters())
+        self.params = {n: named[n].detach() for n in names}
+        self.fixed = {n: p.detach() for n, p in named.items() if n not in self.params}
+        self.fixed.update({n: b for n, b in model.named_buffers()})
+        self.dim = sum(p.numel() for p in self.params.values())
+        self.alphas = schedule.alphas_cumprod().to(self.device)
+        self._grad_fn = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0))
+
+    def _f(self, params, xt, t, noise, ab):
+        out = functional_call(self.model, (params, self.fixed), (xt[None], t[None])).sample[0]
+        diff = out - noise
+        return self.measure(out, noise, ab), (diff.pow(2).mean(), diff.mean())
+
+    def pairs(self, x0: torch.Tensor, ids: np.ndarray) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(row, x_t, t, ε, ᾱ_t) for every (sample, timestep) pair, in micro-batches."""
+        T = self.schedule.num_train_timesteps
+        rows, ts = [], []
+        for r, sid in enumerate(ids):
+            for t in self.timesteps.for_sample(int(sid), T):
+                rows.append(r)
+                ts.append(int(t))
+        shape = tuple(x0.shape[1:])
+        for s in range(0, len(rows), self.micro_batch):
+            r = torch.tensor(rows[s : s + self.micro_batch])
+            t = torch.tensor(ts[s : s + self.micro_batch])
+            noise = torch.stack(
+                [
+                    keyed_noise(ATTRIBUTION_NOISE_KEY, self.noise_seed, int(ids[i]), int(tt), shape)
+                    for i, tt in zip(r.tolist(), t.tolist(), strict=True)
+                ]
+            ).to(self.device)
+            ab = self.alphas[t.to(self.device)]
+            x = x0[r].to(self.device)
+            a = ab.view(-1, *([1] * (x.dim() - 1)))
+            xt = a.sqrt() * x + (1 - a).sqrt() * noise
+            yield r, xt, t.to(self.device), noise, ab
+
+    def flat_grads(self, xt, t, noise, ab) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, p) gradients of f for a micro-batch of pairs, plus their (error, residual)."""
+        grads, (err, res) = self._grad_fn(self.params, xt, t, noise, ab)
+        flat = torch.cat([grads[n].reshape(xt.shape[0], -1) for n in self.params], dim=1)
+        return flat, err, res
+
+    def compute(
+        self, x0: torch.Tensor, ids: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ḡ (B, p) float32, error e (B,) and residual r (B,) for a batch of samples."""
+        B = x0.shape[0]
+        K = self.timesteps.num
+        out = torch.zeros(B, self.dim, dtype=torch.float32, device=self.device)
+        err = torch.zeros(B, dtype=torch.float64)
+        res = torch.zeros(B, dtype=torch.float64)
+        for rows, xt, t, noise, ab in self.pairs(x0, ids):
+            g, e, r = self.flat_grads(xt, t, noise, ab)
+            if not torch.isfinite(g).all():
+                bad = rows[~torch.isfinite(g).all(dim=1).cpu()][0]
+                raise NumericalError(
+                    f"non-finite gradient for sample id {int(ids[int(bad)])}",
+                    hint="check the model checkpoint and the input image for NaN/Inf",
+                )
+            if self.normalize:
+                g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            out.index_add_(0, rows.to(self.device), g)
+            err.index_add_(0, rows, e.detach().cpu().double())
+            res.index_add_(0, rows, r.detach().cpu().double())
+        return out / K, (err / K).float(), (res / K).float()

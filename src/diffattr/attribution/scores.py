@@ -1,0 +1,97 @@
+"""Attribution scores: a (targets × training samples) matrix with ids, top-k and files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffattr.errors import DiffattrError
+from diffattr.fsio import atomic_write, atomic_write_bytes, atomic_write_json, read_json
+
+
+@dataclass
+class Scores:
+    """τ(x, zᵢ) for targets x (rows) and training samples zᵢ (columns).
+
+    Positive = the training sample helps the model produce the target.
+    """
+
+    values: np.ndarray
+    train_ids: np.ndarray
+    target_ids: np.ndarray
+    method: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.values = np.asarray(self.values, dtype=np.float32)
+        self.train_ids = np.asarray(self.train_ids, dtype=np.int64)
+        self.target_ids = np.asarray(self.target_ids, dtype=np.int64)
+        expected = (self.target_ids.size, self.train_ids.size)
+        if self.values.shape != expected:
+            raise DiffattrError(
+                f"scores of shape {self.values.shape} do not match {expected[0]} targets × "
+                f"{expected[1]} training samples"
+            )
+
+    def top_k(self, k: int, opponents: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores), each (T, k): the k highest scores (or lowest, for opponents)."""
+        k = min(k, self.values.shape[1])
+        v = -self.values if opponents else self.values
+        idx = np.argsort(-v, axis=1, kind="stable")[:, :k]
+        return self.train_ids[idx], np.take_along_axis(self.values, idx, axis=1)
+
+    def save(self, out_dir: str | Path, k: int = 10) -> Path:
+        """Write ``scores.npy``, ``meta.json`` and top-k tables (``topk.csv``, ``topk.json``)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "scores.npy", lambda f: np.save(f, self.values))
+        atomic_write(out / "train_ids.npy", lambda f: np.save(f, self.train_ids))
+        atomic_write(out / "target_ids.npy", lambda f: np.save(f, self.target_ids))
+        pro_ids, pro = self.top_k(k)
+        opp_ids, opp = self.top_k(k, opponents=True)
+        rows = []
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["target_id", "kind", "rank", "train_id", "score"])
+        for t, tid in enumerate(self.target_ids):
+            for kind, ids, vals in (("proponent", pro_ids, pro), ("opponent", opp_ids, opp)):
+                for r in range(ids.shape[1]):
+                    w.writerow([int(tid), kind, r + 1, int(ids[t, r]), f"{vals[t, r]:.6g}"])
+            rows.append(
+                {
+                    "target_id": int(tid),
+                    "proponents": [
+                        {"train_id": int(i), "score": float(s)}
+                        for i, s in zip(pro_ids[t], pro[t], strict=True)
+                    ],
+                    "opponents": [
+                        {"train_id": int(i), "score": float(s)}
+                        for i, s in zip(opp_ids[t], opp[t], strict=True)
+                    ],
+                }
+            )
+        atomic_write_bytes(out / "topk.csv", buf.getvalue().encode())
+        atomic_write_bytes(out / "topk.json", json.dumps(rows, indent=1).encode())
+        atomic_write_json(out / "meta.json", {"method": self.method, **self.meta})
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> Scores:
+        out = Path(out_dir)
+        if not (out / "scores.npy").is_file():
+            raise DiffattrError(f"no scores in {out}", hint="run `diffattr score` first")
+        meta = read_json(out / "meta.json")
+        method = meta.pop("method", "unknown")
+        return cls(
+            np.load(out / "scores.npy"),
+            np.load(out / "train_ids.npy"),
+            np.load(out / "target_ids.npy"),
+            method,
+            meta,
+        )

@@ -1,0 +1,215 @@
+"""Subcommands built on the attribution engine: featurize, score, report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffattr.cli import EXTRA_COMMANDS
+from diffattr.errors import DataError, DiffattrError
+
+TARGETS_HELP = "samples (RUN/samples, default), val (held-out real images), or a samples .npz"
+
+
+def load_targets(run, spec: str) -> tuple[str, torch.Tensor, np.ndarray]:
+    """(name, images, ids) of the targets named by ``spec``."""
+    from diffattr.diffusion.sampling import load_samples
+
+    if spec == "samples":
+        path = run.samples_dir / "samples.npz"
+        if not path.is_file():
+            raise DiffattrError(
+                f"no generated samples in {run.samples_dir}",
+                hint=f"run `diffattr generate {run.path}` first",
+            )
+        s = load_samples(path)
+        return "samples", s.images, np.arange(len(s))
+    if spec == "val":
+        _, val = run.data_spec().load()
+        return "val", val.images, val.ids.numpy()
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"targets {spec!r} are neither 'samples', 'val' nor a file")
+    s = load_samples(path)
+    return path.stem, s.images, np.arange(len(s))
+
+
+def add_feature_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("features")
+    g.add_argument("--timesteps", type=int, default=10, help="timesteps K (default: 10)")
+    g.add_argument("--timestep-strategy", choices=["uniform", "first", "random"], default="uniform")
+    g.add_argument("--no-normalize", action="store_true", help="no per-timestep L2 normalisation")
+    g.add_argument("--noise-seed", type=int, default=0)
+    g.add_argument("--params", default=None, help="regex: only parameters whose name matches")
+    g.add_argument(
+        "--projector",
+        default="auto",
+        choices=["auto", "identity", "rademacher", "gaussian", "countsketch", "sparse-jl"],
+        help="auto: exact gradients when they fit in 4 GiB, else a sparse sketch",
+    )
+    g.add_argument("--proj-dim", type=int, default=None, help="projection dimension k")
+    g.add_argument("--proj-seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=32)
+
+
+def feature_settings(args: argparse.Namespace, measure: str = "das"):
+    from diffattr.attribution.featurize import FeatureSettings
+
+    return FeatureSettings(
+        measure=measure,
+        timesteps=args.timesteps,
+        timestep_strategy=args.timestep_strategy,
+        normalize=not args.no_normalize,
+        noise_seed=args.noise_seed,
+        params=args.params,
+        projector=args.projector,
+        proj_dim=args.proj_dim,
+        proj_seed=args.proj_seed,
+    )
+
+
+def make_attributor(run, method: str, args: argparse.Namespace, **options: Any):
+    from diffattr.attribution.attributor import Attributor
+    from diffattr.diffusion.presets import load_unet
+
+    train_set, _ = run.data_spec().load()
+    return Attributor(
+        load_unet(run.model_dir),
+        train_set,
+        run.features_dir,
+        method=method,
+        schedule=run.train_config().schedule,
+        settings=feature_settings(args),
+        lam=getattr(args, "lam", None),
+        relative_lambda=getattr(args, "relative_lambda", 0.1),
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        **options,
+    )
+
+
+def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.run import RunDir
+
+    run = RunDir(args.run)
+    out: dict[str, Any] = {}
+    for method in args.method.split(","):
+        att = make_attributor(run, method, args)
+        store = att.featurize()
+        if store is None:
+            continue
+        out[f"train_store[{method}]"] = str(store.path)
+        if args.targets:
+            _, images, ids = load_targets(run, args.targets)
+            out[f"target_store[{method}]"] = str(att.featurize_targets(images, ids).path)
+    return out
+
+
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"residual": args.residual, "leverage": args.leverage, "squared": args.squared}
+
+
+def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.run import RunDir
+
+    run = RunDir(args.run)
+    name, images, ids = load_targets(run, args.targets)
+    out: dict[str, Any] = {}
+    for method in args.method.split(","):
+        options = method_options(args) if method == "das" else {}
+        if method == "random":
+            options = {"seed": args.noise_seed}
+        att = make_attributor(run, method, args, **options)
+        scores = att.score(images, ids)
+        path = scores.save(run.scores_dir / f"{method}-{name}", k=args.k)
+        out[method] = str(path)
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.attribution.scores import Scores
+    from diffattr.fsio import read_json
+    from diffattr.report import write_report
+    from diffattr.run import RunDir
+
+    run = RunDir(args.run)
+    name, images, ids = load_targets(run, args.targets)
+    train_set, _ = run.data_spec().load()
+    scores = {}
+    for method in args.method.split(","):
+        d = run.scores_dir / f"{method}-{name}"
+        if (d / "scores.npy").is_file():
+            scores[method] = Scores.load(d)
+    summary: dict[str, Any] = {"run": str(run.path), "training images": len(train_set)}
+    if (run.path / "quality.json").is_file():
+        summary.update(read_json(run.path / "quality.json"))
+    path = write_report(
+        Path(args.out) if args.out else run.report_path,
+        targets=images,
+        target_ids=ids,
+        train=train_set,
+        scores=scores,
+        title=f"diffattr report: {run.path.name} ({name})",
+        summary=summary,
+    )
+    return {"report": str(path), "methods": sorted(scores)}
+
+
+def register(add) -> None:
+    p = add(
+        "featurize",
+        "compute and store training (and target) features for attribution",
+        """
+        diffattr featurize runs/digits --method das,dtrak
+        diffattr featurize runs/digits --method trak --targets samples \\
+            --projector countsketch --proj-dim 4096
+        """,
+        cmd_featurize,
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("--method", default="das", help="comma-separated methods (default: das)")
+    p.add_argument("--targets", default=None, help="also featurize targets: " + TARGETS_HELP)
+    add_feature_args(p)
+
+    p = add(
+        "score",
+        "score targets against the training set; writes scores and top-k tables",
+        """
+        diffattr score runs/digits --method das,dtrak
+        diffattr score runs/digits --method das --targets val --leverage --k 20
+        """,
+        cmd_score,
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("--method", default="das", help="comma-separated methods (default: das)")
+    p.add_argument("--targets", default="samples", help=TARGETS_HELP)
+    p.add_argument("--k", type=int, default=10, help="top-k written to topk.csv/json")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, help="absolute λ")
+    p.add_argument(
+        "--relative-lambda", type=float, default=0.1, help="λ = c·mean eigenvalue (default 0.1)"
+    )
+    p.add_argument("--residual", choices=["error", "signed", "none"], default="error")
+    p.add_argument("--leverage", action="store_true", help="DAS: divide by 1 − hᵢ")
+    p.add_argument("--squared", action="store_true", help="DAS: square the scores (KL form)")
+    add_feature_args(p)
+
+    p = add(
+        "report",
+        "write the HTML report of a run",
+        """
+        diffattr report runs/digits
+        diffattr report runs/digits --method das,dtrak,trak --out /tmp/report.html
+        """,
+        cmd_report,
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("--method", default="das,dtrak", help="methods to show (default: das,dtrak)")
+    p.add_argument("--targets", default="samples", help=TARGETS_HELP)
+    p.add_argument("--out", default=None, help="output file (default: RUN/report.html)")
+
+
+EXTRA_COMMANDS.append(register)

@@ -1,0 +1,85 @@
+"""The forward noising process and the per-sample random streams of training.
+
+x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε with a linear β schedule (1e-4 → 0.02, T = 1000 by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from diffattr.seeding import generator
+
+#: Key namespaces, so streams of different purposes never coincide.
+TRAIN_VISIT_KEY = 1
+ATTRIBUTION_NOISE_KEY = 2
+SAMPLING_KEY = 3
+MEASUREMENT_KEY = 4
+PERMUTATION_KEY = 5
+INIT_KEY = 6
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """Linear-β DDPM schedule."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def ddpm(self) -> DDPMScheduler:
+        return DDPMScheduler(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            beta_schedule="linear",
+            clip_sample=True,
+        )
+
+    def ddim(self) -> DDIMScheduler:
+        return DDIMScheduler(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            beta_schedule="linear",
+            clip_sample=True,
+            set_alpha_to_one=True,
+        )
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t for t = 0 … T−1 (float32)."""
+        betas = torch.linspace(
+            self.beta_start, self.beta_end, self.num_train_timesteps, dtype=torch.float64
+        )
+        return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε, with ``t`` a (B,) integer tensor."""
+        ab = self.alphas_cumprod().to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1)))
+        return ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise
+
+
+def visit_noise(
+    seed: int, sample_id: int, visit: int, shape: tuple[int, ...], num_timesteps: int
+) -> tuple[int, torch.Tensor]:
+    """Timestep and noise of training sample ``sample_id`` at its ``visit``-th visit.
+
+    Drawn from a generator keyed by (seed, sample id, visit) alone, so it is the same in every
+    model trained with ``seed`` whose subset contains the sample (common random numbers).
+    """
+    g = generator(seed, TRAIN_VISIT_KEY, sample_id, visit)
+    t = int(torch.randint(num_timesteps, (1,), generator=g).item())
+    noise = torch.randn(shape, generator=g, dtype=torch.float32)
+    return t, noise
+
+
+def keyed_noise(
+    key: int, seed: int, sample_id: int, t: int, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Noise for (purpose ``key``, seed, sample id, timestep): reproducible in any process."""
+    return torch.randn(shape, generator=generator(key, seed, sample_id, t), dtype=torch.float32)

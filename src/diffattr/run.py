@@ -1,0 +1,115 @@
+"""A run directory: one trained model and everything derived from it.
+
+Layout (each stage writes its own part, atomically, and can be resumed)::
+
+    RUN/run.json          data spec and training config (written by `train`)
+    RUN/train.json        training manifest; RUN/model/ final EMA weights; RUN/checkpoints/
+    RUN/samples/          generated targets: samples.npz (images, seeds, initial noise), PNGs
+    RUN/features/         feature stores (train set and targets, one per measure/settings)
+    RUN/scores/           score arrays and top-k tables per method
+    RUN/report.html       the report
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from diffattr.data import ImageDataset, load_dataset, train_val_split
+from diffattr.diffusion.training import TrainConfig
+from diffattr.errors import DiffattrError
+from diffattr.fsio import atomic_write_json, read_json
+
+
+@dataclass
+class DataSpec:
+    """Which images a run trains on: a dataset and a deterministic train/val split of it."""
+
+    data: str = "digits"
+    size: int | None = None
+    mismatch: str = "error"
+    val_count: int = 200
+    train_count: int | None = None
+    split_seed: int = 0
+
+    def load(self) -> tuple[ImageDataset, ImageDataset]:
+        """(train, val) datasets; ids are those of the full dataset."""
+        full = load_dataset(self.data, size=self.size, mismatch=self.mismatch)
+        return train_val_split(
+            full, val_count=self.val_count, seed=self.split_seed, train_count=self.train_count
+        )
+
+
+class RunDir:
+    """Paths and the manifest of a run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.path / "features"
+
+    @property
+    def scores_dir(self) -> Path:
+        return self.path / "scores"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.html"
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.is_file():
+            raise DiffattrError(
+                f"{self.path} is not a diffattr run (no run.json)",
+                hint="create one with `diffattr train --out DIR`",
+            )
+        return read_json(self.manifest_path)
+
+    def update(self, section: str, value: Any) -> None:
+        """Set one section of run.json (atomic rewrite)."""
+        data = read_json(self.manifest_path) if self.manifest_path.is_file() else {}
+        data[section] = value
+        atomic_write_json(self.manifest_path, data)
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(**self.manifest()["data"])
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.manifest()["train"])
+
+    def start(self, spec: DataSpec, config: TrainConfig) -> None:
+        """Record the data spec and training config, refusing to change those of an existing run."""
+        wanted = {"data": asdict(spec), "train": config.to_dict()}
+        if self.manifest_path.is_file():
+            have = read_json(self.manifest_path)
+            for key, value in wanted.items():
+                old = have.get(key)
+                if old is not None and _comparable(old) != _comparable(value):
+                    diff = sorted(k for k in set(old) | set(value) if old.get(k) != value.get(k))
+                    raise DiffattrError(
+                        f"{self.path} was created with other {key} settings ({', '.join(diff)})",
+                        hint="use another --out directory or the original settings",
+                    )
+        for key, value in wanted.items():
+            self.update(key, value)
+
+
+def _comparable(d: dict[str, Any]) -> dict[str, Any]:
+    d = dict(d)
+    d.pop("checkpoint_every", None)
+    d.pop("keep_checkpoints", None)
+    return d
