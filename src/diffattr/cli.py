@@ -201,18 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory", action="store_true", help="record x_t along the path")
     p.add_argument("--out", default=None, help="output directory (default: RUN/samples)")
 
-    for extra in EXTRA_COMMANDS:
-        extra(add)
+    from diffattr.commands import register
+
+    register(add)
     return parser
 
 
-#: Later modules register their subcommands here: f(add) -> None.
-EXTRA_COMMANDS: list[Callable[[Callable[..., argparse.ArgumentParser]], None]] = []
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from diffattr import commands  # noqa: F401  (registers featurize/score/report)
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

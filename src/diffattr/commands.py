@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffattr.cli import EXTRA_COMMANDS
 from diffattr.errors import DataError, DiffattrError
 
 TARGETS_HELP = "samples (RUN/samples, default), val (held-out real images), or a samples .npz"
@@ -38,9 +37,12 @@ def load_targets(run, spec: str) -> tuple[str, torch.Tensor, np.ndarray]:
     return path.stem, s.images, np.arange(len(s))
 
 
-def add_feature_args(p: argparse.ArgumentParser) -> None:
+def add_feature_args(p: argparse.ArgumentParser, several_timesteps: bool = False) -> None:
     g = p.add_argument_group("features")
-    g.add_argument("--timesteps", type=int, default=10, help="timesteps K (default: 10)")
+    if several_timesteps:
+        g.add_argument("--timesteps", default="10", help="comma-separated K values (default: 10)")
+    else:
+        g.add_argument("--timesteps", type=int, default=10, help="timesteps K (default: 10)")
     g.add_argument("--timestep-strategy", choices=["uniform", "first", "random"], default="uniform")
     g.add_argument("--no-normalize", action="store_true", help="no per-timestep L2 normalisation")
     g.add_argument("--noise-seed", type=int, default=0)
@@ -61,7 +63,7 @@ def feature_settings(args: argparse.Namespace, measure: str = "das"):
 
     return FeatureSettings(
         measure=measure,
-        timesteps=args.timesteps,
+        timesteps=args.timesteps if isinstance(args.timesteps, int) else 10,
         timestep_strategy=args.timestep_strategy,
         normalize=not args.no_normalize,
         noise_seed=args.noise_seed,
@@ -159,6 +161,49 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     return {"report": str(path), "methods": sorted(scores)}
 
 
+def cmd_lds_build(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.evaluation.lds import LDSConfig, build
+    from diffattr.parallel import make_executor
+    from diffattr.run import RunDir
+
+    config = LDSConfig(
+        num_subsets=args.subsets,
+        fraction=args.fraction,
+        seeds=[int(s) for s in args.seeds.split(",")],
+        subset_seed=args.subset_seed,
+        measure_timesteps=args.measure_timesteps,
+        num_val=args.num_val,
+        num_gen=args.num_gen,
+    )
+    executor = make_executor(args.executor, args.workers, progress=not args.quiet)
+    bench = build(RunDir(args.run), args.out, config, executor, progress=not args.quiet)
+    return {"benchmark": str(bench), "models": config.num_subsets * len(config.seeds)}
+
+
+def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.evaluation.lds import evaluate_benchmark, format_table
+    from diffattr.fsio import atomic_write_bytes, atomic_write_json
+    from diffattr.run import RunDir
+
+    rows = evaluate_benchmark(
+        args.bench,
+        RunDir(args.run) if args.run else None,
+        args.method.split(","),
+        [int(k) for k in args.timesteps.split(",")],
+        [float(x) for x in args.lambdas.split(",")] if args.lambdas else None,
+        base_settings=feature_settings(args),
+        progress=not args.quiet,
+        bootstrap=args.bootstrap,
+    )
+    table = format_table(rows)
+    out = Path(args.out) if args.out else Path(args.bench) / "results.md"
+    atomic_write_bytes(out, (table + "\n").encode())
+    atomic_write_json(out.with_suffix(".json"), rows)
+    if not args.quiet and not args.json:
+        print(table)
+    return {"table": str(out)}
+
+
 def register(add) -> None:
     p = add(
         "featurize",
@@ -192,7 +237,7 @@ def register(add) -> None:
     p.add_argument(
         "--relative-lambda", type=float, default=0.1, help="λ = c·mean eigenvalue (default 0.1)"
     )
-    p.add_argument("--residual", choices=["error", "signed", "none"], default="error")
+    p.add_argument("--residual", choices=["error", "signed", "raw", "none"], default="error")
     p.add_argument("--leverage", action="store_true", help="DAS: divide by 1 − hᵢ")
     p.add_argument("--squared", action="store_true", help="DAS: square the scores (KL form)")
     add_feature_args(p)
@@ -211,5 +256,56 @@ def register(add) -> None:
     p.add_argument("--targets", default="samples", help=TARGETS_HELP)
     p.add_argument("--out", default=None, help="output file (default: RUN/report.html)")
 
-
-EXTRA_COMMANDS.append(register)
+    p = add(
+        "lds",
+        "linear datamodeling score: build ground truth by retraining, evaluate methods",
+        """
+        diffattr lds build runs/digits --out bench/digits --subsets 24 --seeds 0,1
+        diffattr lds eval bench/digits --run runs/digits --method das,dtrak,trak,random
+        """,
+        lambda a: (_ for _ in ()).throw(DiffattrError("use `diffattr lds build` or `lds eval`")),
+    )
+    sub = p.add_subparsers(dest="lds_command", metavar="STEP")
+    b = sub.add_parser(
+        "build",
+        help="retrain subset models and measure the ground truth (resumable)",
+        description="retrain subset models and measure the ground truth (resumable)",
+        epilog="examples:\n  diffattr lds build runs/digits --out bench/digits --subsets 24 "
+        "--seeds 0,1 --workers 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.set_defaults(handler=cmd_lds_build)
+    b.add_argument("run", help="run directory of the full model")
+    b.add_argument("--out", required=True, help="benchmark directory")
+    b.add_argument("--subsets", type=int, default=24, help="subsets M (default: 24)")
+    b.add_argument("--fraction", type=float, default=0.5, help="subset fraction α (0.5)")
+    b.add_argument("--seeds", default="0,1", help="training seeds per subset (default: 0,1)")
+    b.add_argument("--subset-seed", type=int, default=0)
+    b.add_argument(
+        "--measure-timesteps", type=int, default=100, help="timesteps in F (default: 100)"
+    )
+    b.add_argument("--num-val", type=int, default=200, help="held-out real targets")
+    b.add_argument("--num-gen", type=int, default=200, help="generated targets")
+    b.add_argument("--executor", choices=["local", "inprocess"], default="local")
+    b.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
+    e = sub.add_parser(
+        "eval",
+        help="LDS of methods on a built benchmark (cross-fitted λ, bootstrap CIs)",
+        description="LDS of methods on a built benchmark (cross-fitted λ, bootstrap CIs)",
+        epilog="examples:\n  diffattr lds eval bench/digits --run runs/digits "
+        "--method das,dtrak,trak,grad-cos,pixel-cos,random --timesteps 10,100",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.set_defaults(handler=cmd_lds_eval)
+    e.add_argument("bench", help="benchmark directory made by `lds build`")
+    e.add_argument("--run", default=None, help="run directory (needed unless kernels are cached)")
+    e.add_argument("--method", default="das,dtrak,trak,grad-cos,pixel-cos,random")
+    e.add_argument("--lambdas", default=None, help="relative λ grid, comma-separated")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    e.add_argument("--out", default=None, help="table file (default: BENCH/results.md)")
+    add_feature_args(e, several_timesteps=True)
+    for q in (b, e):
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+        q.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+        q.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        q.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -96,6 +96,26 @@ class Kernel:
             ) from exc
         return cls(features, float(lam), form, factor, block)
 
+    @classmethod
+    def from_gram(cls, gram: np.ndarray, lam: float) -> Kernel:
+        """Dual-form kernel from a precomputed ΦΦᵀ (N×N); use :meth:`solve_inner` with it."""
+        k = np.array(gram, dtype=np.float64, copy=True)
+        k[np.diag_indices_from(k)] += lam
+        try:
+            factor = scipy.linalg.cho_factor(k, lower=True)[0]
+        except (np.linalg.LinAlgError, ValueError) as exc:
+            raise NumericalError(
+                f"the kernel with λ={lam:.3g} is not positive definite ({exc})",
+                hint=f"increase λ, e.g. to {10 * lam:.3g}",
+            ) from exc
+        return cls(np.empty((k.shape[0], 0)), float(lam), "dual", factor)
+
+    def solve_inner(self, inner: np.ndarray) -> np.ndarray:
+        """Dual form from precomputed φ(x)ᵀΦᵀ (T×N): φ(x)ᵀΦᵀ(ΦΦᵀ + λI)⁻¹."""
+        if self.form != "dual":
+            raise ConfigError("solve_inner needs the dual form")
+        return self._solve(np.asarray(inner, dtype=np.float64).T).T
+
     def _solve(self, rhs: np.ndarray) -> np.ndarray:
         return scipy.linalg.cho_solve((self.factor, True), rhs, check_finite=False)
 

@@ -6,7 +6,9 @@ Kernel methods share K(x, i) = φ(x)ᵀ G⁻¹ φᵢ with G = ΦᵀΦ + λI (:mo
              τ = K(x, i) · wᵢ / (1 − hᵢ)^[leverage], squared on request (the KL form).
              wᵢ per ``residual``: ``error`` (default) eᵢ / mean(e), the per-sample training error
              over timesteps normalised across samples; ``signed`` rᵢ / rms(r), the reduced
-             residual mean(ε_θ − ε); ``none`` 1.
+             residual mean(ε_θ − ε); ``raw`` rᵢ as stored; ``none`` 1. With ``raw`` residuals,
+             leverage on and a linear model, τ is exactly the leave-one-out change of the
+             target's prediction, φ(x)ᵀ(θ₋ᵢ − θ) (Sherman–Morrison).
 - ``dtrak``  K(x, i) on gradients of ‖ε_θ‖² (D-TRAK).
 - ``trak``   K(x, i) on gradients of the diffusion loss (TRAK).
 Kernel-free baselines: ``grad-dot`` φ(x)ᵀφᵢ and ``grad-cos`` (cosine) on loss gradients;
@@ -34,6 +36,9 @@ class ScoreInputs:
     train_features: np.ndarray | None = None
     target_features: np.ndarray | None = None
     kernel: Kernel | None = None
+    target_inner: np.ndarray | None = None  # φ(x)ᵀΦᵀ, when precomputed (dual kernel)
+    train_sqnorm: np.ndarray | None = None  # ‖φᵢ‖², with target_inner
+    target_sqnorm: np.ndarray | None = None  # ‖φ(x)‖², with target_inner
     train_error: np.ndarray | None = None
     train_residual: np.ndarray | None = None
     train_images: torch.Tensor | None = None
@@ -60,7 +65,10 @@ class KernelMethod(Method):
     uses_kernel = True
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
-        assert inputs.kernel is not None and inputs.target_features is not None
+        assert inputs.kernel is not None
+        if inputs.target_inner is not None:
+            return inputs.kernel.solve_inner(inputs.target_inner)
+        assert inputs.target_features is not None
         return inputs.kernel.cross(inputs.target_features)
 
 
@@ -77,11 +85,13 @@ class DAS(KernelMethod):
         elif residual == "signed":
             r = np.asarray(inputs.train_residual, dtype=np.float64)
             w = r / max(float(np.sqrt(np.mean(r**2))), 1e-30)
+        elif residual == "raw":
+            w = np.asarray(inputs.train_residual, dtype=np.float64)
         elif residual == "none":
             w = np.ones(k.shape[1])
         else:
             raise ConfigError(
-                f"unknown DAS residual {residual!r}", hint="use error, signed or none"
+                f"unknown DAS residual {residual!r}", hint="use error, signed, raw or none"
             )
         scores = k * w[None, :]
         if self.options.get("leverage", False):
@@ -116,6 +126,8 @@ class GradDot(Method):
     measure = "loss"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
+        if inputs.target_inner is not None:
+            return np.asarray(inputs.target_inner, dtype=np.float64)
         t = np.asarray(inputs.target_features, dtype=np.float64)
         return t @ np.asarray(inputs.train_features, dtype=np.float64).T
 
@@ -125,6 +137,9 @@ class GradCos(Method):
     measure = "loss"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
+        if inputs.target_inner is not None:
+            norms = np.sqrt(np.outer(inputs.target_sqnorm, inputs.train_sqnorm))
+            return np.asarray(inputs.target_inner, dtype=np.float64) / np.maximum(norms, 1e-30)
         return _cosine(inputs.target_features, inputs.train_features)
 
 

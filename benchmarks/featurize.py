@@ -1,0 +1,323 @@
+"""Per-sample-gradient throughput on CPU: diffattr featurize vs traker (MadryLab TRAK).
+
+    .venv/bin/python benchmarks/featurize.py [--quick] [--out benchmarks/results/featurize.md]
+
+Both sides do the same work on the same model, images, timesteps and keyed noise: for each
+sample, the gradient of the diffusion loss ‖ε_θ(x_t, t) − ε‖²/d w.r.t. all parameters, averaged
+over K timesteps (unnormalised), then projected to k dimensions.
+
+- diffattr: ``GradientComputer.compute`` on featurize batches (``--batch`` samples, split into
+  micro-batches of ``--micro-batch`` (sample, timestep) pairs), then the projector on each
+  featurize batch, exactly the inner loop of ``featurize`` (without the store writes).
+- traker: ``FunctionalGradientComputer`` with a model-output function that averages the loss
+  over the sample's K timesteps (so one gradient per sample, as in a ``TRAKer.featurize`` call),
+  on micro-batches of the same number of pairs, flattened with ``NoOpProjector``; then its CPU
+  ``BasicProjector`` (Rademacher, the same k) on each featurize batch. traker has no sparse
+  projection, so the countsketch row compares with its Rademacher projector at the same k.
+
+Throughput = samples × timesteps / (gradient time + projection time), i.e. per-sample
+gradients per second; each phase is timed (time.perf_counter) after one warm-up pass and the
+median over the repetitions is reported. Threads: torch.set_num_threads(2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from trak.gradient_computers import FunctionalGradientComputer
+from trak.modelout_functions import AbstractModelOutput
+from trak.projectors import BasicProjector, NoOpProjector
+
+from diffattr.attribution.gradients import GradientComputer, TimestepSpec
+from diffattr.attribution.measure import parse_measure
+from diffattr.attribution.projection import make_projector
+from diffattr.diffusion.presets import build_unet
+from diffattr.diffusion.schedule import ATTRIBUTION_NOISE_KEY, NoiseSchedule, keyed_noise
+
+THREADS = 2
+NOISE_SEED = 0
+#: Cap on traker's BasicProjector block (grad_dim × block_size float32 is allocated at once).
+TRAKER_BLOCK_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Case:
+    preset: str
+    size: int
+    channels: int
+    samples: int
+    timesteps: int
+    batch: int  # samples per featurize batch (one projection call each)
+    micro_batch: int  # (sample, timestep) pairs per vmapped gradient call
+    k: int
+
+
+CASES = {
+    "quick": [Case("tiny", 8, 1, 32, 2, 16, 32, 512), Case("cifar", 32, 3, 4, 1, 4, 4, 32)],
+    "full": [Case("tiny", 8, 1, 64, 4, 32, 64, 1024), Case("cifar", 32, 3, 8, 2, 8, 4, 64)],
+}
+
+
+class TimestepAveragedLoss(AbstractModelOutput):
+    """traker model output: mean over K timesteps of ‖ε_θ(x_t, t) − ε‖²/d for one sample."""
+
+    def __init__(self, alphas: torch.Tensor) -> None:
+        super().__init__()
+        self.alphas = alphas
+
+    def get_output(self, model, weights, buffers, x0, t, noise):
+        a = self.alphas[t].view(-1, *([1] * (x0.dim() - 1)))
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        out = torch.func.functional_call(model, (weights, buffers), (xt, t)).sample
+        return (out - noise).pow(2).mean(dim=(1, 2, 3)).mean()
+
+    def get_out_to_loss_grad(self, model, weights, buffers, batch):
+        return torch.ones(batch[0].shape[0], 1)
+
+
+def timed(fns: dict, reps: int) -> tuple[dict, dict, dict]:
+    """Run each function once (warm-up), then ``reps`` rounds of all of them, interleaved
+    (so a change of load on a shared machine hits every side alike).
+
+    Returns (warm-up seconds, median seconds, last result), each keyed like ``fns``.
+    """
+    warm, out = {}, {}
+    for key, fn in fns.items():
+        t0 = time.perf_counter()
+        out[key] = fn()
+        warm[key] = time.perf_counter() - t0
+    times: dict = {key: [] for key in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            out[key] = None
+            gc.collect()
+            t0 = time.perf_counter()
+            out[key] = fn()
+            times[key].append(time.perf_counter() - t0)
+    return warm, {key: statistics.median(t) for key, t in times.items()}, out
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    sec = timed({"mm": lambda: a @ b}, reps)[1]["mm"]
+    return 2 * n**3 / sec / 1e9
+
+
+def project_all(proj, grads: list[torch.Tensor], traker: bool) -> list[torch.Tensor]:
+    """Project every featurize batch (traker's ``project`` also takes a model id)."""
+    if traker:
+        return [proj.project(g, model_id=0) for g in grads]
+    return [proj.project(g) for g in grads]
+
+
+def batches(n: int, size: int) -> list[slice]:
+    return [slice(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def run_case(case: Case, reps: int, log: Callable[[str], None]) -> tuple[list[dict], str]:
+    torch.manual_seed(0)
+    model = build_unet(case.preset, case.size, case.channels).eval()
+    shape = (case.channels, case.size, case.size)
+    images = torch.rand((case.samples, *shape), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ids = np.arange(case.samples, dtype=np.int64)
+    schedule = NoiseSchedule()
+    spec = TimestepSpec(case.timesteps, "uniform", NOISE_SEED)
+    T, K = schedule.num_train_timesteps, case.timesteps
+    work = case.samples * K
+
+    ours_gc = GradientComputer(
+        model, parse_measure("loss"), schedule, spec, noise_seed=NOISE_SEED,
+        normalize=False, micro_batch=case.micro_batch,
+    )  # fmt: skip
+    p = ours_gc.dim
+    log(f"[{case.preset}] p={p:,}  {case.samples} samples x {K} timesteps  k={case.k}")
+
+    def ours_grads() -> list[torch.Tensor]:
+        return [ours_gc.compute(images[sl], ids[sl])[0] for sl in batches(case.samples, case.batch)]
+
+    alphas = schedule.alphas_cumprod()
+    traker_gc = FunctionalGradientComputer(
+        model, TimestepAveragedLoss(alphas), p, torch.float32, "cpu"
+    )
+    flatten = NoOpProjector(device="cpu")
+    per_call = max(1, case.micro_batch // K)  # samples per vmapped call: same pair count
+
+    def traker_grads() -> list[torch.Tensor]:
+        out = []
+        for sl in batches(case.samples, case.batch):
+            parts = []
+            for s in range(sl.start, sl.stop, per_call):
+                rows = range(s, min(sl.stop, s + per_call))
+                ts = np.stack([spec.for_sample(int(ids[r]), T) for r in rows])
+                noise = torch.stack(
+                    [
+                        torch.stack(
+                            [
+                                keyed_noise(
+                                    ATTRIBUTION_NOISE_KEY, NOISE_SEED, int(ids[r]), t, shape
+                                )
+                                for t in tr.tolist()
+                            ]
+                        )
+                        for r, tr in zip(rows, ts, strict=True)
+                    ]
+                )
+                x0 = images[list(rows)].unsqueeze(1).expand(-1, K, *shape).contiguous()
+                grads = traker_gc.compute_per_sample_grad((x0, torch.as_tensor(ts), noise))
+                parts.append(flatten.project(grads, model_id=0))
+            out.append(torch.cat(parts))
+        return out
+
+    block = min(case.k, 100)  # traker's default block_size is 100
+    while block > 1 and p * block * 4 > TRAKER_BLOCK_BYTES:
+        block //= 2
+    ours_proj = {
+        "identity": make_projector("identity", p, None),
+        f"countsketch k={case.k}": make_projector("countsketch", p, case.k, seed=0),
+        f"rademacher k={case.k}": make_projector("rademacher", p, case.k, seed=0),
+    }
+    traker_dense = BasicProjector(p, case.k, 0, "rademacher", "cpu", block_size=block)
+    traker_proj = {"identity": NoOpProjector(device="cpu"), "dense": traker_dense}
+
+    grad_warm, grad_t, grads = timed({"ours": ours_grads, "traker": traker_grads}, reps)
+    for side in ("ours", "traker"):
+        log(f"  {side:6s} gradients: {grad_t[side]:8.3f} s  (first pass {grad_warm[side]:.2f} s)")
+    ours_all, traker_all = torch.cat(grads["ours"]), torch.cat(grads["traker"])
+    maxdiff = float((traker_all - ours_all).abs().max() / ours_all.abs().max())
+    del ours_all, traker_all
+
+    proj_fns = {
+        ("ours", name): partial(project_all, proj, grads["ours"], False)
+        for name, proj in ours_proj.items()
+    }
+    for name, proj in traker_proj.items():
+        proj_fns[("traker", name)] = partial(project_all, proj, grads["traker"], True)
+    _, proj_t, _ = timed(proj_fns, reps)
+    for (side, name), sec in proj_t.items():
+        log(f"  {side:6s} {name:18s} projection: {sec:8.3f} s")
+    del grads
+    gc.collect()
+    results = {
+        name: {
+            "ours_grad": grad_t["ours"],
+            "ours_proj": proj_t[("ours", name)],
+            "traker_grad": grad_t["traker"],
+            "traker_proj": proj_t[("traker", "identity" if name == "identity" else "dense")],
+        }
+        for name in ours_proj
+    }
+    warmups = {**grad_warm, "maxdiff": maxdiff}
+
+    rows = []
+    for name, r in results.items():
+        ours_rate = work / (r["ours_grad"] + r["ours_proj"])
+        traker_rate = work / (r["traker_grad"] + r["traker_proj"])
+        traker_name = "none" if name == "identity" else f"rademacher k={case.k}"
+        rows.append(
+            {
+                "preset": f"{case.preset} ({case.size}x{case.size}x{case.channels})",
+                "params": p,
+                "work": f"{case.samples}x{K}",
+                "ours_projection": name,
+                "traker_projection": traker_name,
+                **r,
+                "ours_rate": ours_rate,
+                "traker_rate": traker_rate,
+                "ratio": ours_rate / traker_rate,
+            }
+        )
+    note = (
+        f"{case.preset}: first (warm-up) gradient pass {warmups['ours']:.2f} s ours, "
+        f"{warmups['traker']:.2f} s traker; unprojected gradients of the two sides differ by "
+        f"max|Δ|/max|g| = {warmups['maxdiff']:.1e}; featurize batch {case.batch} samples, "
+        f"gradient micro-batch {case.micro_batch} pairs, traker BasicProjector block_size {block}."
+    )
+    return rows, note
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| preset | params | samples×t | diffattr projection | traker projection "
+        "| diffattr grad s | diffattr proj s | traker grad s | traker proj s "
+        "| diffattr grads/s | traker grads/s | diffattr/traker |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(
+            f"| {r['preset']} | {r['params']:,} | {r['work']} | {r['ours_projection']} "
+            f"| {r['traker_projection']} | {r['ours_grad']:.3f} | {r['ours_proj']:.3f} "
+            f"| {r['traker_grad']:.3f} | {r['traker_proj']:.3f} | {r['ours_rate']:.2f} "
+            f"| {r['traker_rate']:.2f} | {r['ratio']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run (< 3 minutes)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per phase")
+    parser.add_argument("--presets", nargs="+", default=None, help="subset of: tiny cifar")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(THREADS)
+    command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
+    print(f"command: {command}", flush=True)
+    mode = "quick" if args.quick else "full"
+    reps = args.reps or (2 if args.quick else 3)
+    cases = [c for c in CASES[mode] if args.presets is None or c.preset in args.presets]
+
+    start = time.perf_counter()
+    gflops = matmul_gflops()
+    print(f"fp32 matmul 2048x2048: {gflops:.1f} GFLOP/s ({THREADS} threads)", flush=True)
+    rows, notes = [], []
+    for case in cases:
+        case_rows, note = run_case(case, reps, lambda s: print(s, flush=True))
+        rows += case_rows
+        notes.append(note)
+    elapsed = time.perf_counter() - start
+    gflops_end = matmul_gflops()
+    print(f"fp32 matmul 2048x2048 at the end: {gflops_end:.1f} GFLOP/s", flush=True)
+
+    report = "\n".join(
+        [
+            f"Command: `{command}`",
+            "",
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"torch.set_num_threads({THREADS}); fp32 matmul 2048×2048: {gflops:.1f} GFLOP/s "
+            f"before the run, {gflops_end:.1f} GFLOP/s after it (a drop means other load). "
+            f"torch {torch.__version__}, traker {version('traker')}. "
+            f"Mode {mode}, median of {reps} timed repetitions after one warm-up; "
+            f"total wall time {elapsed:.0f} s.",
+            "",
+            table(rows),
+            "",
+            *[f"- {n}" for n in notes],
+            "",
+        ]
+    )
+    print()
+    print(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

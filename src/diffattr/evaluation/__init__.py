@@ -1,0 +1,1 @@
+"""Evaluation of attributions: the linear datamodeling score (LDS) and counterfactuals."""

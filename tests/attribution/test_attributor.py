@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from diffattr.attribution.attributor import Attributor
+from diffattr.attribution.featurize import FeatureSettings
+from diffattr.attribution.gradients import GradientComputer, TimestepSpec
+from diffattr.attribution.measure import make_measure
+from diffattr.attribution.scores import Scores
+from diffattr.diffusion.schedule import NoiseSchedule
+
+
+@pytest.fixture
+def setup(tiny_model, digits, tmp_path):
+    train = digits.subset(np.arange(16))
+    targets = digits.images[100:103]
+    return tiny_model, train, targets, tmp_path
+
+
+def test_das_from_store_equals_direct_computation(setup):
+    model, train, targets, tmp = setup
+    # Only conv_out (289 parameters): the primal solve below stays small and independent of
+    # the store's dual (N < p) path.
+    settings = FeatureSettings(timesteps=2, params="^conv_out")
+    att = Attributor(model, train, tmp / "f", method="das", settings=settings, progress=False)
+    assert att.settings.projector == "identity"  # small: exact, unprojected
+    scores = att.score(targets)
+    assert scores.meta["kernel_form"] == "dual"
+
+    names = ["conv_out.weight", "conv_out.bias"]
+    gc = GradientComputer(
+        model, make_measure("das"), NoiseSchedule(), TimestepSpec(2), param_names=names
+    )
+    phi, err, _ = gc.compute(train.images, train.ids.numpy())
+    tphi, _, _ = gc.compute(targets, np.arange(3))
+    phi, tphi, err = phi.double().numpy(), tphi.double().numpy(), err.double().numpy()
+    lam = 0.1 * (phi**2).sum() / min(phi.shape)
+    G = phi.T @ phi + lam * np.eye(phi.shape[1])
+    direct = tphi @ np.linalg.solve(G, phi.T) * (err / err.mean())
+    np.testing.assert_allclose(scores.values, direct, rtol=1e-4, atol=1e-6 * np.abs(direct).max())
+    assert scores.values.shape == (3, 16)
+
+
+def test_scores_top_k_and_round_trip(setup):
+    model, train, targets, tmp = setup
+    att = Attributor(
+        model, train, tmp / "f", method="dtrak", settings=FeatureSettings(timesteps=1),
+        progress=False,
+    )  # fmt: skip
+    s = att.score(targets)
+    ids, vals = s.top_k(4)
+    assert ids.shape == (3, 4) and np.all(np.diff(vals, axis=1) <= 0)
+    assert set(ids.ravel()) <= set(train.ids.tolist())
+    opp_ids, opp = s.top_k(2, opponents=True)
+    assert np.all(opp[:, 0] <= vals[:, -1])
+    s.save(tmp / "out", k=4)
+    back = Scores.load(tmp / "out")
+    assert np.array_equal(back.values, s.values) and back.method == "dtrak"
+    assert (tmp / "out" / "topk.csv").read_text().count("\n") == 1 + 3 * 8
+
+
+def test_projected_features_are_reused_and_settings_keyed(setup):
+    model, train, targets, tmp = setup
+    settings = FeatureSettings(timesteps=1, projector="countsketch", proj_dim=256)
+    a = Attributor(model, train, tmp / "f", settings=settings, progress=False)
+    s1 = a.score(targets)
+    b = Attributor(model, train, tmp / "f", settings=settings, progress=False)
+    s2 = b.score(targets)
+    assert np.array_equal(s1.values, s2.values)
+    c = Attributor(
+        model, train, tmp / "f", settings=FeatureSettings(timesteps=1, projector="countsketch",
+        proj_dim=256, proj_seed=1), progress=False,
+    )  # fmt: skip
+    c.featurize()
+    assert len(list((tmp / "f").glob("train-das-*"))) == 2
+
+
+def test_image_methods_need_no_features(setup):
+    model, train, targets, tmp = setup
+    s = Attributor(model, train, tmp / "f", method="pixel-cos", progress=False).score(targets)
+    exact = targets.reshape(3, -1)[:, None, :]
+    assert s.values.shape == (3, 16)
+    best = s.top_k(1)[0][:, 0]
+    flat = train.images.reshape(16, -1)
+    cos = torch.nn.functional.cosine_similarity(exact, flat[None], dim=2)
+    assert np.array_equal(best, train.ids.numpy()[cos.argmax(1).numpy()])

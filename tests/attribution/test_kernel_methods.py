@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+
+from diffattr.attribution.kernel import Kernel
+from diffattr.attribution.methods import ScoreInputs, get_method
+from diffattr.errors import ConfigError, NumericalError
+
+
+def rng_features(n, k, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n,k", [(20, 50), (60, 12)])
+def test_primal_equals_dual(n, k):
+    phi, tgt = rng_features(n, k), rng_features(3, k, 1)
+    p = Kernel.fit(phi, lam=0.5, form="primal", block=7)
+    d = Kernel.fit(phi, lam=0.5, form="dual", block=7)
+    np.testing.assert_allclose(p.cross(tgt), d.cross(tgt), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(p.leverage(), d.leverage(), rtol=1e-8, atol=1e-10)
+
+
+def test_cross_matches_direct_solve():
+    phi, tgt = rng_features(15, 40), rng_features(4, 40, 2)
+    lam = 0.3
+    G = phi.astype(np.float64).T @ phi + lam * np.eye(40)
+    direct = tgt @ np.linalg.solve(G, phi.astype(np.float64).T)
+    np.testing.assert_allclose(Kernel.fit(phi, lam=lam).cross(tgt), direct, rtol=1e-8)
+
+
+def test_relative_lambda_is_invariant_to_form():
+    phi = rng_features(10, 30)
+    assert Kernel.fit(phi, form="primal").lam == pytest.approx(Kernel.fit(phi, form="dual").lam)
+
+
+def test_singular_kernel_suggests_lambda():
+    phi = np.zeros((5, 8), np.float32)
+    phi[:, 0] = 1.0
+    with pytest.raises(NumericalError, match="not positive definite") as info:
+        Kernel.fit(phi, lam=1e-300, form="dual")
+    assert "increase λ" in info.value.hint
+
+
+def das_inputs(phi, tgt, lam, residual=None, error=None):
+    return ScoreInputs(
+        train_features=phi,
+        target_features=tgt,
+        kernel=Kernel.fit(phi, lam=lam),
+        train_error=error if error is not None else np.ones(len(phi)),
+        train_residual=residual if residual is not None else np.ones(len(phi)),
+        num_train=len(phi),
+        num_targets=len(tgt),
+    )
+
+
+def test_das_equals_direct_formula():
+    phi, tgt = rng_features(12, 30), rng_features(3, 30, 5)
+    err = np.random.default_rng(1).uniform(0.5, 2.0, 12)
+    lam = 0.2
+    G = phi.astype(np.float64).T @ phi + lam * np.eye(30)
+    direct = (tgt @ np.linalg.solve(G, phi.astype(np.float64).T)) * (err / err.mean())
+    scores = get_method("das").score(das_inputs(phi, tgt, lam, error=err))
+    np.testing.assert_allclose(scores, direct, rtol=1e-8)
+    sq = get_method("das", squared=True).score(das_inputs(phi, tgt, lam, error=err))
+    np.testing.assert_allclose(sq, direct**2, rtol=1e-8)
+
+
+def test_das_with_leverage_is_the_leave_one_out_newton_step():
+    """Ridge regression y ≈ Φθ: DAS(raw residual, leverage) = φ(x)ᵀ(θ₋ᵢ − θ), refit exactly."""
+    rng = np.random.default_rng(3)
+    n, k, lam = 25, 8, 0.7
+    phi = rng.standard_normal((n, k))
+    y = phi @ rng.standard_normal(k) + 0.3 * rng.standard_normal(n)
+    tgt = rng.standard_normal((2, k))
+
+    def fit(rows):
+        return np.linalg.solve(phi[rows].T @ phi[rows] + lam * np.eye(k), phi[rows].T @ y[rows])
+
+    theta = fit(np.arange(n))
+    residual = phi @ theta - y  # prediction − target
+    loo = np.stack(
+        [tgt @ (fit(np.setdiff1d(np.arange(n), [i])) - theta) for i in range(n)], axis=1
+    )
+    scores = get_method("das", residual="raw", leverage=True).score(
+        das_inputs(phi, tgt, lam, residual=residual)
+    )
+    np.testing.assert_allclose(scores, loo, rtol=1e-7, atol=1e-10)
+
+
+def test_baselines():
+    phi, tgt = rng_features(6, 10), rng_features(2, 10, 1)
+    inputs = ScoreInputs(
+        train_features=phi,
+        target_features=tgt,
+        train_images=torch.from_numpy(phi.reshape(6, 1, 2, 5)),
+        target_images=torch.from_numpy(tgt.reshape(2, 1, 2, 5)),
+        num_train=6,
+        num_targets=2,
+    )
+    dot = tgt.astype(np.float64) @ phi.T
+    np.testing.assert_allclose(get_method("grad-dot").score(inputs), dot, rtol=1e-6)
+    np.testing.assert_allclose(get_method("pixel-dot").score(inputs), dot, rtol=1e-6)
+    norms = np.linalg.norm(tgt, axis=1)[:, None] * np.linalg.norm(phi, axis=1)[None]
+    np.testing.assert_allclose(get_method("grad-cos").score(inputs), dot / norms, rtol=1e-5)
+    np.testing.assert_allclose(get_method("pixel-cos").score(inputs), dot / norms, rtol=1e-5)
+    r1 = get_method("random", seed=1).score(inputs)
+    assert r1.shape == (2, 6) and np.array_equal(r1, get_method("random", seed=1).score(inputs))
+    with pytest.raises(ConfigError):
+        get_method("magic")

@@ -1,0 +1,74 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from diffattr.cli import build_parser, main
+
+COMMANDS = ["demo", "train", "generate", "featurize", "score", "report"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_has_examples(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"diffattr {command}" in out
+
+
+def test_pipeline_end_to_end(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    common = ["--quiet", "--threads", "1"]
+    assert main(["train", "--out", run, "--train-count", "20", "--val-count", "6",
+                 "--steps", "3", "--batch-size", "8", *common]) == 0  # fmt: skip
+    assert main(["generate", run, "--num", "3", "--steps", "4", *common]) == 0
+    assert main(["score", run, "--method", "das,dtrak,pixel-cos,random", "--timesteps", "2",
+                 "--k", "5", *common]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["report", run, "--method", "das,dtrak", "--json", *common]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["methods"] == ["das", "dtrak"]
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.count("<section class='target'") == 3
+    assert html.count("data:image/png;base64,") == 3 + 2 * 3 * (8 + 4)  # targets + top-8/4
+    top = json.loads((tmp_path / "run" / "scores" / "das-samples" / "topk.json").read_text())
+    assert len(top) == 3 and len(top[0]["proponents"]) == 5
+    scores = np.load(tmp_path / "run" / "scores" / "das-samples" / "scores.npy")
+    assert scores.shape == (3, 20) and np.isfinite(scores).all()
+
+
+def test_report_without_scores_renders(tmp_path):
+    run = str(tmp_path / "run")
+    assert main(["train", "--out", run, "--train-count", "10", "--val-count", "4",
+                 "--steps", "2", "--batch-size", "4", "--quiet"]) == 0  # fmt: skip
+    assert main(["generate", run, "--num", "2", "--steps", "2", "--quiet"]) == 0
+    assert main(["report", run, "--quiet"]) == 0
+    assert "No attribution scores yet" in (tmp_path / "run" / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["train", "--out", "{tmp}/r", "--data", "{tmp}/nothing.npz"], "nothing.npz"),
+        (["generate", "{tmp}/missing-run"], "model"),
+        (["score", "{tmp}/missing-run"], "missing-run"),
+        (["train", "--out", "{tmp}/r", "--steps", "0"], "--steps"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(tmp_path, argv, needle):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    r = subprocess.run(
+        [sys.executable, "-m", "diffattr.cli", *argv, "--quiet"], capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and needle in r.stderr.splitlines()[0]
+
+
+def test_parser_lists_all_commands():
+    text = build_parser().format_help()
+    for c in COMMANDS:
+        assert c in text
