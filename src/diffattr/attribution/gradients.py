@@ -155,15 +155,16 @@ class GradientComputer:
         res = torch.zeros(B, dtype=torch.float64)
         for rows, xt, t, noise, ab in self.pairs(x0, ids):
             g, e, r = self.flat_grads(xt, t, noise, ab)
-            if not torch.isfinite(g).all():
-                bad = rows[~torch.isfinite(g).all(dim=1).cpu()][0]
+            norms = g.norm(dim=1)  # needed to normalise; also a cheap NaN/Inf check
+            if not torch.isfinite(norms).all():
+                bad = rows[~torch.isfinite(norms).cpu()][0]
                 raise NumericalError(
                     f"non-finite gradient for sample id {int(ids[int(bad)])}",
                     hint="check the model checkpoint and the input image for NaN/Inf",
                 )
             if self.normalize:
-                g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                g.div_(norms.clamp_min(1e-30)[:, None])
             out.index_add_(0, rows.to(self.device), g)
             err.index_add_(0, rows, e.detach().cpu().double())
             res.index_add_(0, rows, r.detach().cpu().double())
-        return out / K, (err / K).float(), (res / K).float()
+        return out.div_(K), (err / K).float(), (res / K).float()
