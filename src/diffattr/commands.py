@@ -174,6 +174,7 @@ def cmd_lds_build(args: argparse.Namespace) -> dict[str, Any]:
         measure_timesteps=args.measure_timesteps,
         num_val=args.num_val,
         num_gen=args.num_gen,
+        common_random_numbers=not args.independent,
     )
     executor = make_executor(args.executor, args.workers, progress=not args.quiet)
     bench = build(RunDir(args.run), args.out, config, executor, progress=not args.quiet)
@@ -194,6 +195,8 @@ def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
         base_settings=feature_settings(args),
         progress=not args.quiet,
         bootstrap=args.bootstrap,
+        measure_timesteps=args.measure_timesteps,
+        seeds=[int(x) for x in args.seed_index.split(",")] if args.seed_index else None,
     )
     table = format_table(rows)
     out = Path(args.out) if args.out else Path(args.bench) / "results.md"
@@ -286,6 +289,11 @@ def register(add) -> None:
     )
     b.add_argument("--num-val", type=int, default=200, help="held-out real targets")
     b.add_argument("--num-gen", type=int, default=200, help="generated targets")
+    b.add_argument(
+        "--independent",
+        action="store_true",
+        help="no common random numbers: each subset model gets its own init and noise",
+    )
     b.add_argument("--executor", choices=["local", "inprocess"], default="local")
     b.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
     e = sub.add_parser(
@@ -302,6 +310,10 @@ def register(add) -> None:
     e.add_argument("--method", default="das,dtrak,trak,grad-cos,pixel-cos,random")
     e.add_argument("--lambdas", default=None, help="relative λ grid, comma-separated")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    e.add_argument(
+        "--measure-timesteps", type=int, default=None, help="F over fewer timesteps (ablation)"
+    )
+    e.add_argument("--seed-index", default=None, help="use only these seed indices (ablation)")
     e.add_argument("--out", default=None, help="table file (default: BENCH/results.md)")
     add_feature_args(e, several_timesteps=True)
     for q in (b, e):

@@ -84,3 +84,19 @@ def test_image_methods_need_no_features(setup):
     flat = train.images.reshape(16, -1)
     cos = torch.nn.functional.cosine_similarity(exact, flat[None], dim=2)
     assert np.array_equal(best, train.ids.numpy()[cos.argmax(1).numpy()])
+
+
+def test_projection_reuses_unprojected_store_without_recomputing(setup, monkeypatch, tmp_path):
+    model, train, targets, tmp = setup
+    exact = FeatureSettings(timesteps=1, projector="identity")
+    Attributor(model, train, tmp / "f", settings=exact, progress=False).score(targets)
+    sketch = FeatureSettings(timesteps=1, projector="countsketch", proj_dim=128)
+    fresh = Attributor(model, train, tmp_path / "fresh", settings=sketch, progress=False)
+    want = fresh.score(targets).values
+
+    def no_gradients(*args, **kwargs):
+        raise AssertionError("gradients were recomputed")
+
+    monkeypatch.setattr(GradientComputer, "compute", no_gradients)
+    reused = Attributor(model, train, tmp / "f", settings=sketch, progress=False)
+    np.testing.assert_allclose(reused.score(targets).values, want, rtol=1e-5, atol=1e-7)

@@ -115,6 +115,6 @@ def test_killed_build_resumes_without_retraining(tiny_run, tmp_path):
     assert subprocess.run(cmd).returncode == 0
     for p, mtime in finished.items():
         assert p.stat().st_mtime_ns == mtime  # not retrained
-    a = np.load(bench / "ground_truth.npz")["F"]
-    b = np.load(clean / "ground_truth.npz")["F"]
+    a = np.load(bench / "ground_truth.npz")["F_t"]
+    b = np.load(clean / "ground_truth.npz")["F_t"]
     assert np.array_equal(a, b)

@@ -1,9 +1,9 @@
 """The user-facing object: featurize a training set once, then score any targets.
 
-    attributor = Attributor(model, train_set, store_dir="runs/x/features", method="das")
-    attributor.featurize()
-    scores = attributor.score(generated_images)
-    ids, values = scores.top_k(8)
+attributor = Attributor(model, train_set, store_dir="runs/x/features", method="das")
+attributor.featurize()
+scores = attributor.score(generated_images)
+ids, values = scores.top_k(8)
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffattr.attribution.featurize import DEFAULT_MAX_EXACT_BYTES, FeatureSettings, featurize
+from diffattr.attribution.featurize import (
+    DEFAULT_MAX_EXACT_BYTES,
+    FeatureSettings,
+    featurize,
+    identity_settings,
+)
 from diffattr.attribution.gradients import select_parameters
 from diffattr.attribution.kernel import DEFAULT_RELATIVE_LAMBDA, Kernel
 from diffattr.attribution.methods import Method, ScoreInputs, get_method
@@ -77,15 +82,25 @@ class Attributor:
         if self.method.measure is not None:
             base = replace(base, measure=self.method.measure)
         num_params = sum(
-            dict(model.named_parameters())[n].numel()
-            for n in select_parameters(model, base.params)
+            dict(model.named_parameters())[n].numel() for n in select_parameters(model, base.params)
         )
         self.settings = base.resolved(num_params, len(train), max_exact_bytes)
         self._kernel: Kernel | None = None
         self._train_store: FeatureStore | None = None
 
-    def _store_path(self, role: str) -> Path:
-        return self.store_dir / f"{role}-{self.settings.measure}-{self.settings.key()}"
+    def _store_path(self, role: str, settings: FeatureSettings | None = None) -> Path:
+        settings = settings or self.settings
+        return self.store_dir / f"{role}-{settings.measure}-{settings.key()}"
+
+    def _identity_source(self, role: str) -> FeatureStore | None:
+        """A complete unprojected store to project from, if one exists (no recomputation)."""
+        if self.settings.projector == "identity":
+            return None
+        path = self._store_path(role, identity_settings(self.settings))
+        if not (path / "meta.json").is_file():
+            return None
+        store = FeatureStore.load(path, require_complete=False)
+        return store if store.is_complete() else None
 
     def featurize(self) -> FeatureStore | None:
         """Compute (or finish) the training features; None for image-based methods."""
@@ -104,17 +119,19 @@ class Attributor:
                 device=self.device,
                 progress=self.progress,
                 desc=f"featurize train ({self.settings.measure})",
+                source=self._identity_source("train"),
             )
         return self._train_store
 
     def featurize_targets(self, images: torch.Tensor, ids: np.ndarray) -> FeatureStore:
         """Compute the target features (stored, keyed by the target images)."""
         fp = images_fingerprint(images, ids)
+        role = f"targets-{fp[:10]}"
         return featurize(
             self.model,
             images,
             ids,
-            self._store_path(f"targets-{fp[:10]}"),
+            self._store_path(role),
             self.settings,
             self.schedule,
             fp,
@@ -122,6 +139,7 @@ class Attributor:
             device=self.device,
             progress=self.progress,
             desc=f"featurize targets ({self.settings.measure})",
+            source=self._identity_source(role),
         )
 
     def kernel(self) -> Kernel:

@@ -86,8 +86,14 @@ def featurize(
     progress: bool = True,
     desc: str = "featurize",
     rows: np.ndarray | None = None,
+    source: FeatureStore | None = None,
 ) -> FeatureStore:
-    """Compute φ for every image (or the given ``rows``) not yet in the store at ``store_dir``."""
+    """Compute φ for every image (or the given ``rows``) not yet in the store at ``store_dir``.
+
+    ``source``: a complete unprojected (identity) store of the same model, measure, timesteps
+    and images; its rows ḡ are projected (φ = Pᵀḡ, exact since projection is linear) instead
+    of recomputing gradients.
+    """
     if settings.projector == "auto":
         raise ConfigError("resolve the 'auto' projector (FeatureSettings.resolved) first")
     ids = np.asarray(ids, dtype=np.int64)
@@ -115,6 +121,8 @@ def featurize(
         "ids": ids.tolist(),
     }
     store = FeatureStore.open(store_dir, store_settings, len(ids), projector.output_dim)
+    if source is not None and not _same_gradients(source, store_settings):
+        source = None
     todo = store.missing_rows()
     if rows is not None:
         todo = np.intersect1d(todo, np.asarray(rows, dtype=np.int64))
@@ -124,9 +132,32 @@ def featurize(
         bar = tqdm(total=todo.size, desc=desc, unit="img", disable=not progress)
         for s in range(0, todo.size, batch_size):
             batch = todo[s : s + batch_size]
-            g, err, res = computer.compute(images[torch.as_tensor(batch)], ids[batch])
+            if source is not None:
+                g = torch.from_numpy(np.asarray(source.features[batch]))
+                err = torch.from_numpy(source.column("error")[batch])
+                res = torch.from_numpy(source.column("residual")[batch])
+            else:
+                g, err, res = computer.compute(images[torch.as_tensor(batch)], ids[batch])
             phi = projector.project(g).cpu().numpy()
             store.write_rows(batch, phi, error=err.numpy(), residual=res.numpy())
             bar.update(batch.size)
         bar.close()
     return store
+
+
+def _same_gradients(source: FeatureStore, wanted: dict[str, Any]) -> bool:
+    """Whether ``source`` holds the unprojected rows of the gradients ``wanted`` describes."""
+    have = source.settings
+    if not source.is_complete() or have["projector"].get("kind") != "identity":
+        return False
+    keys = ("measure", "schedule", "model_fingerprint", "data_fingerprint", "num_params", "ids")
+    if any(have.get(k) != wanted.get(k) for k in keys):
+        return False
+    mine = {k: v for k, v in wanted["features"].items() if not k.startswith("proj")}
+    theirs = {k: v for k, v in have["features"].items() if not k.startswith("proj")}
+    return mine == theirs
+
+
+def identity_settings(settings: FeatureSettings) -> FeatureSettings:
+    """The unprojected version of ``settings`` (whose store can feed any projection)."""
+    return replace(settings, projector="identity", proj_dim=None, proj_seed=0)

@@ -50,7 +50,18 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: bool = True
+    stream_salt: int = 0
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+
+    def stream_seed(self) -> int:
+        """The seed of every random stream: ``seed`` itself, or salted (no common numbers).
+
+        ``stream_salt`` = 0 (default) gives common random numbers across runs with one seed;
+        a distinct salt per run gives independent initial weights, batches and noise.
+        """
+        if self.stream_salt == 0:
+            return self.seed
+        return derive_seed(self.seed, 7777, self.stream_salt) % 2**31
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every"):
@@ -118,7 +129,7 @@ def initial_model(config: TrainConfig, sample_size: int, channels: int) -> UNet2
     """The UNet with initial weights keyed by the run seed (identical for every subset)."""
     state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(derive_seed(config.seed, INIT_KEY))
+        torch.manual_seed(derive_seed(config.stream_seed(), INIT_KEY))
         return build_unet(config.preset, sample_size, channels)
     finally:
         torch.random.set_rng_state(state)
@@ -257,8 +268,9 @@ def train(
     model.train()
     schedule = config.schedule
     alphas = schedule.alphas_cumprod()
-    stream = BatchStream(positions_all.size, config.batch_size, config.seed)
+    stream = BatchStream(positions_all.size, config.batch_size, config.stream_seed())
     images = dataset.images
+    seed = config.stream_seed()
     t0 = time.time()
     bar = tqdm(
         total=config.steps, initial=state.step, desc="train", disable=not progress, unit="step"
@@ -271,7 +283,7 @@ def train(
         ts, noises = [], []
         for sid, v in zip(ids[pos], visits, strict=True):
             t, n = visit_noise(
-                config.seed, int(sid), int(v), (c, h, w), schedule.num_train_timesteps
+                seed, int(sid), int(v), (c, h, w), schedule.num_train_timesteps
             )
             ts.append(t)
             noises.append(n)

@@ -58,6 +58,7 @@ class LDSConfig:
     num_val: int = 200
     num_gen: int = 200
     gen_seed: int = 100_000
+    common_random_numbers: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,29 +79,39 @@ def measure_loss(
     schedule: NoiseSchedule,
     batch_size: int = 512,
 ) -> np.ndarray:
-    """F(x) = mean over every (T/K)-th t of ‖ε_θ(x_t, t) − ε‖²/d, noise keyed by (seed, key, t)."""
-    T = schedule.num_train_timesteps
-    ts = np.arange(0, T, max(1, T // num_timesteps))[:num_timesteps]
+    """Per-timestep losses (targets, K): ‖ε_θ(x_t, t) − ε‖²/d at every (T/K)-th t.
+
+    Noise is keyed by (MEASUREMENT_KEY, seed, target key, t). F(x) is the row mean; any K' that
+    divides K gives F over K' timesteps from every (K/K')-th column.
+    """
+    ts = measure_timestep_grid(num_timesteps, schedule)
     ab = schedule.alphas_cumprod()
     model.eval()
     shape = tuple(images.shape[1:])
-    pairs = [(i, int(t)) for i in range(len(keys)) for t in ts]
-    total = np.zeros(len(keys), dtype=np.float64)
+    pairs = [(i, k, int(t)) for i in range(len(keys)) for k, t in enumerate(ts)]
+    out = np.zeros((len(keys), len(ts)), dtype=np.float64)
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s : s + batch_size]
         rows = torch.tensor([p[0] for p in chunk])
-        t = torch.tensor([p[1] for p in chunk])
+        cols = np.array([p[1] for p in chunk])
+        t = torch.tensor([p[2] for p in chunk])
         eps = torch.stack(
             [
                 torch.randn(shape, generator=generator(MEASUREMENT_KEY, seed, int(keys[i]), tt))
-                for i, tt in chunk
+                for i, _, tt in chunk
             ]
         )
         a = ab[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * images[rows] + (1 - a).sqrt() * eps
         err = (model(xt, t).sample - eps).pow(2).flatten(1).mean(1).double()
-        np.add.at(total, rows.numpy(), err.numpy())
-    return total / len(ts)
+        out[rows.numpy(), cols] = err.numpy()
+    return out
+
+
+def measure_timestep_grid(num_timesteps: int, schedule: NoiseSchedule) -> np.ndarray:
+    """Every (T/K)-th timestep: 0, T/K, 2T/K, …"""
+    T = schedule.num_train_timesteps
+    return np.arange(0, T, max(1, T // num_timesteps))[:num_timesteps]
 
 
 @dataclass
@@ -187,7 +198,11 @@ def build(
     jobs = [
         SubsetJob(
             asdict(spec),
-            replace(train_config, seed=s).to_dict(),
+            replace(
+                train_config,
+                seed=s,
+                stream_salt=0 if config.common_random_numbers else 1 + j,
+            ).to_dict(),
             subsets[j],
             str(bench / "models" / f"seed{s}-subset{j:03d}"),
             str(targets_path),
@@ -198,13 +213,13 @@ def build(
         for j in range(config.num_subsets)
     ]
     list(executor.map(run_subset_job, jobs, desc="lds: retrain subsets"))
-    F = np.stack(
+    F_t = np.stack(
         [
             np.stack([np.load(Path(j.out_dir) / "F.npy") for j in jobs if _seed_of(j) == s])
             for s in config.seeds
         ]
-    )
-    atomic_write(bench / "ground_truth.npz", lambda f: f.write(_npz_bytes(F=F)))
+    ).astype(np.float32)  # (seeds, M, T, K_F)
+    atomic_write(bench / "ground_truth.npz", lambda f: f.write(_npz_bytes(F_t=F_t)))
     return bench
 
 
@@ -244,22 +259,35 @@ def write_targets(
 @dataclass
 class GroundTruth:
     subsets: np.ndarray  # (M, n) positions into the training set
-    F: np.ndarray  # (seeds, M, T)
+    F: np.ndarray  # (seeds, M, T): the model output F per seed, subset and target
     kinds: np.ndarray  # (T,)
     images: torch.Tensor  # (T, C, H, W)
     keys: np.ndarray
 
     @classmethod
-    def load(cls, bench_dir: str | Path) -> GroundTruth:
+    def load(
+        cls, bench_dir: str | Path, measure_timesteps: int | None = None, seeds=None
+    ) -> GroundTruth:
+        """Load; optionally F over fewer timesteps (a divisor of the built K_F) or seeds."""
         bench = Path(bench_dir)
         if not (bench / "ground_truth.npz").is_file():
             raise DiffattrError(
                 f"no LDS ground truth in {bench}", hint="run `diffattr lds build` first"
             )
         t = np.load(bench / "targets.npz")
+        F_t = np.load(bench / "ground_truth.npz")["F_t"].astype(np.float64)
+        if seeds is not None:
+            F_t = F_t[list(seeds)]
+        if measure_timesteps is not None:
+            built = F_t.shape[-1]
+            if built % measure_timesteps:
+                raise DiffattrError(
+                    f"F was measured at {built} timesteps; {measure_timesteps} does not divide it"
+                )
+            F_t = F_t[..., :: built // measure_timesteps]
         return cls(
             np.load(bench / "subsets.npy"),
-            np.load(bench / "ground_truth.npz")["F"],
+            F_t.mean(axis=-1),
             t["kinds"],
             torch.from_numpy(t["images"]),
             t["keys"],
@@ -502,13 +530,18 @@ def evaluate_benchmark(
     base_settings=None,
     progress: bool = True,
     bootstrap: int = 1000,
+    measure_timesteps: int | None = None,
+    seeds: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """LDS rows (method × K) for a built benchmark; features come from ``run`` or the cache."""
+    """LDS rows (method × K) for a built benchmark; features come from ``run`` or the cache.
+
+    ``measure_timesteps`` / ``seeds`` evaluate against F over fewer timesteps or seeds (ablation).
+    """
     from diffattr.attribution.featurize import FeatureSettings
     from diffattr.attribution.methods import METHODS, get_method
 
     bench = Path(bench_dir)
-    gt = GroundTruth.load(bench)
+    gt = GroundTruth.load(bench, measure_timesteps, seeds)
     manifest = read_json(bench / "lds.json")
     train_set, _ = DataSpec(**manifest["data"]).load()
     lambdas = list(lambdas or DEFAULT_LAMBDAS)
