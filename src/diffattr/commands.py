@@ -182,6 +182,7 @@ def cmd_lds_build(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.attribution.method_spec import parse_method_list
     from diffattr.evaluation.lds import evaluate_benchmark, format_table
     from diffattr.fsio import atomic_write_bytes, atomic_write_json
     from diffattr.run import RunDir
@@ -189,7 +190,7 @@ def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
     rows = evaluate_benchmark(
         args.bench,
         RunDir(args.run) if args.run else None,
-        args.method.split(","),
+        parse_method_list(args.method),
         [int(k) for k in args.timesteps.split(",")],
         [float(x) for x in args.lambdas.split(",")] if args.lambdas else None,
         base_settings=feature_settings(args),
@@ -307,7 +308,11 @@ def register(add) -> None:
     e.set_defaults(handler=cmd_lds_eval)
     e.add_argument("bench", help="benchmark directory made by `lds build`")
     e.add_argument("--run", default=None, help="run directory (needed unless kernels are cached)")
-    e.add_argument("--method", default="das,dtrak,trak,grad-cos,pixel-cos,random")
+    e.add_argument(
+        "--method",
+        default="das,dtrak,trak,grad-cos,pixel-cos,random",
+        help="comma-separated methods, options in brackets: das[residual=none;leverage=true]",
+    )
     e.add_argument("--lambdas", default=None, help="relative λ grid, comma-separated")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     e.add_argument(

@@ -85,7 +85,7 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
     from diffattr.run import RunDir
 
     rows = evaluate_benchmark(
-        bench, RunDir(tiny_run), ["das", "pixel-cos", "random"], [1],
+        bench, RunDir(tiny_run), [("das", {}), ("pixel-cos", {}), ("random", {})], [1],
         lambdas=[0.1, 1.0], base_settings=FeatureSettings(), progress=False, bootstrap=20,
     )  # fmt: skip
     methods = [r["method"] for r in rows]
@@ -93,7 +93,7 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
     assert -1 <= rows[0]["val"]["lds"] <= 1 and "gen" in rows[0]
     # The kernel cache makes a second evaluation independent of the run directory.
     rows2 = evaluate_benchmark(
-        bench, None, ["das"], [1], lambdas=[0.1, 1.0], progress=False, bootstrap=20
+        bench, None, [("das", {})], [1], lambdas=[0.1, 1.0], progress=False, bootstrap=20
     )
     assert rows2[0]["val"]["lds"] == rows[0]["val"]["lds"]
 
@@ -118,3 +118,15 @@ def test_killed_build_resumes_without_retraining(tiny_run, tmp_path):
     a = np.load(bench / "ground_truth.npz")["F_t"]
     b = np.load(clean / "ground_truth.npz")["F_t"]
     assert np.array_equal(a, b)
+
+
+def test_method_list_parsing():
+    from diffattr.attribution.method_spec import method_label, parse_method_list
+    from diffattr.errors import ConfigError
+
+    got = parse_method_list("das,das[residual=none;leverage=true],random[seed=3]")
+    assert got == [("das", {}), ("das", {"residual": "none", "leverage": True}),
+                   ("random", {"seed": 3})]  # fmt: skip
+    assert method_label(*got[1]) == "das[leverage=True;residual=none]"
+    with pytest.raises(ConfigError):
+        parse_method_list("das[residual]")

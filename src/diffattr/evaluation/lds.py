@@ -405,7 +405,11 @@ class KernelCache:
     meta: dict[str, Any]
 
     def save(self, path: Path) -> None:
-        arrays = {k: getattr(self, k) for k in ("gram", "inner", "target_sqnorm", "error")}
+        """Write as float32 (half the size; ample for the Cholesky at the λ grid used)."""
+        arrays = {
+            k: np.asarray(getattr(self, k), dtype=np.float32)
+            for k in ("gram", "inner", "target_sqnorm", "error")
+        }
         arrays["residual"] = self.residual
         arrays["dim"] = np.array(self.dim)
         arrays["meta"] = np.array(json.dumps(self.meta, sort_keys=True))
@@ -415,11 +419,11 @@ class KernelCache:
     def load(cls, path: Path) -> KernelCache:
         z = np.load(path)
         return cls(
-            z["gram"],
-            z["inner"],
-            z["target_sqnorm"],
-            z["error"],
-            z["residual"],
+            z["gram"].astype(np.float64),
+            z["inner"].astype(np.float64),
+            z["target_sqnorm"].astype(np.float64),
+            z["error"].astype(np.float64),
+            z["residual"].astype(np.float64),
             int(z["dim"]),
             json.loads(str(z["meta"])),
         )
@@ -478,7 +482,11 @@ def kernel_cache(
     run: RunDir | None, bench: Path, gt: GroundTruth, settings, progress: bool = True
 ) -> KernelCache:
     """Load the benchmark's cached kernel for ``settings`` or build it from ``run``."""
-    path = bench / "kernels" / f"{settings.measure}-K{settings.timesteps}-{settings.key()}.npz"
+    proj = {"identity": "exact", "auto": "auto"}.get(
+        settings.projector, f"{settings.projector}-k{settings.proj_dim}"
+    )
+    name = f"{settings.measure}-K{settings.timesteps}-{proj}-{settings.key()}.npz"
+    path = bench / "kernels" / name
     if path.is_file():
         return KernelCache.load(path)
     if run is None:
@@ -488,7 +496,7 @@ def kernel_cache(
         )
     cache = build_kernel_cache(run, gt, settings, progress)
     cache.save(path)
-    return cache
+    return KernelCache.load(path)  # the same (float32-rounded) numbers as a later reload
 
 
 def method_scores(
@@ -524,7 +532,7 @@ def method_scores(
 def evaluate_benchmark(
     bench_dir: str | Path,
     run: RunDir | None,
-    methods: list[str],
+    methods: list[tuple[str, dict[str, Any]]],
     timesteps: list[int],
     lambdas: list[float] | None = None,
     base_settings=None,
@@ -538,6 +546,7 @@ def evaluate_benchmark(
     ``measure_timesteps`` / ``seeds`` evaluate against F over fewer timesteps or seeds (ablation).
     """
     from diffattr.attribution.featurize import FeatureSettings
+    from diffattr.attribution.method_spec import method_label
     from diffattr.attribution.methods import METHODS, get_method
 
     bench = Path(bench_dir)
@@ -548,7 +557,7 @@ def evaluate_benchmark(
     base = base_settings or FeatureSettings()
     rows: list[dict[str, Any]] = []
     ceiling = noise_ceiling(gt)
-    for method in methods:
+    for method, options in methods:
         if method not in METHODS:
             get_method(method)  # raises the standard unknown-method error
         measure = METHODS[method].measure
@@ -557,10 +566,10 @@ def evaluate_benchmark(
             if measure is not None:
                 settings = replace(base, measure=measure, timesteps=K)
                 cache = kernel_cache(run, bench, gt, settings, progress)
-            options = {"seed": 0} if method == "random" else {}
-            scores = method_scores(method, cache, lambdas, train_set.images, gt.images, **options)
+            opts = {"seed": 0, **options} if method == "random" else options
+            scores = method_scores(method, cache, lambdas, train_set.images, gt.images, **opts)
             summary = summarize(gt, scores, lambdas, bootstrap=bootstrap)
-            rows.append({"method": method, "timesteps": K, **summary})
+            rows.append({"method": method_label(method, options), "timesteps": K, **summary})
     for name, kind in (("val", VAL), ("gen", GEN)):
         mask = gt.kinds == kind
         if mask.any():
@@ -582,7 +591,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         if not d:
             return "", ""
         if "ci_targets" not in d:
-            return f"{d['lds']:.3f}", ""
+            return ("n/a (one seed)" if np.isnan(d["lds"]) else f"{d['lds']:.3f}"), ""
         lo, hi = d["ci_targets"]
         slo, shi = d["ci_subsets_targets"]
         return (
