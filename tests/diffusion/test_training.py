@@ -91,3 +91,24 @@ def test_per_sample_stream_independent_of_other_samples(tmp_path, small_set, mon
         ta, na = calls["a"][key]
         tb, nb = calls["b"][key]
         assert ta == tb and torch.equal(na, nb)
+
+
+def test_presets_from_config_json_and_saved_model(tmp_path, small_set):
+    import json
+
+    from diffattr.diffusion.presets import build_unet, unet_config
+    from diffattr.errors import ConfigError
+
+    cfg_path = tmp_path / "unet.json"
+    cfg_path.write_text(json.dumps(unet_config("tiny", 8, 1)))
+    assert count_parameters(build_unet(str(cfg_path), 8, 1)) == count_parameters(
+        build_unet("tiny", 8, 1)
+    )
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        build_unet("huge", 8, 1)
+    # A saved model directory is a starting point: training continues from its weights.
+    first = train(small_set, cfg(), tmp_path / "a", progress=False)
+    start = initial_model(cfg(preset=str(first)), 8, 1)
+    assert model_fingerprint(start) == model_fingerprint(load_unet(first))
+    with pytest.raises(CheckpointError, match="images"):
+        initial_model(cfg(preset=str(first)), 16, 1)

@@ -126,7 +126,21 @@ class BatchStream:
 
 
 def initial_model(config: TrainConfig, sample_size: int, channels: int) -> UNet2DModel:
-    """The UNet with initial weights keyed by the run seed (identical for every subset)."""
+    """The UNet with initial weights keyed by the run seed (identical for every subset).
+
+    A ``preset`` naming a saved model directory starts from its weights instead (fine-tuning).
+    """
+    if (Path(config.preset) / "config.json").is_file() and any(
+        Path(config.preset).glob("diffusion_pytorch_model.*")
+    ):
+        model = load_unet(config.preset)
+        if (model.config.sample_size, model.config.in_channels) != (sample_size, channels):
+            raise CheckpointError(
+                f"model in {config.preset} is for {model.config.in_channels}×"
+                f"{model.config.sample_size}² images, the data is {channels}×{sample_size}²"
+            )
+        model.train()
+        return model
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(derive_seed(config.stream_seed(), INIT_KEY))
