@@ -19,10 +19,13 @@ Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from diffattr.config import add_config_option
+
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    add_config_option(p)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -208,7 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from diffattr.config import apply_config
+
+    def _report(exc: DiffattrError) -> None:
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        apply_config(parser, argv)  # --config FILE: option defaults; flags still override
+    except DiffattrError as exc:
+        if "--debug" in argv:
+            raise
+        _report(exc)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
@@ -222,9 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DiffattrError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+        _report(exc)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

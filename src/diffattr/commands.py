@@ -135,7 +135,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.attribution.scores import Scores
     from diffattr.fsio import read_json
-    from diffattr.report import write_report
+    from diffattr.report import load_rows, write_report
     from diffattr.run import RunDir
 
     run = RunDir(args.run)
@@ -157,6 +157,7 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
         scores=scores,
         title=f"diffattr report: {run.path.name} ({name})",
         summary=summary,
+        lds_rows=load_rows(args.lds) if getattr(args, "lds", None) else None,
     )
     return {"report": str(path), "methods": sorted(scores)}
 
@@ -259,6 +260,12 @@ def register(add) -> None:
     p.add_argument("--method", default="das,dtrak", help="methods to show (default: das,dtrak)")
     p.add_argument("--targets", default="samples", help=TARGETS_HELP)
     p.add_argument("--out", default=None, help="output file (default: RUN/report.html)")
+    p.add_argument(
+        "--lds",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="LDS results to plot: BENCH/results.json from `diffattr lds eval`",
+    )
 
     p = add(
         "lds",

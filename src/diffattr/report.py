@@ -1,7 +1,19 @@
-"""Self-contained HTML report: each target beside its top proponents and opponents per method.
+"""Self-contained HTML report: what each generated image owes to which training images.
 
-Images are embedded as base64 PNG (no network, one file). Missing parts (no scores yet, no
-quality figures) are left out with a note rather than failing.
+One file, no network: images and plots are embedded as base64 PNG, CSS and the small sorting
+script are inline. Sections:
+
+- run facts (data, training, quality figures) and a list of what is missing, with the
+  command that would produce it;
+- a sortable summary table: each target with, per method, its three most-credited training
+  images and their scores (headers are buttons: click, or focus and press Enter);
+- plots (matplotlib, Agg): score distributions, top-1 margins, LDS with CI bars, LDS vs
+  timesteps and projection dimension, counterfactual distances — each only when its data
+  exist; the PNGs are also written to ``plots_dir`` (``RUN/plots/`` by default);
+- per target: the image beside each method's top proponents and opponents, methods side by
+  side.
+
+Missing parts (no scores, no LDS results yet) are reported, never fatal.
 """
 
 from __future__ import annotations
@@ -9,6 +21,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +34,124 @@ from PIL import Image
 
 from diffattr.attribution.scores import Scores
 from diffattr.data import ImageDataset, to_uint8_images
-from diffattr.fsio import atomic_write_bytes
+from diffattr.errors import DiffattrError
+from diffattr.fsio import atomic_write_bytes, read_json
 
 CSS = """
-body{font-family:system-ui,sans-serif;margin:1rem;color:#222;background:#fafafa}
-h1{font-size:1.4rem} h2{font-size:1.1rem;margin:1.2rem 0 .4rem}
-.target{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.6rem;margin:.6rem 0}
-.row{display:flex;flex-wrap:wrap;gap:.8rem;align-items:flex-start}
-.method{border-left:3px solid #88a;padding-left:.5rem}
-figure{display:inline-block;margin:0 .15rem;text-align:center;font-size:.7rem}
-figure img{image-rendering:pixelated;width:64px;height:64px;border:1px solid #ccc}
-figure.opp img{border-color:#c66} .label{font-weight:600;font-size:.8rem;margin:.2rem 0}
-table{border-collapse:collapse;font-size:.85rem} td,th{border:1px solid #ccc;padding:.2rem .5rem}
-.note{color:#666;font-size:.85rem}
-@media (max-width:600px){figure img{width:48px;height:48px}}
+:root{color-scheme:light;--line:#d5d8de;--muted:#5f6670;--accent:#3358c4;--opp:#c8453c}
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2125;
+ background:#f6f7f9;line-height:1.4}
+main{max-width:1400px;margin:0 auto;padding:.8rem 1rem 2rem}
+h1{font-size:1.35rem;margin:.2rem 0 .3rem;overflow-wrap:anywhere}
+h2{font-size:1.1rem;margin:1.6rem 0 .5rem;border-bottom:1px solid var(--line);padding-bottom:.2rem}
+h3{font-size:.95rem;margin:0 0 .4rem} h4{font-size:.85rem;margin:0 0 .1rem}
+nav{font-size:.85rem;display:flex;flex-wrap:wrap;gap:.3rem 1rem}
+a{color:var(--accent)}
+code{font-size:.9em;background:#eef0f4;padding:0 .2em;border-radius:3px}
+.note{color:var(--muted);font-size:.85rem;max-width:62rem}
+ul.missing{font-size:.85rem;color:#5c4300;background:#fff8e1;border:1px solid #f0d98c;
+ border-radius:6px;padding:.5rem .8rem .5rem 1.8rem;max-width:62rem}
+.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch;max-width:100%}
+table{border-collapse:collapse;font-size:.82rem;background:#fff}
+td,th{border:1px solid var(--line);padding:.25rem .45rem;vertical-align:middle;text-align:left}
+th{background:#eef0f4;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.ci{font-size:.75rem;color:var(--muted)}
+table.facts th{background:#f1f2f5}
+table.facts td{overflow-wrap:anywhere}
+th button{font:inherit;font-weight:600;color:inherit;background:none;border:0;padding:.1rem .2rem;
+ margin:-.1rem -.2rem;cursor:pointer;border-radius:3px;text-align:left;white-space:nowrap}
+th button:hover{background:#dde2ec}
+th button:focus-visible{outline:2px solid var(--accent);outline-offset:1px}
+th button::after{content:"\\2195";color:#9aa1ab;margin-left:.3em;font-size:.85em}
+th[aria-sort=ascending] button::after{content:"\\25B2";color:var(--accent)}
+th[aria-sort=descending] button::after{content:"\\25BC";color:var(--accent)}
+figure{display:inline-flex;flex-direction:column;align-items:center;margin:0;font-size:.68rem;
+ font-variant-numeric:tabular-nums;line-height:1.15}
+figure:not(.plot) img{image-rendering:pixelated;width:56px;height:56px;border:2px solid #6c8ed8;
+ border-radius:3px;background:#000}
+figure.opp img{border-color:var(--opp)}
+figure.target img{width:104px;height:104px;border-color:#333}
+figure.mini img{width:40px;height:40px}
+figcaption span{display:block;text-align:center;white-space:nowrap}
+.grid{display:grid;grid-template-columns:repeat(4,auto);gap:.3rem .35rem;justify-content:start}
+.figs{display:flex;gap:.35rem}
+.label{font-size:.7rem;color:var(--muted);margin:.35rem 0 .15rem;text-transform:uppercase;
+ letter-spacing:.04em}
+.target{background:#fff;border:1px solid var(--line);border-radius:8px;padding:.6rem .7rem;
+ margin:.7rem 0;scroll-margin-top:.5rem}
+.row{display:flex;flex-wrap:wrap;gap:.8rem 1.4rem;align-items:flex-start}
+.method{border-left:3px solid var(--line);padding-left:.6rem}
+.plots{display:flex;flex-wrap:wrap;gap:1rem}
+figure.plot{background:#fff;border:1px solid var(--line);border-radius:8px;padding:.5rem .6rem;
+ font-size:.8rem;max-width:100%;align-items:flex-start}
+figure.plot .panels{display:flex;flex-wrap:wrap;gap:.5rem;max-width:100%}
+figure.plot img{max-width:100%;height:auto;background:#fff}
+figure.plot figcaption{max-width:44rem;color:var(--muted);margin-top:.3rem;line-height:1.35}
+@media (max-width:640px){
+ main{padding:.5rem .5rem 1.5rem} h1{font-size:1.1rem}
+ figure:not(.plot) img{width:44px;height:44px} figure.target img{width:80px;height:80px}
+ figure.mini img{width:40px;height:40px} figure{font-size:.62rem}
+ td,th{padding:.2rem .3rem}
+ .row{gap:.6rem .8rem}
+ table.stack,table.stack thead,table.stack tbody{display:block}
+ table.stack thead tr{display:flex;flex-wrap:wrap;gap:.3rem;margin-bottom:.3rem}
+ table.stack th{border-radius:4px}
+ table.stack tbody tr{display:flex;flex-wrap:wrap;align-items:flex-start;gap:.3rem .8rem;
+  border:1px solid var(--line);border-radius:6px;background:#fff;margin:.4rem 0;padding:.3rem}
+ table.stack td{border:0;padding:0}
+ table.stack td[data-label]::before{content:attr(data-label);display:block;font-size:.68rem;
+  color:var(--muted)}
+}
 """
+
+SCRIPT = """
+(function(){
+  function key(row, col){
+    var cell = row.cells[col];
+    if (!cell) return null;
+    var raw = cell.hasAttribute('data-sort') ? cell.getAttribute('data-sort') : cell.textContent;
+    raw = raw.trim();
+    if (raw === '' || raw === '\u2013') return null;
+    var num = Number(raw);
+    return isNaN(num) ? raw.toLowerCase() : num;
+  }
+  function sortBy(th){
+    var table = th.closest('table'), body = table.tBodies[0];
+    var col = Number(th.getAttribute('data-col'));
+    var now = th.getAttribute('aria-sort');
+    var dir = now === 'ascending' ? 'descending' : now === 'descending' ? 'ascending' :
+      (th.getAttribute('data-first') || 'ascending');
+    table.querySelectorAll('th[aria-sort]').forEach(function(h){
+      h.setAttribute('aria-sort', 'none');
+    });
+    th.setAttribute('aria-sort', dir);
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function(a, b){
+      var x = key(a, col), y = key(b, col);
+      if (x === null || y === null) return (x === null) - (y === null);
+      var c = (typeof x === 'number' && typeof y === 'number') ? x - y :
+        String(x).localeCompare(String(y));
+      return dir === 'ascending' ? c : -c;
+    });
+    rows.forEach(function(r){ body.appendChild(r); });
+    var live = document.getElementById('sort-status');
+    if (live) live.textContent = 'sorted by ' + th.textContent.trim() + ', ' + dir;
+  }
+  document.querySelectorAll('table.sortable th[aria-sort] button').forEach(function(b){
+    b.addEventListener('click', function(){ sortBy(b.closest('th')); });
+  });
+  window.addEventListener('load', function(){
+    var imgs = Array.prototype.slice.call(document.images);
+    var ok = imgs.filter(function(i){ return i.complete && i.naturalWidth > 0; }).length;
+    document.body.setAttribute('data-images-ok', ok + '/' + imgs.length);
+  });
+})();
+"""
+
+SR_ONLY = "position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0)"
+DASH = "\u2013"
 
 
 def png_data_uri(image_chw: torch.Tensor, size: int = 64) -> str:
@@ -42,13 +161,296 @@ def png_data_uri(image_chw: torch.Tensor, size: int = 64) -> str:
     im = im.resize((size, size), Image.NEAREST)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return _uri(buf.getvalue())
 
 
-def _figure(uri: str, caption: str, cls: str = "") -> str:
+def _uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _figure(uri: str, caption: str | Sequence[str], cls: str = "", alt: str | None = None) -> str:
+    """An image with a caption; a list caption puts each item on its own line."""
+    lines = [caption] if isinstance(caption, str) else list(caption)
+    text = " ".join(lines)
+    spans = " ".join(f"<span>{_e(x)}</span>" for x in lines)
     return (
-        f'<figure class="{cls}"><img src="{uri}" alt="{html.escape(caption)}">'
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        f'<figure class="{cls}"><img src="{uri}" alt="{_e(alt or text)}">'
+        f"<figcaption>{spans}</figcaption></figure>"
+    )
+
+
+def _float(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _fmt(v: float | None, fmt: str = "{:+.3g}") -> str:
+    if v is None:
+        return DASH
+    text = fmt.format(v)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
+
+
+def _sort_attr(v: float | None) -> str:
+    return "" if v is None else f"{v:.6g}"
+
+
+def _th(label: str, col: int, first: str = "ascending", title: str = "", span: str = "") -> str:
+    """A sortable column header: a focusable button (Enter or Space sorts, like a click)."""
+    tip = f' title="{_e(title)}"' if title else ""
+    return (
+        f'<th scope="col" aria-sort="none" data-col="{col}" data-first="{first}"{tip}{span}>'
+        f'<button type="button">{_e(label)}</button></th>'
+    )
+
+
+@dataclass
+class Plot:
+    """One figure of the report: id, heading, caption and its panels (file name, PNG bytes)."""
+
+    name: str
+    title: str
+    caption: str
+    panels: list[tuple[str, bytes]]
+
+
+# Files this report writes into plots_dir (so it can remove those it no longer draws).
+PLOT_GLOBS = ("score_distribution-*.png", "top1_margins.png", "lds-*.png", "lds_vs_*.png")
+PLOT_GLOBS += ("counterfactual.png",)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def load_rows(path: str | Path, what: str = "LDS results") -> list[dict[str, Any]]:
+    """Rows of a results JSON (a list of objects), e.g. ``BENCH/results.json`` of ``lds eval``."""
+    rows = read_json(path)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DiffattrError(
+            f"{path} holds no {what}: expected a JSON list of objects",
+            hint="pass the results.json written by `diffattr lds eval`",
+        )
+    return rows
+
+
+def make_plots(
+    scores: dict[str, Scores],
+    target_ids: Sequence[int],
+    lds_rows: list[dict[str, Any]] | None,
+    counterfactual_rows: list[dict[str, Any]] | None,
+) -> tuple[list[Plot], list[str]]:
+    """(plots, HTML notes on the plots that could not be drawn and why)."""
+    from diffattr import plots as P
+
+    out: list[Plot] = []
+    missing: list[str] = []
+    methods = list(scores)
+    methods += [r["method"] for r in P.lds_summary_rows(lds_rows)]
+    methods += [r.get("method") for r in counterfactual_rows or [] if isinstance(r, dict)]
+    colors = P.method_colors(m for m in methods if isinstance(m, str))
+
+    def add(
+        name: str, title: str, caption: str, panels: list[tuple[str, Callable[[], Any]]], why: str
+    ) -> None:
+        drawn = []
+        for file, make in panels:
+            try:
+                fig = make()
+            except Exception as exc:  # a plot must never break the report
+                missing.append(f"{_e(title)}: could not be drawn ({type(exc).__name__}: {_e(exc)})")
+                return
+            if fig is not None:
+                drawn.append((file, P.png_bytes(fig)))
+        if drawn:
+            out.append(Plot(name, title, caption, drawn))
+        else:
+            missing.append(f"{_e(title)}: {why}")
+
+    no_scores = "no scores yet (run <code>diffattr score</code>)"
+    add(
+        "score-distributions",
+        "Score distributions",
+        "Each method's scores over all training images, for the first targets (violins; dots "
+        "are training images, ▲ the top proponent). A peaked distribution with a few outliers "
+        "means a few training images get most of the credit.",
+        [
+            (
+                f"score_distribution-{_safe(m)}.png",
+                lambda s=s, m=m: P.plot_score_distribution(s, list(target_ids), color=colors[m]),
+            )
+            for m, s in scores.items()
+        ],
+        no_scores,
+    )
+    add(
+        "top1-margins",
+        "Top-1 margins",
+        "Per target (one dot each): how many standard deviations the top proponent's score "
+        "lies above the mean of that target's scores. Comparable across methods, whose scales "
+        "differ.",
+        [("top1_margins.png", lambda: P.plot_top1_margins(scores, colors) if scores else None)],
+        no_scores,
+    )
+    no_lds = "no LDS results given (<code>--lds BENCH/results.json</code>)"
+    kinds = [k for k, _ in P.lds_kinds(lds_rows)] or ["val"]
+    add(
+        "lds",
+        "LDS per method",
+        "Linear datamodeling score: Spearman correlation between the losses predicted from the "
+        "scores and those measured on models retrained on random half subsets; λ cross-fitted; "
+        "each method at its largest K. Thick bars: 95% bootstrap CI over targets; thin bars "
+        "with caps: over subsets × targets. Dashed: the noise ceiling (agreement between "
+        "retraining seeds).",
+        [(f"lds-{k}.png", lambda k=k: P.plot_lds(lds_rows, k, colors)) for k in kinds],
+        no_lds if not lds_rows else "the LDS results hold no finite LDS values",
+    )
+    add(
+        "lds-vs-timesteps",
+        "LDS vs timesteps",
+        "LDS against the number of timesteps K averaged per feature; bars: 95% CI over targets.",
+        [
+            (
+                f"lds_vs_timesteps-{k}.png",
+                lambda k=k: P.plot_lds_vs(lds_rows, "timesteps", k, colors),
+            )
+            for k in kinds
+        ],
+        no_lds
+        if not lds_rows
+        else "needs results for at least two K (<code>lds eval --timesteps 10,100</code>)",
+    )
+    if lds_rows and any(isinstance(r, dict) and "proj_dim" in r for r in lds_rows):
+        add(
+            "lds-vs-proj-dim",
+            "LDS vs projection dimension",
+            "LDS against the random projection's dimension k; bars: 95% CI over targets.",
+            [
+                (
+                    f"lds_vs_proj_dim-{k}.png",
+                    lambda k=k: P.plot_lds_vs(lds_rows, "proj_dim", k, colors),
+                )
+                for k in kinds
+            ],
+            "needs results for at least two projection dimensions",
+        )
+    add(
+        "counterfactual",
+        "Counterfactual distances",
+        "Pixel L2 distance between each target and the image regenerated from the same seed by "
+        "a model retrained without the target's top proponents under each method; larger means "
+        "the method found training images that mattered.",
+        [("counterfactual.png", lambda: P.plot_counterfactual(counterfactual_rows, colors=colors))],
+        "no counterfactual results yet"
+        if not counterfactual_rows
+        else "the counterfactual results hold no pixel_l2 values",
+    )
+    return out, missing
+
+
+def _plot_html(p: Plot) -> str:
+    from diffattr.plots import DPI
+
+    imgs = []
+    for file, png in p.panels:
+        w, h = Image.open(io.BytesIO(png)).size
+        w, h = round(w * 96 / DPI), round(h * 96 / DPI)
+        imgs.append(
+            f"<img src='{_uri(png)}' width='{w}' height='{h}' "
+            f"alt='{_e(p.title)} ({_e(file)})' data-file='{_e(file)}'>"
+        )
+    return (
+        f"<figure class='plot' id='plot-{_e(p.name)}'><h3>{_e(p.title)}</h3>"
+        f"<div class='panels'>{''.join(imgs)}</div>"
+        f"<figcaption>{_e(p.caption)}</figcaption></figure>"
+    )
+
+
+def _facts_table(summary: dict[str, Any]) -> str:
+    rows = []
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value)
+        rows.append(f"<tr><th scope='row'>{_e(key)}</th><td>{_e(value)}</td></tr>")
+    return "<div class='scroll'><table class='facts'>" + "".join(rows) + "</table></div>"
+
+
+def _merge_lds_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows merged by (method, K, projection dimension), as ``format_table`` does."""
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:
+        if isinstance(r, dict) and isinstance(r.get("method"), str):
+            key = (r["method"], str(r.get("timesteps")), str(r.get("proj_dim")))
+            merged.setdefault(key, {}).update(r)
+    return list(merged.values())
+
+
+def _lds_table(rows: list[dict[str, Any]]) -> str:
+    rows = _merge_lds_rows(rows)
+    kinds = [k for k in ("val", "gen") if any(isinstance(r.get(k), dict) for r in rows)]
+    has_proj = any("proj_dim" in r for r in rows)
+    names = {"val": "held-out real targets", "gen": "generated targets"}
+    top, sub = [], []
+    col = 0
+    for label, first in (("method", "ascending"), ("K", "descending")) + (
+        (("proj. dim", "descending"),) if has_proj else ()
+    ):
+        top.append(_th(label, col, first, span=" rowspan='2'"))
+        col += 1
+    for k in kinds:
+        top.append(f"<th scope='colgroup' colspan='3'>{_e(names[k])}</th>")
+        sub += [
+            _th("LDS", col, "descending", "cross-fitted λ"),
+            "<th scope='col'>95% CI: targets; subsets×targets</th>",
+            _th("oracle λ", col + 2, "descending", "LDS at the best λ on all targets (optimistic)"),
+        ]
+        col += 3
+
+    def opt(v: Any) -> str:
+        return (
+            f"<td class='num' data-sort='{_e('' if v is None else v)}'>"
+            f"{_e(DASH if v is None else v)}</td>"
+        )
+
+    body = []
+    for r in rows:
+        cells = [f"<td>{_e(r['method'])}</td>", opt(r.get("timesteps"))]
+        if has_proj:
+            cells.append(opt(r.get("proj_dim")))
+        for k in kinds:
+            d = r.get(k) if isinstance(r.get(k), dict) else {}
+            lds, oracle = _float(d.get("lds")), _float(d.get("oracle_lds"))
+            cis = []
+            for key in ("ci_targets", "ci_subsets_targets"):
+                ci = d.get(key)
+                ok = isinstance(ci, (list, tuple)) and len(ci) == 2
+                lo, hi = (_float(ci[0]), _float(ci[1])) if ok else (None, None)
+                cis.append(DASH if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]")
+            if cis == [DASH, DASH]:
+                cis = []
+            cells += [
+                f"<td class='num' data-sort='{_sort_attr(lds)}'>{_fmt(lds, '{:.3f}')}</td>",
+                f"<td class='num ci'>{'<br>'.join(cis) or DASH}</td>",
+                f"<td class='num' data-sort='{_sort_attr(oracle)}'>{_fmt(oracle, '{:.3f}')}</td>",
+            ]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        "<div class='scroll'><table class='sortable' id='lds-table'><thead><tr>"
+        + "".join(top)
+        + "</tr><tr>"
+        + "".join(sub)
+        + "</tr></thead><tbody>"
+        + "".join(body)
+        + "</tbody></table></div>"
     )
 
 
@@ -62,57 +464,244 @@ def render_report(
     k_opp: int = 4,
     summary: dict[str, Any] | None = None,
     target_captions: list[str] | None = None,
+    lds_rows: list[dict[str, Any]] | None = None,
+    counterfactual_rows: list[dict[str, Any]] | None = None,
+    plots_dir: str | Path | None = None,
+    k_summary: int = 3,
+    overlap_k: int = 10,
 ) -> str:
-    """The report as one HTML string."""
+    """The report as one HTML string.
+
+    ``lds_rows``: rows of ``BENCH/results.json`` (``diffattr lds eval``);
+    ``counterfactual_rows``: ``[{"method": ..., "pixel_l2": [...]}, ...]``; both optional.
+    When ``plots_dir`` is given, every plot panel is also written there as PNG (and plots
+    this report wrote before but no longer draws are removed).
+    """
+    target_list = [int(t) for t in np.asarray(target_ids).tolist()]
+    pos = {int(i): p for p, i in enumerate(train.ids.tolist())}
+    uri_cache: dict[int, str] = {}
+
+    def train_uri(train_id: int) -> str:
+        if train_id not in uri_cache:
+            uri_cache[train_id] = png_data_uri(train.images[pos[train_id]])
+        return uri_cache[train_id]
+
+    target_uris = [png_data_uri(targets[t]) for t in range(len(target_list))]
+    captions = target_captions or [f"target {tid}" for tid in target_list]
+
+    # Per method: the row of each target and its top proponents / opponents.
+    tops: dict[str, dict[str, Any]] = {}
+    for name, s in scores.items():
+        tops[name] = {
+            "row": {int(t): r for r, t in enumerate(s.target_ids.tolist())},
+            "pro": s.top_k(max(k_pro, k_summary, overlap_k)),
+            "opp": s.top_k(k_opp, opponents=True),
+        }
+
+    missing: list[str] = []
+    if not scores:
+        missing.append("No attribution scores yet: run <code>diffattr score RUN</code>.")
+    if not lds_rows:
+        missing.append(
+            "No LDS results yet: run <code>diffattr lds build</code> and <code>diffattr lds "
+            "eval</code>, then <code>diffattr report RUN --lds BENCH/results.json</code>."
+        )
+    if not counterfactual_rows:
+        missing.append("No counterfactual results yet.")
+    plots, plot_missing = make_plots(scores, target_list, lds_rows, counterfactual_rows)
+    if plots_dir is not None:
+        _write_plots(Path(plots_dir), plots)
+
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body data-images-ok=''>",
+        "<main>",
+        f"<h1>{_e(title)}</h1>",
+        "<nav aria-label='sections'><a href='#run'>Run</a><a href='#summary'>Summary</a>"
+        "<a href='#plots'>Plots</a>"
+        + ("<a href='#lds'>LDS</a>" if lds_rows else "")
+        + "<a href='#targets'>Targets</a></nav>",
+        "<section id='run'><h2>Run</h2>",
     ]
     if summary:
-        parts.append("<h2>Summary</h2><table>")
-        for key, value in summary.items():
-            parts.append(
-                f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(value))}</td></tr>"
-            )
-        parts.append("</table>")
+        parts.append(_facts_table(summary))
+    if missing:
+        parts.append("<ul class='missing'>" + "".join(f"<li>{m}</li>" for m in missing) + "</ul>")
+    parts.append("</section>")
+
+    # --- summary table ------------------------------------------------------------------
+    parts.append("<section id='summary'><h2>Most-credited training images</h2>")
     if not scores:
         parts.append(
             "<p class='note'>No attribution scores yet: run <code>diffattr score</code>.</p>"
         )
     else:
         parts.append(
-            "<p class='note'>Each target (left) beside its top proponents (training images "
-            "that most helped produce it, positive scores) and opponents (red border, most "
+            _summary_table(
+                tops, target_list, target_uris, captions, train_uri, k_summary, overlap_k
+            )
+        )
+    parts.append("</section>")
+
+    # --- plots --------------------------------------------------------------------------
+    parts.append("<section id='plots'><h2>Plots</h2>")
+    if plots:
+        parts.append("<div class='plots'>" + "".join(_plot_html(p) for p in plots) + "</div>")
+    if plot_missing:
+        parts.append(
+            "<p class='note'>Not drawn:</p><ul class='missing'>"
+            + "".join(f"<li>{m}</li>" for m in plot_missing)
+            + "</ul>"
+        )
+    parts.append("</section>")
+
+    if lds_rows:
+        parts.append(
+            "<section id='lds'><h2>LDS results</h2><p class='note'>As written by "
+            "<code>diffattr lds eval</code>. λ is cross-fitted (chosen on one half of the "
+            "targets, reported on the other); the oracle column picks λ on all targets and is "
+            "optimistic.</p>" + _lds_table(lds_rows) + "</section>"
+        )
+
+    # --- per target ---------------------------------------------------------------------
+    parts.append("<section id='targets'><h2>Targets</h2>")
+    if scores:
+        parts.append(
+            "<p class='note'>Each target beside its top proponents (training images that most "
+            "helped produce it; blue border, positive scores) and opponents (red border, most "
             "negative scores), per method. Captions: training id and score.</p>"
         )
-    pos = {int(i): p for p, i in enumerate(train.ids.tolist())}
-    tops = {m: (s.top_k(k_pro), s.top_k(k_opp, opponents=True), s) for m, s in scores.items()}
-    for t, tid in enumerate(np.asarray(target_ids).tolist()):
-        cap = target_captions[t] if target_captions else f"target {tid}"
+    for t, tid in enumerate(target_list):
         parts.append(f"<section class='target' id='target-{tid}'><div class='row'>")
-        parts.append(_figure(png_data_uri(targets[t]), cap))
-        for name, ((pid, pval), (oid, oval), s) in tops.items():
-            row = list(s.target_ids).index(tid) if tid in set(s.target_ids.tolist()) else None
+        parts.append(_figure(target_uris[t], captions[t], "target"))
+        for name, top in tops.items():
+            row = top["row"].get(tid)
             if row is None:
                 continue
-            parts.append(f"<div class='method'><div class='label'>{html.escape(name)}</div>")
-            for i, v in zip(pid[row], pval[row], strict=True):
-                parts.append(_figure(png_data_uri(train.images[pos[int(i)]]), f"#{i} {v:+.3g}"))
-            parts.append("<br>")
-            for i, v in zip(oid[row], oval[row], strict=True):
-                parts.append(
-                    _figure(png_data_uri(train.images[pos[int(i)]]), f"#{i} {v:+.3g}", "opp")
-                )
+            pid, pval = (a[:, :k_pro] for a in top["pro"])
+            oid, oval = top["opp"]
+            parts.append(f"<div class='method'><h4>{_e(name)}</h4>")
+            for label, ids, vals, cls in (
+                ("proponents", pid, pval, ""),
+                ("opponents", oid, oval, "opp"),
+            ):
+                parts.append(f"<div class='label'>top {ids.shape[1]} {label}</div>")
+                parts.append("<div class='grid'>")
+                for i, v in zip(ids[row], vals[row], strict=True):
+                    parts.append(
+                        _figure(
+                            train_uri(int(i)),
+                            [f"#{int(i)}", f"{v:+.3g}"],
+                            cls,
+                            f"{label[:-1]}: training image {int(i)}, score {v:+.3g}",
+                        )
+                    )
+                parts.append("</div>")
             parts.append("</div>")
         parts.append("</div></section>")
-    parts.append("</body></html>")
+    parts.append(f"</section></main><script>{SCRIPT}</script></body></html>")
     return "\n".join(parts)
 
 
-def write_report(path: str | Path, **kwargs: Any) -> Path:
-    """Render with :func:`render_report` and write atomically to ``path``."""
+def _summary_table(
+    tops: dict[str, dict[str, Any]],
+    target_list: list[int],
+    target_uris: list[str],
+    captions: list[str],
+    train_uri: Callable[[int], str],
+    k_summary: int,
+    overlap_k: int,
+) -> str:
+    methods = list(tops)
+    several = len(methods) > 1
+    parts = [
+        f"<p class='note'>Per target, each method's top {k_summary} proponents: training id "
+        "and score (positive: the training image helps produce the target). Click a column "
+        "heading, or focus it with Tab and press Enter, to sort; a method's column sorts by its "
+        "top-1 score."
+        + (
+            f" <em>shared@{overlap_k}</em>: training images in every method's top {overlap_k}."
+            if several
+            else ""
+        )
+        + "</p>"
+    ]
+    head = [_th("target", 0)]
+    head += [
+        _th(f"{m} top-{k_summary}", c + 1, "descending", f"sort by {m}'s top-1 score")
+        for c, m in enumerate(methods)
+    ]
+    if several:
+        head.append(_th(f"shared@{overlap_k}", len(methods) + 1, "descending"))
+    parts.append(
+        "<div class='scroll'><table class='sortable stack' id='summary-table'>"
+        f"<caption style='{SR_ONLY}'>targets and their most-credited training images</caption>"
+        "<thead><tr>" + "".join(head) + "</tr></thead><tbody>"
+    )
+    for t, tid in enumerate(target_list):
+        cells = [
+            f"<td data-sort='{tid}'><a href='#target-{tid}'>"
+            + _figure(target_uris[t], captions[t], "mini")
+            + "</a></td>"
+        ]
+        sets = []
+        for m in methods:
+            row = tops[m]["row"].get(tid)
+            if row is None:
+                cells.append(f"<td data-sort='' data-label='{_e(m)}'>{DASH}</td>")
+                continue
+            ids, vals = tops[m]["pro"]
+            sets.append({int(i) for i in ids[row, :overlap_k]})
+            figs = "".join(
+                _figure(
+                    train_uri(int(i)),
+                    [f"#{int(i)}", f"{v:+.3g}"],
+                    "mini",
+                    f"training image {int(i)}, score {v:+.3g}",
+                )
+                for i, v in zip(ids[row, :k_summary], vals[row, :k_summary], strict=True)
+            )
+            top1 = _float(vals[row, 0]) if vals.shape[1] else None
+            cells.append(
+                f"<td data-sort='{_sort_attr(top1)}' data-label='{_e(m)}'>"
+                f"<div class='figs'>{figs}</div></td>"
+            )
+        if several:
+            shared = len(set.intersection(*sets)) if len(sets) == len(methods) else None
+            cells.append(
+                f"<td class='num' data-sort='{'' if shared is None else shared}' "
+                f"data-label='shared@{overlap_k}'>{DASH if shared is None else shared}</td>"
+            )
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</tbody></table></div>")
+    parts.append(f"<p id='sort-status' role='status' style='{SR_ONLY}'></p>")
+    return "".join(parts)
+
+
+def _write_plots(plots_dir: Path, plots: list[Plot]) -> None:
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = set()
+    for p in plots:
+        for file, png in p.panels:
+            atomic_write_bytes(plots_dir / file, png)
+            written.add(file)
+    for pattern in PLOT_GLOBS:
+        for old in plots_dir.glob(pattern):
+            if old.name not in written:
+                old.unlink(missing_ok=True)
+
+
+def write_report(
+    path: str | Path, plots_dir: str | Path | bool | None = True, **kwargs: Any
+) -> Path:
+    """Render with :func:`render_report` and write atomically to ``path``.
+
+    ``plots_dir``: where the plots' PNGs go; ``True`` (default): ``plots/`` beside the
+    report; ``None`` or ``False``: embedded in the HTML only.
+    """
     path = Path(path)
-    atomic_write_bytes(path, render_report(**kwargs).encode())
+    if plots_dir is True:
+        plots_dir = path.parent / "plots"
+    atomic_write_bytes(path, render_report(plots_dir=plots_dir or None, **kwargs).encode())
     return path

@@ -1,0 +1,197 @@
+"""The report in a real browser: headless Chromium loads every image, sorts, renders.
+
+Skipped when Chromium is not installed (Debian: ``apt-get install chromium``; or point
+``DIFFATTR_CHROMIUM`` at a Chrome/Chromium binary). With ``DIFFATTR_ARTIFACTS`` set, the
+screenshots are also copied to ``test-artifacts/`` at the repository root.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffattr.attribution.scores import Scores
+from diffattr.cli import main
+
+pytestmark = pytest.mark.slow
+
+CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome", "chrome")
+TIMEOUT = 60
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def _find_chromium() -> str | None:
+    wanted = os.environ.get("DIFFATTR_CHROMIUM")
+    for name in ([wanted] if wanted else []) + list(CANDIDATES):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory) -> list[str]:
+    """The headless Chromium command line (without the page), or skip with the reason."""
+    binary = _find_chromium()
+    if binary is None:
+        pytest.skip(
+            "chromium not installed: `apt-get install chromium` (Debian) or set "
+            "DIFFATTR_CHROMIUM to a Chrome/Chromium binary"
+        )
+    try:
+        version = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=TIMEOUT
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"chromium not installed: {binary} does not run ({exc})")
+    if version.returncode != 0:
+        pytest.skip(f"chromium not installed: {binary} --version failed: {version.stderr[-300:]}")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    return [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--host-resolver-rules=MAP * ~NOTFOUND",  # the report must need no network
+        f"--user-data-dir={profile}",
+    ]
+
+
+def _browse(cmd: list[str], *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, f"chromium failed ({r.returncode}): {r.stderr[-2000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny run (16 images, 3 steps), 3 targets, DAS and D-TRAK scores, and its report."""
+    threads = torch.get_num_threads()
+    run = tmp_path_factory.mktemp("browser") / "run"
+    common = ["--quiet", "--threads", "1"]
+    try:
+        assert main(["train", "--out", str(run), "--train-count", "16", "--val-count", "4",
+                     "--steps", "3", "--batch-size", "8", *common]) == 0  # fmt: skip
+        assert main(["generate", str(run), "--num", "3", "--steps", "4", *common]) == 0
+        assert main(["score", str(run), "--method", "das,dtrak", "--timesteps", "1",
+                     *common]) == 0  # fmt: skip
+        assert main(["report", str(run), *common]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+def test_every_image_loads_and_tables_are_present(chromium, run_dir):
+    dom = _browse(
+        chromium, "--virtual-time-budget=10000", "--dump-dom", (run_dir / "report.html").as_uri()
+    ).stdout
+    ok = re.search(r'data-images-ok="(\d+)/(\d+)"', dom)
+    assert ok, "the load handler did not run: " + dom[:500]
+    loaded, total = int(ok.group(1)), int(ok.group(2))
+    # 3 targets + per target and method 8 proponents and 4 opponents, the summary table's
+    # 3 targets and top-3 per method, and the score plots (2 methods + top-1 margins).
+    assert total >= 3 + 3 * 2 * (8 + 4) + 3 * (1 + 2 * 3) + 3
+    assert loaded == total
+    assert dom.count('<section class="target"') == 3
+    assert dom.count('class="method"') == 3 * 2
+    summary = dom[dom.index('id="summary-table"') :]
+    summary = summary[: summary.index("</table>")]
+    assert summary.count("<tr>") == 1 + 3
+    assert 'id="plot-score-distributions"' in dom and 'id="plot-top1-margins"' in dom
+
+
+SORT_PROBE = """<script>
+window.addEventListener('load', function () {
+  var table = document.getElementById('summary-table');
+  var button = table.querySelectorAll('th button')[1];  // "das top-3"
+  button.focus();
+  var focused = document.activeElement === button && button.tabIndex >= 0;
+  function order() {
+    return Array.prototype.map.call(table.tBodies[0].rows, function (r) {
+      return r.cells[0].getAttribute('data-sort');
+    }).join(',');
+  }
+  button.click();
+  var first = order() + ';' + button.closest('th').getAttribute('aria-sort');
+  button.click();
+  var second = order() + ';' + button.closest('th').getAttribute('aria-sort');
+  document.body.setAttribute('data-probe', [focused, first, second].join('|'));
+});
+</script></body>"""
+
+
+def test_summary_table_sorts_in_the_browser(chromium, run_dir, tmp_path):
+    html = (run_dir / "report.html").read_text()
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</body>", SORT_PROBE))
+    dom = _browse(chromium, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()).stdout
+    found = re.search(r'data-probe="([^"]*)"', dom)
+    assert found, "the probe did not run"
+    focused, first, second = found.group(1).split("|")
+    assert focused == "true"
+    top1 = Scores.load(run_dir / "scores" / "das-samples").top_k(1)[1][:, 0]
+    descending = ",".join(str(i) for i in np.argsort(-top1, kind="stable"))
+    ascending = ",".join(str(i) for i in np.argsort(top1, kind="stable"))
+    assert first == f"{descending};descending"
+    assert second == f"{ascending};ascending"
+
+
+WIDTH_PROBE = """<script>
+window.addEventListener('load', function () {
+  var root = document.documentElement;
+  document.body.setAttribute('data-width', root.scrollWidth + '/' + window.innerWidth);
+});
+</script></body>"""
+
+
+def test_page_fits_a_phone_screen(chromium, run_dir, tmp_path):
+    """At phone width the page does not scroll sideways (wide tables scroll in their own box).
+
+    (Headless Chromium lays out --dump-dom pages at least 500 px wide; the phone layout
+    applies below 640 px.)
+    """
+    probe = tmp_path / "width.html"
+    probe.write_text((run_dir / "report.html").read_text().replace("</body>", WIDTH_PROBE))
+    dom = _browse(
+        chromium, "--window-size=390,1600", "--virtual-time-budget=10000", "--dump-dom",
+        probe.as_uri(),
+    ).stdout  # fmt: skip
+    page, window = map(int, re.search(r'data-width="(\d+)/(\d+)"', dom).groups())
+    assert window < 640 and page <= window
+
+
+@pytest.mark.parametrize(
+    "name,size", [("report.png", "1200,2000"), ("report-phone.png", "390,1600")]
+)
+def test_screenshot(chromium, run_dir, tmp_path, name, size):
+    shot = tmp_path / name
+    _browse(
+        chromium,
+        f"--screenshot={shot}",
+        f"--window-size={size}",
+        run_dir.joinpath("report.html").as_uri(),
+    )
+    assert shot.is_file() and shot.stat().st_size > 20_000
+    image = Image.open(io.BytesIO(shot.read_bytes())).convert("L")
+    assert image.size == tuple(int(x) for x in size.split(","))
+    lo, hi = image.getextrema()
+    assert hi - lo > 100  # not a blank page
+    if os.environ.get("DIFFATTR_ARTIFACTS"):
+        ARTIFACTS.mkdir(exist_ok=True)
+        shutil.copyfile(shot, ARTIFACTS / name)
