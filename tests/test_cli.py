@@ -73,3 +73,20 @@ def test_parser_lists_all_commands():
     text = build_parser().format_help()
     for c in COMMANDS:
         assert c in text
+
+
+def test_score_baselines_from_cli(tmp_path):
+    run = str(tmp_path / "run")
+    common = ["--quiet", "--threads", "1"]
+    assert main(["train", "--out", run, "--train-count", "12", "--val-count", "4",
+                 "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2",
+                 *common]) == 0  # fmt: skip
+    assert main(["generate", run, "--num", "2", "--steps", "3", *common]) == 0
+    methods = "relative-if,renormalized-if,embedding-cos[steps=20],tracin,gas,journey-trak"
+    assert main(["score", run, "--method", methods, "--timesteps", "1", *common]) == 0
+    for label in ("relative-if", "renormalized-if", "embedding-cos[steps=20]", "tracin", "gas",
+                  "journey-trak"):  # fmt: skip
+        s = np.load(tmp_path / "run" / "scores" / f"{label}-samples" / "scores.npy")
+        assert s.shape == (2, 12) and np.isfinite(s).all(), label
+    meta = json.loads((tmp_path / "run" / "scores" / "tracin-samples" / "meta.json").read_text())
+    assert meta["method"] == "tracin"

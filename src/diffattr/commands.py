@@ -116,19 +116,32 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.attribution.method_spec import method_label, parse_method_list
+    from diffattr.diffusion.sampling import load_samples
     from diffattr.run import RunDir
 
     run = RunDir(args.run)
     name, images, ids = load_targets(run, args.targets)
     out: dict[str, Any] = {}
-    for method in args.method.split(","):
-        options = method_options(args) if method == "das" else {}
-        if method == "random":
+    for method, given in parse_method_list(args.method):
+        options: dict[str, Any] = {}
+        if method == "das":
+            options = method_options(args)
+        elif method == "random":
             options = {"seed": args.noise_seed}
+        elif method in ("tracin", "gas"):
+            options = {"checkpoints": str(run.path)}
+        options.update(given)
+        targets: Any = images
+        if method == "journey-trak":  # needs the recorded seeds, not just the images
+            if args.targets == "val":
+                raise DiffattrError("journey-trak attributes generated images only")
+            path = run.samples_dir / "samples.npz" if args.targets == "samples" else args.targets
+            targets = load_samples(path)
         att = make_attributor(run, method, args, **options)
-        scores = att.score(images, ids)
-        path = scores.save(run.scores_dir / f"{method}-{name}", k=args.k)
-        out[method] = str(path)
+        scores = att.score(targets, ids)
+        label = method_label(method, given)
+        out[label] = str(scores.save(run.scores_dir / f"{label}-{name}", k=args.k))
     return out
 
 
@@ -235,7 +248,12 @@ def register(add) -> None:
         cmd_score,
     )
     p.add_argument("run", help="run directory")
-    p.add_argument("--method", default="das", help="comma-separated methods (default: das)")
+    p.add_argument(
+        "--method",
+        default="das",
+        help="comma-separated methods (default: das); options in brackets, e.g. "
+        "das[leverage=true], tracin[checkpoints=RUN]",
+    )
     p.add_argument("--targets", default="samples", help=TARGETS_HELP)
     p.add_argument("--k", type=int, default=10, help="top-k written to topk.csv/json")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="absolute λ")

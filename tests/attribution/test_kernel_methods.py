@@ -78,9 +78,7 @@ def test_das_with_leverage_is_the_leave_one_out_newton_step():
 
     theta = fit(np.arange(n))
     residual = phi @ theta - y  # prediction − target
-    loo = np.stack(
-        [tgt @ (fit(np.setdiff1d(np.arange(n), [i])) - theta) for i in range(n)], axis=1
-    )
+    loo = np.stack([tgt @ (fit(np.setdiff1d(np.arange(n), [i])) - theta) for i in range(n)], axis=1)
     scores = get_method("das", residual="raw", leverage=True).score(
         das_inputs(phi, tgt, lam, residual=residual)
     )

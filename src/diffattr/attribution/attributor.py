@@ -24,7 +24,13 @@ from diffattr.attribution.featurize import (
 )
 from diffattr.attribution.gradients import select_parameters
 from diffattr.attribution.kernel import DEFAULT_RELATIVE_LAMBDA, Kernel
-from diffattr.attribution.methods import Method, ScoreInputs, get_method
+from diffattr.attribution.methods import (
+    Method,
+    ScoreInputs,
+    fill_context,
+    get_method,
+    method_meta,
+)
 from diffattr.attribution.scores import Scores
 from diffattr.attribution.store import FeatureStore
 from diffattr.data import ImageDataset
@@ -163,13 +169,15 @@ class Attributor:
             num_train=len(self.train),
             num_targets=images.shape[0],
         )
-        meta: dict[str, Any] = {"options": self.method.options}
+        fill_context(inputs, self, targets, ids)
+        meta: dict[str, Any] = {}
         if self.method.measure is not None:
             store = self.featurize()
             assert store is not None
-            tstore = self.featurize_targets(images, ids)
             inputs.train_features = store.features
-            inputs.target_features = np.asarray(tstore.features)
+            if not self.method.needs_model:  # those compute their own target features
+                tstore = self.featurize_targets(images, ids)
+                inputs.target_features = np.asarray(tstore.features)
             inputs.train_error = store.column("error")
             inputs.train_residual = store.column("residual")
             meta["features"] = self.settings.to_dict()
@@ -178,4 +186,5 @@ class Attributor:
                 meta["lambda"] = inputs.kernel.lam
                 meta["kernel_form"] = inputs.kernel.form
         values = self.method.score(inputs)
+        meta.update(method_meta(self.method))
         return Scores(values, self.train.ids.numpy(), ids, self.method.name, meta)

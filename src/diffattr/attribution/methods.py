@@ -13,18 +13,27 @@ Kernel methods share K(x, i) = φ(x)ᵀ G⁻¹ φᵢ with G = ΦᵀΦ + λI (:mo
 - ``trak``   K(x, i) on gradients of the diffusion loss (TRAK).
 Kernel-free baselines: ``grad-dot`` φ(x)ᵀφᵢ and ``grad-cos`` (cosine) on loss gradients;
 ``pixel-dot`` / ``pixel-cos`` on raw pixels; ``random`` (seeded N(0,1), the LDS null).
+Further baselines (appended at the end of this module):
+- ``relative-if`` K(x, i) / ‖G⁻¹φᵢ‖ and ``renormalized-if`` K(x, i) / ‖φᵢ‖ (loss gradients).
+- ``embedding-cos`` cosine of image embeddings (in-domain autoencoder, or ``encoder=callable``).
+- ``tracin`` Σ_c η_c φ_c(x)ᵀφ_c(zᵢ) and ``gas`` Σ_c η_c cos(φ_c(x), φ_c(zᵢ)) over checkpoints.
+- ``journey-trak`` K(x, i) with φ(x) taken along x's own sampling trajectory (generated x).
+- ``ensemble`` the mean of a method's scores over several models.
+- ``ekfac`` K-FAC / EK-FAC influence through ``kronfluence`` (optional dependency).
+Model-based baselines (``needs_model``) read the context fields of :class:`ScoreInputs`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from diffattr.attribution.kernel import Kernel
+from diffattr.attribution.kernel import DEFAULT_RELATIVE_LAMBDA, Kernel
 from diffattr.errors import ConfigError
 from diffattr.seeding import derive_seed
 
@@ -45,6 +54,20 @@ class ScoreInputs:
     target_images: torch.Tensor | None = None
     num_train: int = 0
     num_targets: int = 0
+    # Optional context for the baselines that need more than one store (filled by the caller):
+    train_gram: np.ndarray | None = None  # ΦΦᵀ (N×N), with target_inner (LDS kernel cache)
+    train_ids: np.ndarray | None = None
+    target_ids: np.ndarray | None = None
+    targets: Any = None  # the targets as given, e.g. generated Samples with seeds (journey-trak)
+    model: torch.nn.Module | None = None  # the attributed model
+    schedule: Any = None  # its NoiseSchedule
+    settings: Any = None  # the caller's resolved FeatureSettings
+    store_dir: Path | None = None  # where model-based methods keep feature stores and caches
+    lam: float | None = None  # absolute λ, else relative_lambda (methods that fit kernels)
+    relative_lambda: float = DEFAULT_RELATIVE_LAMBDA
+    batch_size: int = 32
+    device: str = "cpu"
+    progress: bool = False
 
 
 @dataclass
@@ -54,6 +77,7 @@ class Method(ABC):
     name: ClassVar[str]
     measure: ClassVar[str | None] = None  # feature measure needed; None for image methods
     uses_kernel: ClassVar[bool] = False
+    needs_model: ClassVar[bool] = False  # computes its own features from models (context fields)
     options: dict[str, Any] = field(default_factory=dict)
 
     @abstractmethod
@@ -180,3 +204,230 @@ def get_method(name: str, **options: Any) -> Method:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}", hint=f"choose from {sorted(METHODS)}")
     return METHODS[name](options=options)
+
+
+# ---------------------------------------------------------------------------- baselines (#5)
+# Appended: the remaining baselines of the DAS paper. The model-based ones (``needs_model``)
+# read the optional context fields of ScoreInputs (model, schedule, settings, store_dir, ids,
+# targets) and compute their own feature stores; the kernel-free image ones read images only.
+
+
+def _require(inputs: ScoreInputs, method: str, *fields: str) -> None:
+    missing = [f for f in fields if getattr(inputs, f) is None]
+    if missing:
+        raise ConfigError(
+            f"method {method!r} needs {', '.join(missing)} in its ScoreInputs",
+            hint="score it through Attributor (which fills them), or set these fields",
+        )
+
+
+class RelativeIF(KernelMethod):
+    """φ(x)ᵀG⁻¹φᵢ / ‖G⁻¹φᵢ‖ (relative influence, Barshan et al. 2020) on loss gradients."""
+
+    name = "relative-if"
+    measure = "loss"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        from diffattr.attribution.relative_if import inverse_norms
+
+        k = super().score(inputs)
+        assert inputs.kernel is not None
+        gram = inputs.train_gram if inputs.kernel.form == "dual" else None
+        norms = inverse_norms(inputs.kernel, gram)
+        return k / np.maximum(norms, 1e-30)[None, :]
+
+
+class RenormalizedIF(KernelMethod):
+    """φ(x)ᵀG⁻¹φᵢ / ‖φᵢ‖ (renormalised influence) on loss gradients."""
+
+    name = "renormalized-if"
+    measure = "loss"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        from diffattr.attribution.relative_if import feature_norms
+
+        k = super().score(inputs)
+        if inputs.train_sqnorm is not None:
+            norms = np.sqrt(np.asarray(inputs.train_sqnorm, dtype=np.float64))
+        elif inputs.train_gram is not None:
+            norms = np.sqrt(np.diag(np.asarray(inputs.train_gram, dtype=np.float64)))
+        else:
+            _require(inputs, self.name, "train_features")
+            norms = feature_norms(inputs.train_features)
+        return k / np.maximum(norms, 1e-30)[None, :]
+
+
+class EmbeddingCos(Method):
+    """Cosine of image embeddings: ``encoder=callable`` (N×C×H×W in [-1, 1] → N×D), else a
+    small in-domain denoising autoencoder trained on the training set (seeded, cached in
+    ``cache_dir`` or the caller's store directory; options ``dim``, ``steps``, ``seed``, …).
+    """
+
+    name = "embedding-cos"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        from diffattr.attribution.embedding import EncoderSettings, embedding_scores
+
+        _require(inputs, self.name, "train_images", "target_images")
+        opts = dict(self.options)
+        encoder = opts.pop("encoder", None)
+        cache_dir = opts.pop("cache_dir", None) or inputs.store_dir
+        values, meta = embedding_scores(
+            inputs.train_images,
+            inputs.target_images,
+            encoder=encoder,
+            train_ids=inputs.train_ids,
+            cache_dir=cache_dir,
+            settings=EncoderSettings(**opts),
+            progress=inputs.progress,
+        )
+        self.score_meta = meta
+        return values
+
+
+class TracIn(Method):
+    """TracInCP: Σ_c η_c φ_c(x)ᵀφ_c(zᵢ) over saved checkpoints c (loss gradients).
+
+    Options: ``checkpoints`` (a run directory — its ``checkpoints/step-N/ema`` —, or a list of
+    models / model directories; required), ``learning_rates`` (η_c, default 1), ``measure``
+    (default ``loss``). Features per checkpoint are stored in the caller's store directory,
+    keyed by the checkpoint's fingerprint, with the caller's feature settings.
+    """
+
+    name = "tracin"
+    needs_model = True
+    kind: ClassVar[str] = "dot"
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        from diffattr.attribution.tracin import tracin_from_inputs
+
+        values, meta = tracin_from_inputs(inputs, self.kind, self.name, **self.options)
+        self.score_meta = meta
+        return values
+
+
+class GAS(TracIn):
+    """GAS: Σ_c η_c cos(φ_c(x), φ_c(zᵢ)) over saved checkpoints (options as ``tracin``)."""
+
+    name = "gas"
+    kind = "cos"
+
+
+class JourneyTRAK(KernelMethod):
+    """TRAK with target features along the target's own sampling trajectory.
+
+    τ(x, zᵢ) = φ_J(x)ᵀ G⁻¹ φᵢ, with G and φᵢ TRAK's (loss gradients of the training set) and
+
+        φ_J(x) = Pᵀ (1/|S|) Σ_{s∈S} g_s / ‖g_s‖,
+        g_s = ∇_θ ‖ε_θ(√ᾱ_{t_s} x̂₀⁽ˢ⁾ + √(1−ᾱ_{t_s}) ε_s, t_s) − ε_s‖² / d,
+
+    x̂₀⁽ˢ⁾ the sampler's prediction of the clean image at step s of x's recorded trajectory and
+    ε_s fresh noise keyed by (x's generation seed, t_s) — Journey-TRAK's definition; details
+    in :mod:`.journey`. Options: ``steps`` (how many trajectory steps, evenly spaced; default
+    all), ``generation_batch_size`` (default: the batch size recorded with the samples).
+    Generated targets only (recorded seeds; the trajectory is regenerated from the whole
+    Samples and checked bit for bit).
+    """
+
+    name = "journey-trak"
+    measure = "loss"
+    needs_model = True
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        from diffattr.attribution.journey import journey_from_inputs
+
+        features, meta = journey_from_inputs(
+            inputs,
+            steps=self.options.get("steps"),
+            generation_batch_size=self.options.get("generation_batch_size"),
+        )
+        kernel = inputs.kernel
+        if kernel is None:
+            _require(inputs, self.name, "train_features")
+            kernel = Kernel.fit(inputs.train_features, inputs.lam, inputs.relative_lambda)
+        self.score_meta = {**meta, "lambda": kernel.lam, "kernel_form": kernel.form}
+        return kernel.cross(features)
+
+
+class Ensemble(Method):
+    """Mean over models of a method's scores (TRAK-style ensembling).
+
+    Options: ``base`` (the method averaged, default ``trak``), ``models`` (models or model
+    directories, e.g. independently trained runs' ``model/`` or checkpoints), ``include_self``
+    (default True: the attributed model is one member), ``base_options`` (dict for ``base``).
+    """
+
+    name = "ensemble"
+    needs_model = True
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        from diffattr.attribution.ensemble import ensemble_from_inputs
+
+        values, meta = ensemble_from_inputs(inputs, **self.options)
+        self.score_meta = meta
+        return values
+
+
+class EKFAC(Method):
+    """Influence φ_q(x)ᵀ(F + λI)⁻¹∇L(zᵢ) with K-FAC/EK-FAC curvature (``kronfluence``).
+
+    Training objective the diffusion loss; the query ``query`` = ``loss`` (default; positive =
+    helps, as TRAK), ``das`` (mean of ε_θ) or ``dtrak`` (‖ε_θ‖²). Options: ``strategy``
+    (ekfac, kfac, diagonal, identity), ``damping`` (None: kronfluence's heuristic), ``fisher``
+    (true: sampled, seeded — the GGN; or empirical). Needs ``pip install kronfluence``.
+    """
+
+    name = "ekfac"
+    needs_model = True
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        from diffattr.attribution.influence import ekfac_from_inputs
+
+        values, meta = ekfac_from_inputs(inputs, **self.options)
+        self.score_meta = meta
+        return values
+
+
+_BASELINES: tuple[type[Method], ...] = (
+    RelativeIF,
+    RenormalizedIF,
+    EmbeddingCos,
+    TracIn,
+    GAS,
+    JourneyTRAK,
+    Ensemble,
+    EKFAC,
+)
+METHODS.update({m.name: m for m in _BASELINES})
+
+
+def _json_safe(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return f"<{type(value).__name__}>"
+
+
+def method_meta(method: Method) -> dict[str, Any]:
+    """JSON-safe description of a scored method: its options (callables and models named by
+    type) and what its last ``score`` reported (``score_meta``, e.g. the embedding used)."""
+    return {"options": _json_safe(method.options), **getattr(method, "score_meta", {})}
+
+
+def fill_context(inputs: ScoreInputs, attributor: Any, targets: Any, target_ids: Any) -> None:
+    """Fill the context fields of ``inputs`` from an :class:`Attributor` scoring ``targets``."""
+    inputs.train_ids = attributor.train.ids.numpy()
+    inputs.target_ids = np.asarray(target_ids, dtype=np.int64)
+    inputs.targets = targets
+    inputs.model = attributor.model
+    inputs.schedule = attributor.schedule
+    inputs.settings = attributor.settings
+    inputs.store_dir = attributor.store_dir
+    inputs.lam, inputs.relative_lambda = attributor.lam, attributor.relative_lambda
+    inputs.batch_size, inputs.device = attributor.batch_size, attributor.device
+    inputs.progress = attributor.progress

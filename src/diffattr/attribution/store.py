@@ -49,9 +49,7 @@ class FeatureStore:
                 f"{path / 'features.npy'} has shape {self.features.shape}, expected {(n, k)}",
                 hint="the store is damaged; delete it and featurize again",
             )
-        self.columns = {
-            c: np.lib.format.open_memmap(path / f"{c}.npy", mode=mode) for c in COLUMNS
-        }
+        self.columns = {c: np.lib.format.open_memmap(path / f"{c}.npy", mode=mode) for c in COLUMNS}
         self.done = np.lib.format.open_memmap(path / "done.npy", mode=mode)
 
     # ------------------------------------------------------------------ opening

@@ -1,7 +1,9 @@
 """DDIM / DDPM sampling with one seed per image, so any image can be regenerated exactly.
 
 Image i starts from x_T = noise keyed by (SAMPLING_KEY, seed_i); DDPM's per-step noise is keyed
-by (SAMPLING_KEY, seed_i, step). Nothing depends on which images share a batch.
+by (SAMPLING_KEY, seed_i, step). No random draw depends on which images share a batch; the
+arithmetic does slightly (batched convolutions round differently, ≈1e-5), so bit-identical
+regeneration uses the recorded ``batch_size`` and the same seeds in the same order.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Samples:
     num_steps: int
     timesteps: np.ndarray
     trajectory: torch.Tensor | None = None
+    batch_size: int = 64
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -105,6 +108,7 @@ def sample(
         num_steps=num_steps,
         timesteps=np.asarray(timesteps, dtype=np.int64),
         trajectory=torch.cat(trajs, dim=1) if record_trajectory else None,
+        batch_size=batch_size,
     )
 
 
@@ -119,6 +123,7 @@ def save_samples(samples: Samples, out_dir: str | Path, model_fingerprint: str =
         "timesteps": samples.timesteps,
         "sampler": np.array(samples.sampler),
         "num_steps": np.array(samples.num_steps),
+        "batch_size": np.array(samples.batch_size),
         "model_fingerprint": np.array(model_fingerprint),
         "ids": np.arange(len(samples), dtype=np.int64),
     }
@@ -159,4 +164,5 @@ def load_samples(path: str | Path) -> Samples:
         num_steps=int(z["num_steps"]) if "num_steps" in z.files else 50,
         timesteps=z["timesteps"] if "timesteps" in z.files else np.empty(0, dtype=np.int64),
         trajectory=torch.from_numpy(z["trajectory"]) if "trajectory" in z.files else None,
+        batch_size=int(z["batch_size"]) if "batch_size" in z.files else 64,
     )

@@ -263,6 +263,7 @@ class GroundTruth:
     kinds: np.ndarray  # (T,)
     images: torch.Tensor  # (T, C, H, W)
     keys: np.ndarray
+    seeds: np.ndarray | None = None  # generation seed per target, < 0 for real images
 
     @classmethod
     def load(
@@ -291,6 +292,7 @@ class GroundTruth:
             t["kinds"],
             torch.from_numpy(t["images"]),
             t["keys"],
+            t["seeds"] if "seeds" in t.files else None,
         )
 
     def predicted(self, scores: np.ndarray) -> np.ndarray:
@@ -515,6 +517,7 @@ def method_scores(
         num_targets=len(target_images),
     )
     if cache is not None:
+        inputs.train_gram = cache.gram
         inputs.target_inner = cache.inner
         inputs.train_sqnorm = np.diag(cache.gram).copy()
         inputs.target_sqnorm = cache.target_sqnorm
@@ -560,6 +563,23 @@ def evaluate_benchmark(
     for method, options in methods:
         if method not in METHODS:
             get_method(method)  # raises the standard unknown-method error
+        if METHODS[method].needs_model:
+            rows.extend(
+                _model_based_rows(
+                    method,
+                    options,
+                    run,
+                    bench,
+                    gt,
+                    train_set,
+                    base,
+                    timesteps,
+                    lambdas,
+                    progress,
+                    bootstrap,
+                )  # fmt: skip
+            )
+            continue
         measure = METHODS[method].measure
         for K in timesteps if measure is not None else [None]:
             cache = None
@@ -580,6 +600,33 @@ def evaluate_benchmark(
                     name: {"lds": float(np.nanmean(ceiling[mask]))},
                 }  # fmt: skip
             )
+    return rows
+
+
+def _model_based_rows(
+    method, options, run, bench, gt, train_set, base, timesteps, lambdas, progress, bootstrap
+) -> list[dict[str, Any]]:
+    """LDS rows of a method that computes its own features from the model (``needs_model``)."""
+    from diffattr.attribution.context import benchmark_scores
+    from diffattr.attribution.method_spec import method_label
+
+    if run is None:
+        raise DiffattrError(f"{method} computes features from the model", hint="pass --run RUN")
+    rows = []
+    for K in timesteps:
+        settings = replace(base, timesteps=K)
+        extra: dict[str, Any] = {}
+        if method == "journey-trak":
+            c = kernel_cache(run, bench, gt, replace(settings, measure="loss"), progress)
+            extra = {"gram": c.gram, "trak_inner": c.inner}
+        scores = benchmark_scores(
+            method, options, lambdas, model=load_unet(run.model_dir), train=train_set,
+            target_images=gt.images, target_ids=gt.keys, target_seeds=gt.seeds,
+            schedule=run.train_config().schedule, settings=settings,
+            store_dir=run.features_dir, run_dir=run.path, progress=progress, **extra,
+        )  # fmt: skip
+        summary = summarize(gt, scores, lambdas, bootstrap=bootstrap)
+        rows.append({"method": method_label(method, options), "timesteps": K, **summary})
     return rows
 
 
