@@ -9,9 +9,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffattr.errors import DataError, DiffattrError
+from diffattr.errors import CheckpointError, ConfigError, DataError, DiffattrError
 
 TARGETS_HELP = "samples (RUN/samples, default), val (held-out real images), or a samples .npz"
+
+
+def parse_list(text: str, kind: type, option: str) -> list:
+    """Comma-separated numbers of an option, or a :class:`ConfigError` naming the option."""
+    try:
+        values = [kind(x) for x in str(text).split(",")]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise ConfigError(f"{option} takes comma-separated {what}, got {text!r}") from None
+    return values
+
+
+def parse_rows(text: str) -> tuple[int | None, int | None]:
+    """``START:END`` (either may be omitted) of ``--rows``."""
+    start, sep, end = str(text).partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        a = int(start) if start.strip() else None
+        b = int(end) if end.strip() else None
+    except ValueError:
+        raise ConfigError(f"--rows takes START:END (e.g. 0:1000), got {text!r}") from None
+    if (
+        (a is not None and a < 0)
+        or (b is not None and b < 0)
+        or (a is not None and b is not None and b <= a)
+    ):
+        raise ConfigError(f"--rows {text}: need 0 <= START < END")
+    return a, b
 
 
 def load_targets(run, spec: str) -> tuple[str, torch.Tensor, np.ndarray]:
@@ -79,8 +108,10 @@ def make_attributor(run, method: str, args: argparse.Namespace, **options: Any):
     from diffattr.diffusion.presets import load_unet
 
     train_set, _ = run.data_spec().load()
+    model = load_unet(run.model_dir)
+    check_model_fits(model, train_set.shape, run.model_dir)
     return Attributor(
-        load_unet(run.model_dir),
+        model,
         train_set,
         run.features_dir,
         method=method,
@@ -90,21 +121,48 @@ def make_attributor(run, method: str, args: argparse.Namespace, **options: Any):
         relative_lambda=getattr(args, "relative_lambda", 0.1),
         batch_size=args.batch_size,
         progress=not args.quiet,
+        on_nonfinite=getattr(args, "on_nonfinite", "stop"),
         **options,
     )
+
+
+def check_model_fits(model, shape: tuple[int, int, int], where) -> None:
+    """A :class:`CheckpointError` unless ``model`` takes images of ``shape`` (C, H, W)."""
+    cfg = model.config
+    have = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.out_channels))
+    c, h, w = shape
+    if have != (c, h, c) or h != w:
+        raise CheckpointError(
+            f"the model in {where} is for {have[0]}×{have[1]}² images, but the run's data is "
+            f"{c}×{h}×{w}",
+            hint="the model directory was replaced by another architecture's; retrain with "
+            "`diffattr train` or restore the run's model",
+        )
 
 
 def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.run import RunDir
 
     run = RunDir(args.run)
+    bounds = parse_rows(args.rows) if getattr(args, "rows", None) else None
     out: dict[str, Any] = {}
     for method in args.method.split(","):
         att = make_attributor(run, method, args)
-        store = att.featurize()
+        rows = None
+        if bounds is not None:
+            n = len(att.train)
+            a, b = bounds[0] or 0, n if bounds[1] is None else bounds[1]
+            if a >= n or b > n:
+                raise ConfigError(f"--rows {args.rows} is outside the {n} training rows (0:{n})")
+            rows = np.arange(a, b)
+        store = att.featurize(rows)
         if store is None:
             continue
         out[f"train_store[{method}]"] = str(store.path)
+        if rows is not None:
+            out[f"rows[{method}]"] = (
+                f"{rows[0]}:{rows[-1] + 1} ({store.num_done}/{store.num_rows} done)"
+            )
         if args.targets:
             _, images, ids = load_targets(run, args.targets)
             out[f"target_store[{method}]"] = str(att.featurize_targets(images, ids).path)
@@ -120,6 +178,8 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.diffusion.sampling import load_samples
     from diffattr.run import RunDir
 
+    if args.k < 1:
+        raise ConfigError(f"--k must be at least 1, got {args.k}")
     run = RunDir(args.run)
     name, images, ids = load_targets(run, args.targets)
     out: dict[str, Any] = {}
@@ -155,10 +215,29 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     name, images, ids = load_targets(run, args.targets)
     train_set, _ = run.data_spec().load()
     scores = {}
+    train_ids = train_set.ids.numpy()
     for method in args.method.split(","):
         d = run.scores_dir / f"{method}-{name}"
         if (d / "scores.npy").is_file():
-            scores[method] = Scores.load(d)
+            try:
+                s = Scores.load(d)
+            except DiffattrError as exc:
+                raise DiffattrError(f"{d / 'scores.npy'}: {exc}", hint=exc.hint) from exc
+            except (OSError, ValueError, EOFError) as exc:
+                raise DiffattrError(f"cannot read scores in {d}: {exc}") from exc
+            if not np.array_equal(np.sort(s.train_ids), np.sort(train_ids)):
+                raise DiffattrError(
+                    f"{d / 'scores.npy'} scores {s.train_ids.size} training samples, but the "
+                    f"run's training set has {train_ids.size} (other ids)",
+                    hint=f"rerun `diffattr score {run.path} --method {method}`",
+                )
+            if not np.isin(np.asarray(ids), s.target_ids).all():
+                raise DiffattrError(
+                    f"{d / 'scores.npy'} holds {s.target_ids.size} targets, not the "
+                    f"{len(ids)} {name} targets of the report",
+                    hint=f"rerun `diffattr score {run.path} --method {method}`",
+                )
+            scores[method] = s
     summary: dict[str, Any] = {"run": str(run.path), "training images": len(train_set)}
     if (run.path / "quality.json").is_file():
         summary.update(read_json(run.path / "quality.json"))
@@ -171,19 +250,38 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
         title=f"diffattr report: {run.path.name} ({name})",
         summary=summary,
         lds_rows=load_rows(args.lds) if getattr(args, "lds", None) else None,
+        counterfactual_rows=[
+            r
+            for r in load_rows(args.counterfactual, "counterfactual results")
+            if not r.get("control")
+        ]
+        if getattr(args, "counterfactual", None)
+        else None,
     )
     return {"report": str(path), "methods": sorted(scores)}
 
 
 def cmd_lds_build(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.evaluation.lds import LDSConfig, build
+    from diffattr.fsio import removed_on_error
     from diffattr.parallel import make_executor
     from diffattr.run import RunDir
 
+    if args.measure_timesteps < 1:
+        raise ConfigError(f"--measure-timesteps must be at least 1, got {args.measure_timesteps}")
+    for name in ("subsets", "num_val", "num_gen"):
+        if getattr(args, name) < (1 if name == "subsets" else 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must not be {getattr(args, name)}")
+    if not 0.0 < args.fraction <= 1.0:
+        raise ConfigError(f"--fraction must be in (0, 1], got {args.fraction}")
+    seeds = parse_list(args.seeds, int, "--seeds")
+    if any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds must be non-negative, got {args.seeds}")
+    RunDir(args.run).train_config()  # a missing or damaged run fails before --out is made
     config = LDSConfig(
         num_subsets=args.subsets,
         fraction=args.fraction,
-        seeds=[int(s) for s in args.seeds.split(",")],
+        seeds=seeds,
         subset_seed=args.subset_seed,
         measure_timesteps=args.measure_timesteps,
         num_val=args.num_val,
@@ -191,8 +289,41 @@ def cmd_lds_build(args: argparse.Namespace) -> dict[str, Any]:
         common_random_numbers=not args.independent,
     )
     executor = make_executor(args.executor, args.workers, progress=not args.quiet)
-    bench = build(RunDir(args.run), args.out, config, executor, progress=not args.quiet)
+    with removed_on_error(args.out, keep=lambda p: (p / "models").is_dir()):
+        bench = build(RunDir(args.run), args.out, config, executor, progress=not args.quiet)
     return {"benchmark": str(bench), "models": config.num_subsets * len(config.seeds)}
+
+
+def check_benchmark_files(bench: Path) -> None:
+    """A clear error naming the first missing or unreadable file of a built LDS benchmark."""
+    import zipfile
+
+    from diffattr.fsio import read_json
+
+    if not (bench / "ground_truth.npz").is_file():
+        return  # evaluate_benchmark says "run `diffattr lds build` first"
+    read_json(bench / "lds.json")
+    for name, keys in (
+        ("ground_truth.npz", ("F_t",)),
+        ("targets.npz", ("images", "kinds", "keys")),
+        ("subsets.npy", ()),
+    ):
+        path = bench / name
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in keys if k not in z.files]
+        except AttributeError:  # a .npy array, not an archive
+            missing = []
+        except FileNotFoundError:
+            raise DiffattrError(
+                f"LDS benchmark {bench} has no {name}", hint="rerun `diffattr lds build`"
+            ) from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise DiffattrError(
+                f"cannot read {path}: {exc}", hint="the benchmark is damaged; rerun `lds build`"
+            ) from None
+        if missing:
+            raise DiffattrError(f"{path} has no {missing[0]!r} array", hint="rerun `lds build`")
 
 
 def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -201,17 +332,18 @@ def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.fsio import atomic_write_bytes, atomic_write_json
     from diffattr.run import RunDir
 
+    check_benchmark_files(Path(args.bench))
     rows = evaluate_benchmark(
         args.bench,
         RunDir(args.run) if args.run else None,
         parse_method_list(args.method),
-        [int(k) for k in args.timesteps.split(",")],
-        [float(x) for x in args.lambdas.split(",")] if args.lambdas else None,
+        parse_list(args.timesteps, int, "--timesteps"),
+        parse_list(args.lambdas, float, "--lambdas") if args.lambdas else None,
         base_settings=feature_settings(args),
         progress=not args.quiet,
         bootstrap=args.bootstrap,
         measure_timesteps=args.measure_timesteps,
-        seeds=[int(x) for x in args.seed_index.split(",")] if args.seed_index else None,
+        seeds=parse_list(args.seed_index, int, "--seed-index") if args.seed_index else None,
     )
     table = format_table(rows)
     out = Path(args.out) if args.out else Path(args.bench) / "results.md"
@@ -236,6 +368,20 @@ def register(add) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--method", default="das", help="comma-separated methods (default: das)")
     p.add_argument("--targets", default=None, help="also featurize targets: " + TARGETS_HELP)
+    p.add_argument(
+        "--rows",
+        default=None,
+        metavar="START:END",
+        help="only these training rows (one worker's share; workers on disjoint rows of one "
+        "store run side by side)",
+    )
+    p.add_argument(
+        "--on-nonfinite",
+        choices=["stop", "skip"],
+        default="stop",
+        help="a sample with NaN/Inf gradients: stop with an error naming it (default), or "
+        "record it as skipped (scored 0) with a warning",
+    )
     add_feature_args(p)
 
     p = add(
@@ -283,6 +429,12 @@ def register(add) -> None:
         default=None,
         metavar="RESULTS_JSON",
         help="LDS results to plot: BENCH/results.json from `diffattr lds eval`",
+    )
+    p.add_argument(
+        "--counterfactual",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="counterfactual results to plot: OUT/results.json from `diffattr counterfactual`",
     )
 
     p = add(
@@ -351,3 +503,7 @@ def register(add) -> None:
         q.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
         q.add_argument("--debug", action="store_true", help="show tracebacks on errors")
         q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    from diffattr.evaluation.counterfactual import add_counterfactual_parser
+
+    add_counterfactual_parser(add)
