@@ -589,7 +589,10 @@ def evaluate_benchmark(
             opts = {"seed": 0, **options} if method == "random" else options
             scores = method_scores(method, cache, lambdas, train_set.images, gt.images, **opts)
             summary = summarize(gt, scores, lambdas, bootstrap=bootstrap)
-            rows.append({"method": method_label(method, options), "timesteps": K, **summary})
+            row = {"method": method_label(method, options), "timesteps": K, **summary}
+            if measure is not None and settings.projector not in ("identity", "auto"):
+                row.update(projector=settings.projector, proj_dim=settings.proj_dim)
+            rows.append(row)
     for name, kind in (("val", VAL), ("gen", GEN)):
         mask = gt.kinds == kind
         if mask.any():
