@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import numpy as np
 from diffattr.errors import DiffattrError
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -86,16 +88,18 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from diffattr.diffusion.training import train
-    from diffattr.fsio import ensure_writable_dir
+    from diffattr.diffusion.training import checkpoints, train
+    from diffattr.fsio import ensure_writable_dir, removed_on_error
     from diffattr.run import RunDir
 
-    run = RunDir(ensure_writable_dir(args.out))
     spec, config = _data_spec(args), _train_config(args)
+    config.validate()  # bad options and data fail before --out is created
     train_set, _ = spec.load()
-    run.start(spec, config)
-    t0 = time.time()
-    model_dir = train(train_set, config, run.path, progress=not args.quiet)
+    with removed_on_error(args.out, keep=lambda p: bool(checkpoints(p))):
+        run = RunDir(ensure_writable_dir(args.out))
+        run.start(spec, config)
+        t0 = time.time()
+        model_dir = train(train_set, config, run.path, progress=not args.quiet)
     return {"model": str(model_dir), "num_train": len(train_set), "seconds": time.time() - t0}
 
 
@@ -104,8 +108,15 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.diffusion.sampling import sample, save_samples
     from diffattr.run import RunDir
 
+    if args.seed < 0:
+        raise DiffattrError(f"--seed must be non-negative, got {args.seed}")
+    if args.steps < 1:
+        raise DiffattrError(f"--steps must be at least 1, got {args.steps}")
     run = RunDir(args.run)
     model = load_unet(run.model_dir)
+    num_train_timesteps = run.train_config().schedule.num_train_timesteps
+    if args.steps > num_train_timesteps:
+        raise DiffattrError(f"--steps must be at most {num_train_timesteps}, got {args.steps}")
     seeds = np.arange(args.seed, args.seed + args.num)
     samples = sample(
         model,
@@ -210,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _limit_blas_threads(threads: int) -> None:
+    """Hold NumPy/SciPy BLAS to ``threads`` too (spinning BLAS threads on busy cores make
+    kernel solves many times slower)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - comes with scikit-learn
+        return
+    threadpool_limits(limits=threads)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from diffattr.config import apply_config
 
@@ -231,16 +252,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise DiffattrError(f"--threads must be at least 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
+            _limit_blas_threads(args.threads)
         summary = args.handler(args)
     except DiffattrError as exc:
         if args.debug:
             raise
         _report(exc)
+        return 2
+    except OSError as exc:  # environment trouble not caught closer to its cause
+        if args.debug:
+            raise
+        from diffattr.errors import storage_error
+
+        where = exc.filename if exc.filename is not None else "a file"
+        if exc.errno is not None and exc.errno in _WRITE_ERRNOS:
+            _report(storage_error(where, exc))
+        else:
+            _report(DiffattrError(f"{where}: {exc.strerror or exc}"))
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

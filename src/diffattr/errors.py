@@ -1,6 +1,9 @@
-"""Errors the user can act on: one clear line plus an optional hint."""
+"""Errors the user can act on: one clear line plus an optional hint; warnings and notices."""
 
 from __future__ import annotations
+
+import errno
+import sys
 
 
 class DiffattrError(Exception):
@@ -33,3 +36,35 @@ class StoreMismatchError(DiffattrError):
 
 class NumericalError(DiffattrError):
     """A computation produced NaN/Inf or a singular system."""
+
+
+class StorageError(DiffattrError):
+    """A file or directory cannot be written: disk full, read-only, no permission."""
+
+
+#: errno values that mean "no space left" (full disk or exhausted quota).
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def storage_error(path: object, exc: OSError) -> StorageError:
+    """A :class:`StorageError` naming ``path`` for an ``OSError`` raised while writing it."""
+    if exc.errno in DISK_FULL:
+        return StorageError(
+            f"disk full while writing {path}",
+            hint="free some space (or choose an output on another disk) and rerun; "
+            "completed work is kept and resumes",
+        )
+    hint = None
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "choose a writable output location"
+    return StorageError(f"cannot write {path}: {exc.strerror or exc}", hint=hint)
+
+
+def warn(message: str) -> None:
+    """Print ``warning: message`` on stderr (something was done differently than asked)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def notice(message: str) -> None:
+    """Print ``note: message`` on stderr (what happened, e.g. waiting for another process)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)

@@ -40,10 +40,13 @@ class InProcessExecutor(Executor):
 
 
 def _init_worker(threads: int) -> None:
+    """Limit torch and the BLAS libraries (NumPy/SciPy) of a worker to ``threads`` threads."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    threadpool_limits(limits=threads)
 
 
 class LocalProcessExecutor(Executor):

@@ -75,6 +75,7 @@ class Attributor:
         device: str = "cpu",
         progress: bool = True,
         max_exact_bytes: int = DEFAULT_MAX_EXACT_BYTES,
+        on_nonfinite: str = "stop",
         **method_options: Any,
     ) -> None:
         self.model = model
@@ -84,6 +85,7 @@ class Attributor:
         self.schedule = schedule or NoiseSchedule()
         self.lam, self.relative_lambda = lam, relative_lambda
         self.batch_size, self.device, self.progress = batch_size, device, progress
+        self.on_nonfinite = on_nonfinite
         base = settings or FeatureSettings()
         if self.method.measure is not None:
             base = replace(base, measure=self.method.measure)
@@ -108,12 +110,15 @@ class Attributor:
         store = FeatureStore.load(path, require_complete=False)
         return store if store.is_complete() else None
 
-    def featurize(self) -> FeatureStore | None:
-        """Compute (or finish) the training features; None for image-based methods."""
+    def featurize(self, rows: np.ndarray | None = None) -> FeatureStore | None:
+        """Compute (or finish) the training features; None for image-based methods.
+
+        ``rows``: only these rows (positions), e.g. one worker's share of the training set.
+        """
         if self.method.measure is None:
             return None
-        if self._train_store is None or not self._train_store.is_complete():
-            self._train_store = featurize(
+        if rows is not None or self._train_store is None or not self._train_store.is_complete():
+            store = featurize(
                 self.model,
                 self.train.images,
                 self.train.ids.numpy(),
@@ -125,8 +130,13 @@ class Attributor:
                 device=self.device,
                 progress=self.progress,
                 desc=f"featurize train ({self.settings.measure})",
+                rows=rows,
                 source=self._identity_source("train"),
+                on_nonfinite=self.on_nonfinite,
             )
+            if rows is not None:
+                return store
+            self._train_store = store
         return self._train_store
 
     def featurize_targets(self, images: torch.Tensor, ids: np.ndarray) -> FeatureStore:
@@ -146,6 +156,7 @@ class Attributor:
             progress=self.progress,
             desc=f"featurize targets ({self.settings.measure})",
             source=self._identity_source(role),
+            on_nonfinite=self.on_nonfinite,
         )
 
     def kernel(self) -> Kernel:
@@ -171,13 +182,16 @@ class Attributor:
         )
         fill_context(inputs, self, targets, ids)
         meta: dict[str, Any] = {}
+        skipped_train = skipped_targets = np.zeros(0, dtype=np.int64)
         if self.method.measure is not None:
             store = self.featurize()
             assert store is not None
             inputs.train_features = store.features
+            skipped_train = store.skipped_rows()
             if not self.method.needs_model:  # those compute their own target features
                 tstore = self.featurize_targets(images, ids)
                 inputs.target_features = np.asarray(tstore.features)
+                skipped_targets = tstore.skipped_rows()
             inputs.train_error = store.column("error")
             inputs.train_residual = store.column("residual")
             meta["features"] = self.settings.to_dict()
@@ -186,5 +200,28 @@ class Attributor:
                 meta["lambda"] = inputs.kernel.lam
                 meta["kernel_form"] = inputs.kernel.form
         values = self.method.score(inputs)
+        if skipped_train.size or skipped_targets.size:
+            values = _zero_skipped(values, skipped_train, skipped_targets, self.train, ids)
+            meta["skipped_train_ids"] = self.train.ids.numpy()[skipped_train].tolist()
+            meta["skipped_target_ids"] = np.asarray(ids)[skipped_targets].tolist()
         meta.update(method_meta(self.method))
         return Scores(values, self.train.ids.numpy(), ids, self.method.name, meta)
+
+
+def _zero_skipped(values, train_rows, target_rows, train: ImageDataset, target_ids) -> np.ndarray:
+    """Scores with the rows/columns of samples skipped as non-finite set to 0 (and a warning)."""
+    from diffattr.errors import warn
+
+    values = np.array(values, dtype=np.float64, copy=True)
+    if train_rows.size:
+        values[:, train_rows] = 0.0
+        shown = ", ".join(str(int(i)) for i in train.ids.numpy()[train_rows][:20])
+        warn(
+            f"{train_rows.size} training sample(s) were skipped as non-finite when featurized "
+            f"and score 0 (ids {shown}{' …' if train_rows.size > 20 else ''})"
+        )
+    if target_rows.size:
+        values[target_rows, :] = 0.0
+        shown = ", ".join(str(int(i)) for i in np.asarray(target_ids)[target_rows][:20])
+        warn(f"{target_rows.size} target(s) were skipped as non-finite and score 0 (ids {shown})")
+    return values

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ from diffattr.attribution.projection import Projector, make_projector
 from diffattr.attribution.store import FeatureStore
 from diffattr.diffusion.presets import model_fingerprint
 from diffattr.diffusion.schedule import NoiseSchedule
-from diffattr.errors import ConfigError
+from diffattr.errors import ConfigError, NumericalError, notice, warn
+from diffattr.fsio import first_missing_ancestor
 
 #: Full per-sample gradients are stored unprojected (exact kernel) up to this many bytes.
 DEFAULT_MAX_EXACT_BYTES = 4 * 2**30
@@ -73,6 +76,9 @@ def build_projector(settings: FeatureSettings, num_params: int, device: str) -> 
     )
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
 def featurize(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -87,16 +93,49 @@ def featurize(
     desc: str = "featurize",
     rows: np.ndarray | None = None,
     source: FeatureStore | None = None,
+    on_nonfinite: str = "stop",
+    wait_interval: float = 0.2,
 ) -> FeatureStore:
     """Compute φ for every image (or the given ``rows``) not yet in the store at ``store_dir``.
 
     ``source``: a complete unprojected (identity) store of the same model, measure, timesteps
     and images; its rows ḡ are projected (φ = Pᵀḡ, exact since projection is linear) instead
     of recomputing gradients.
+
+    ``on_nonfinite``: a sample whose gradient or features are NaN/Inf stops the run with an
+    error naming it (``"stop"``), or is recorded in the store as skipped — zero features, so
+    it scores 0 — with a warning naming the sample ids (``"skip"``).
+
+    Several processes may featurize one store at once (e.g. disjoint ``rows``): each row is
+    claimed before it is computed (see :mod:`diffattr.attribution.store`); rows another live
+    process is computing are waited for, polling every ``wait_interval`` seconds, and the
+    call says so on stderr.
     """
     if settings.projector == "auto":
         raise ConfigError("resolve the 'auto' projector (FeatureSettings.resolved) first")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError(
+            f"--on-nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {on_nonfinite!r}"
+        )
+    for name in ("noise_seed", "proj_seed"):
+        if getattr(settings, name) < 0:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} must be non-negative, got {getattr(settings, name)}")
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    batch_size = int(batch_size)
     ids = np.asarray(ids, dtype=np.int64)
+    if images.shape[0] != ids.size:
+        raise ConfigError(f"{images.shape[0]} images but {ids.size} ids")
+    if rows is not None:
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if rows.size == 0:
+            raise ConfigError("--rows selects no rows")
+        if rows[0] < 0 or rows[-1] >= ids.size:
+            raise ConfigError(
+                f"--rows {int(rows[0])}:{int(rows[-1]) + 1} is outside the {ids.size} rows "
+                f"(0:{ids.size}) of these images"
+            )
     measure = parse_measure(settings.measure, tuple(images.shape[1:]))
     param_names = select_parameters(model, settings.params)
     computer = GradientComputer(
@@ -120,29 +159,220 @@ def featurize(
         "num_params": computer.dim,
         "ids": ids.tolist(),
     }
-    store = FeatureStore.open(store_dir, store_settings, len(ids), projector.output_dim)
+    store_dir = Path(store_dir)
+    new_parent = first_missing_ancestor(store_dir.parent)
+    try:
+        store = FeatureStore.open(store_dir, store_settings, len(ids), projector.output_dim)
+    except BaseException:
+        _remove_empty_dirs(store_dir.parent, new_parent)
+        raise
     if source is not None and not _same_gradients(source, store_settings):
         source = None
     todo = store.missing_rows()
     if rows is not None:
-        todo = np.intersect1d(todo, np.asarray(rows, dtype=np.int64))
+        todo = np.intersect1d(todo, rows)
     if todo.size == 0:
         return store
-    with store.lock():
-        bar = tqdm(total=todo.size, desc=desc, unit="img", disable=not progress)
-        for s in range(0, todo.size, batch_size):
-            batch = todo[s : s + batch_size]
-            if source is not None:
-                g = torch.from_numpy(np.asarray(source.features[batch]))
-                err = torch.from_numpy(source.column("error")[batch])
-                res = torch.from_numpy(source.column("residual")[batch])
-            else:
-                g, err, res = computer.compute(images[torch.as_tensor(batch)], ids[batch])
-            phi = projector.project(g).cpu().numpy()
-            store.write_rows(batch, phi, error=err.numpy(), residual=res.numpy())
-            bar.update(batch.size)
-        bar.close()
+    run = _Filler(store, computer, projector, images, ids, source, on_nonfinite, batch_size)
+    try:
+        with tqdm(total=todo.size, desc=desc, unit="img", disable=not progress) as bar:
+            run.fill(todo, bar, wait_interval)
+    except BaseException:
+        run.claims.release_all()
+        if store.created and store.num_done == 0 and not run.claims.active():
+            shutil.rmtree(store.path, ignore_errors=True)  # leave nothing half-made behind
+            _remove_empty_dirs(store_dir.parent, new_parent)
+        raise
+    run.claims.release_all()
+    run.report()
     return store
+
+
+def _remove_empty_dirs(path: Path, outermost: Path | None) -> None:
+    """Remove ``path`` and its parents up to ``outermost`` while they are empty."""
+    if outermost is None:
+        return
+    path, outermost = path.absolute(), outermost.absolute()
+    while True:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == outermost or outermost not in path.parents:
+            return
+        path = path.parent
+
+
+def _ranges(rows: list[int] | np.ndarray) -> str:
+    """Compact text of row indices: ``0–11, 14, 20–23``."""
+    rows = sorted(int(r) for r in rows)
+    parts: list[str] = []
+    start = prev = None
+    for r in [*rows, None]:
+        if r is not None and prev is not None and r == prev + 1:
+            prev = r
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}–{prev}")
+        start = prev = r
+    return ", ".join(parts)
+
+
+def _id_list(values: np.ndarray, limit: int = 20) -> str:
+    values = [int(v) for v in values]
+    text = ", ".join(map(str, values[:limit]))
+    return text + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+class _Filler:
+    """Computes and writes claimed rows of one store; remembers what others did."""
+
+    def __init__(self, store, computer, projector, images, ids, source, on_nonfinite, batch):
+        self.store, self.computer, self.projector = store, computer, projector
+        self.images, self.ids, self.source = images, ids, source
+        self.on_nonfinite, self.batch_size = on_nonfinite, batch
+        self.claims = store.claims()
+        self.by_others: dict[int | None, list[int]] = {}  # pid -> rows they finished
+        self.taken_over: dict[int | None, list[int]] = {}  # dead pid -> rows we took over
+        self.skipped: list[int] = []
+        self._announced: set[int | None] = set()
+
+    def fill(self, todo: np.ndarray, bar, wait_interval: float) -> None:
+        queue = [int(r) for r in todo]
+        waiting: dict[int, int | None] = {}
+        while queue or waiting:
+            batch: list[int] = []
+            rest: list[int] = []
+            for i, r in enumerate(queue):
+                if len(batch) == self.batch_size:
+                    rest = queue[i:]
+                    break
+                if self.store.done[r] != 0:
+                    self._finished_elsewhere(r, waiting.pop(r, None), bar)
+                    continue
+                claim = self.claims.try_claim(r)
+                if not claim.acquired:
+                    waiting[r] = claim.pid
+                    continue
+                if self.store.done[r] != 0:  # finished between our check and our claim
+                    self.claims.release(r)
+                    self._finished_elsewhere(r, waiting.pop(r, None), bar)
+                    continue
+                waiting.pop(r, None)
+                if claim.stale:
+                    self.taken_over.setdefault(claim.pid, []).append(r)
+                batch.append(r)
+            queue = rest
+            if batch:
+                self._compute(np.asarray(batch, dtype=np.int64))
+                for r in batch:
+                    self.claims.release(r)
+                bar.update(len(batch))
+                continue
+            if not waiting:
+                continue
+            self._announce_waiting(waiting)
+            time.sleep(wait_interval)
+            queue = sorted(waiting)  # try again: finished, still claimed, or abandoned
+
+    def _finished_elsewhere(self, row: int, pid: int | None, bar) -> None:
+        self.by_others.setdefault(pid, []).append(row)
+        bar.update(1)
+
+    def _announce_waiting(self, waiting: dict[int, int | None]) -> None:
+        by_pid: dict[int | None, list[int]] = {}
+        for r, pid in waiting.items():
+            by_pid.setdefault(pid, []).append(r)
+        for pid, rows in by_pid.items():
+            if pid in self._announced:
+                continue
+            self._announced.add(pid)
+            who = f"PID {pid}" if pid is not None else "another process"
+            notice(
+                f"rows {_ranges(rows)} of feature store {self.store.path} are being computed "
+                f"by {who}; waiting for them instead of computing them twice"
+            )
+
+    def report(self) -> None:
+        for pid, rows in self.taken_over.items():
+            who = f"PID {pid}" if pid is not None else "a process"
+            notice(
+                f"took over rows {_ranges(rows)} of feature store {self.store.path}, claimed "
+                f"by {who} which is no longer running"
+            )
+        for pid, rows in self.by_others.items():
+            who = f"PID {pid}" if pid is not None else "another process"
+            notice(
+                f"rows {_ranges(rows)} of feature store {self.store.path} were computed by "
+                f"{who}, not here"
+            )
+        if self.skipped:
+            sk = np.asarray(self.skipped)
+            warn(
+                f"skipped {sk.size} sample(s) with non-finite gradients or features "
+                f"(sample ids {_id_list(self.ids[sk])}) in feature store {self.store.path}; "
+                "they are stored as zeros and score 0"
+            )
+
+    # ------------------------------------------------------------------ computing
+    def _features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.source is not None:
+            g = torch.from_numpy(np.asarray(self.source.features[batch]))
+            err = torch.from_numpy(self.source.column("error")[batch])
+            res = torch.from_numpy(self.source.column("residual")[batch])
+        else:
+            g, err, res = self.computer.compute(
+                self.images[torch.as_tensor(batch)], self.ids[batch]
+            )
+        phi = self.projector.project(g).cpu().numpy()
+        return phi, err.numpy(), res.numpy()
+
+    def _compute(self, batch: np.ndarray) -> None:
+        try:
+            phi, err, res = self._features(batch)
+        except NumericalError as exc:
+            if self.on_nonfinite == "stop":
+                raise NumericalError(str(exc), hint=_STOP_HINT) from exc
+            self._compute_one_by_one(batch)
+            return
+        finite = np.isfinite(phi).all(axis=1) & np.isfinite(err) & np.isfinite(res)
+        if finite.all():
+            self.store.write_rows(batch, phi, error=err, residual=res)
+            return
+        if self.on_nonfinite == "stop":
+            bad = int(batch[~finite][0])
+            raise NumericalError(
+                f"non-finite features for sample id {int(self.ids[bad])} (row {bad}) in "
+                f"feature store {self.store.path}",
+                hint=_STOP_HINT,
+            )
+        good = batch[finite]
+        if good.size:
+            self.store.write_rows(good, phi[finite], error=err[finite], residual=res[finite])
+        self._skip(batch[~finite])
+
+    def _compute_one_by_one(self, batch: np.ndarray) -> None:
+        for r in batch:
+            one = np.asarray([r])
+            try:
+                phi, err, res = self._features(one)
+            except NumericalError:
+                self._skip(one)
+                continue
+            if np.isfinite(phi).all() and np.isfinite(err).all() and np.isfinite(res).all():
+                self.store.write_rows(one, phi, error=err, residual=res)
+            else:
+                self._skip(one)
+
+    def _skip(self, rows: np.ndarray) -> None:
+        self.store.skip_rows(rows)
+        self.skipped.extend(int(r) for r in rows)
+
+
+_STOP_HINT = (
+    "check the model and that sample; or pass --on-nonfinite skip to record such samples as "
+    "skipped (they score 0)"
+)
 
 
 def _same_gradients(source: FeatureStore, wanted: dict[str, Any]) -> bool:

@@ -90,9 +90,13 @@ class Kernel:
             factor = scipy.linalg.cho_factor(gram, lower=True, check_finite=True)[0]
         except (np.linalg.LinAlgError, ValueError) as exc:
             diag = float(np.mean(np.diag(gram)) - lam)
+            suggested = max(10 * lam, 1e-3 * diag)
+            scale = diag * gram.shape[0] / min(n, k)  # mean non-zero eigenvalue of ΦᵀΦ
+            relative = f" or --relative-lambda {suggested / scale:.3g}" if scale > 0 else ""
             raise NumericalError(
-                f"the kernel with λ={lam:.3g} is not positive definite ({exc})",
-                hint=f"increase λ, e.g. to {max(10 * lam, 1e-3 * diag):.3g}",
+                f"the kernel G = ΦᵀΦ + λI with λ={lam:.3g} is singular to working precision "
+                f"(not positive definite: {exc})",
+                hint=f"increase λ, e.g. --lambda {suggested:.3g}{relative}",
             ) from exc
         return cls(features, float(lam), form, factor, block)
 

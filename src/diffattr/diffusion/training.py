@@ -67,10 +67,12 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        if self.lr <= 0:
-            raise ConfigError("--lr must be positive")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("--ema-decay must be in [0, 1)")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be non-negative, got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
