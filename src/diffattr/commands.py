@@ -310,10 +310,8 @@ def check_benchmark_files(bench: Path) -> None:
     ):
         path = bench / name
         try:
-            with np.load(path, allow_pickle=False) as z:
-                missing = [k for k in keys if k not in z.files]
-        except AttributeError:  # a .npy array, not an archive
-            missing = []
+            loaded = np.load(path, allow_pickle=False)  # an archive, or one .npy array
+            missing = [k for k in keys if k not in loaded.files] if keys else []
         except FileNotFoundError:
             raise DiffattrError(
                 f"LDS benchmark {bench} has no {name}", hint="rerun `diffattr lds build`"

@@ -96,6 +96,11 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
         bench, None, [("das", {})], [1], lambdas=[0.1, 1.0], progress=False, bootstrap=20
     )
     assert rows2[0]["val"]["lds"] == rows[0]["val"]["lds"]
+    # ... and the command line reads the same committed files.
+    argv = ["lds", "eval", str(bench), "--method", "das", "--timesteps", "1", "--lambdas",
+            "0.1,1.0", "--bootstrap", "20", "--quiet", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    assert "| das | 1 |" in (bench / "results.md").read_text()
 
 
 def test_killed_build_resumes_without_retraining(tiny_run, tmp_path):
