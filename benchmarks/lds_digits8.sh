@@ -29,7 +29,7 @@ $D lds eval $BENCH $RUNARG --method das,dtrak,trak,pixel-cos,random --timesteps 
 # Projection-dimension sweep (K = 10): dense Rademacher projections of the exact gradients.
 for k in 256 1024 4096 8192; do
   $D lds eval $BENCH $RUNARG --method das,dtrak --timesteps 10 --projector rademacher \
-    --proj-dim $k --out $BENCH/sweep-k$k.md
+    --proj-dim $k --batch-size 256 --out $BENCH/sweep-k$k.md
 done
 # DAS variants (K = 10): residual weighting and the leverage correction.
 $D lds eval $BENCH $RUNARG --method "das,das[residual=none],das[residual=signed],das[leverage=true]" \
