@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -98,3 +99,16 @@ def assert_same_store(a: Path, b: Path) -> None:
     x, y = store_arrays(a), store_arrays(b)
     for name in x:
         assert np.array_equal(x[name], y[name]), f"{name}.npy differs"
+
+
+def kill_when(cmd: list[str], ready, delay: float = 0.0) -> bool:
+    """Start ``cmd``, SIGKILL it once ``ready()`` (plus ``delay`` s); True if it was killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: ready() or proc.poll() is not None, timeout=90, interval=0.002)
+        if delay:
+            wait_for(lambda: proc.poll() is not None, timeout=delay, interval=0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    return proc.returncode == -signal.SIGKILL

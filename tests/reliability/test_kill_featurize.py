@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +14,9 @@ from reliability_helpers import (
     assert_same_store,
     cli_cmd,
     copy_run,
+    kill_when,
     run_main,
     store_arrays,
-    wait_for,
 )
 
 ARGS = ["--timesteps", "8", "--batch-size", "2", *QUIET]
@@ -32,18 +30,6 @@ def store_of(run: Path) -> Path | None:
 def rows_done(run: Path) -> int:
     store = store_of(run)
     return 0 if store is None else int(np.count_nonzero(np.load(store / "done.npy")))
-
-
-def kill_when(cmd, ready, delay: float = 0.0) -> bool:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: ready() or proc.poll() is not None, timeout=90, interval=0.002)
-        if delay:
-            wait_for(lambda: proc.poll() is not None, timeout=delay, interval=0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    return proc.returncode == -signal.SIGKILL
 
 
 def check_done_rows(run: Path, clean_store: Path) -> None:

@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import random
-import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_helpers import QUIET, cli_cmd, run_main, wait_for
+from reliability_helpers import QUIET, cli_cmd, kill_when, run_main
 
 from diffattr.cli import build_parser
 
@@ -19,18 +17,6 @@ def build_args(run: Path, out: Path) -> list[str]:
     return ["lds", "build", str(run), "--out", str(out), "--subsets", "4", "--seeds", "0",
             "--measure-timesteps", "4", "--num-val", "3", "--num-gen", "2",
             "--executor", "inprocess", *QUIET]  # fmt: skip
-
-
-def kill_when(cmd, ready, delay: float = 0.0) -> bool:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: ready() or proc.poll() is not None, timeout=90, interval=0.002)
-        if delay:
-            wait_for(lambda: proc.poll() is not None, timeout=delay, interval=0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    return proc.returncode == -signal.SIGKILL
 
 
 def finished(bench: Path) -> dict[Path, int]:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import random
-import signal
-import subprocess
 from pathlib import Path
 
-from reliability_helpers import QUIET, TRAIN_ARGS, cli_cmd, run_main, wait_for
+from reliability_helpers import QUIET, TRAIN_ARGS, cli_cmd, kill_when, run_main
 
 STEPS = ["--steps", "16", "--checkpoint-every", "2"]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -28,19 +26,6 @@ def check_consistent(run: Path) -> None:
         json.loads((ckpt / "state.json").read_text())
     if (run / "train.json").is_file():
         assert (run / "model" / WEIGHTS).is_file()
-
-
-def kill_when(cmd: list[str], ready, delay: float = 0.0) -> bool:
-    """Start ``cmd``, SIGKILL it once ``ready()`` (plus ``delay`` s); True if it was killed."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: ready() or proc.poll() is not None, timeout=90, interval=0.002)
-        if delay:
-            wait_for(lambda: proc.poll() is not None, timeout=delay, interval=0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    return proc.returncode == -signal.SIGKILL
 
 
 def test_killed_training_resumes_bit_identical(tmp_path):
