@@ -352,6 +352,10 @@ def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
     return {"table": str(out)}
 
 
+def _lds_without_step(args: argparse.Namespace) -> dict[str, Any]:
+    raise DiffattrError("`diffattr lds` needs a step", hint="use `lds build` or `lds eval`")
+
+
 def register(add) -> None:
     p = add(
         "featurize",
@@ -442,7 +446,7 @@ def register(add) -> None:
         diffattr lds build runs/digits --out bench/digits --subsets 24 --seeds 0,1
         diffattr lds eval bench/digits --run runs/digits --method das,dtrak,trak,random
         """,
-        lambda a: (_ for _ in ()).throw(DiffattrError("use `diffattr lds build` or `lds eval`")),
+        _lds_without_step,
     )
     sub = p.add_subparsers(dest="lds_command", metavar="STEP")
     b = sub.add_parser(
