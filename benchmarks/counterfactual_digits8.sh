@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
 # The committed CPU counterfactual benchmark: digits 8×8, N = 500, tiny UNet, 1600 steps,
-# batch 32 (the settings of runs/lds-digits8). For 16 generated targets and each of random,
+# batch 32 (the settings of runs/lds-digits8). For 12 generated targets and each of random,
 # D-TRAK and DAS, remove the target's top k = 25 training images (5%), retrain with the same
 # seed and common random numbers, regenerate the target from its seed, measure the change.
-# 16 × 3 removal sets + one k = 0 control = 49 retrainings in 2 one-thread workers (≈ 57 s
-# each, like the LDS subset models) ≈ 24 min; with training, generation and featurization
-# ≈ 30 min on 2 cores. Rerunning resumes: finished retrainings are not repeated.
+# 12 × 3 removal sets + one k = 0 control = 37 retrainings in 2 one-thread workers (≈ 57 s
+# each, like the LDS subset models) ≈ 18 min; with training, generation and featurization
+# ≈ 22 min on 2 cores. Rerunning resumes: finished retrainings are not repeated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=.venv/bin/diffattr
 RUN=runs/cf-digits8
-OUT=$RUN/counterfactual            # holds the 49 retrained models (runs/ is not committed)
+OUT=$RUN/counterfactual            # holds the 37 retrained models (runs/ is not committed)
 RESULTS=benchmarks/counterfactual/digits8
 
 # One thread, like each retraining in a worker: training is bit-reproducible only at the same
 # thread count, so the k = 0 control then reproduces the run's model exactly (row `none` = 0).
 $D train --data digits --train-count 500 --val-count 200 --steps 1600 --batch-size 32 \
   --out $RUN --threads 1 --quiet
-[ -f $RUN/samples/samples.npz ] || $D generate $RUN --num 16 --quiet
-$D counterfactual $RUN --method dtrak,das --k 25 --num-targets 16 --picture-targets 8 \
+[ -f $RUN/samples/samples.npz ] || $D generate $RUN --num 12 --quiet
+$D counterfactual $RUN --method dtrak,das --k 25 --num-targets 12 --picture-targets 8 \
   --executor local --workers 2 --out $OUT
 
 mkdir -p $RESULTS
