@@ -214,3 +214,19 @@ def test_load_rows_rejects_other_json(tmp_path):
     bad.write_text('{"method": "das"}')
     with pytest.raises(DiffattrError, match="bad.json"):
         load_rows(bad)
+
+
+def test_extra_figures_are_embedded(tmp_path, digits):
+    import numpy as np
+
+    from diffattr.data import save_png
+    from diffattr.report import render_report
+
+    png = tmp_path / "counterfactual.png"
+    save_png(digits.images[0], png, scale=4)
+    html = render_report(
+        targets=digits.images[:2], target_ids=np.arange(2), train=digits.subset(np.arange(5)),
+        scores={}, figures=[("Counterfactual picture", png)],
+    )  # fmt: skip
+    assert "<figcaption>Counterfactual picture</figcaption>" in html
+    assert html.count("data:image/png;base64,") >= 3  # two targets + the figure

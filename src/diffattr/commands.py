@@ -205,6 +205,14 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def counterfactual_figures(results: str | None) -> list[tuple[str, Path]]:
+    """The counterfactual picture next to its results.json, when there is one."""
+    if not results or not (Path(results).parent / "counterfactual.png").is_file():
+        return []
+    caption = "Counterfactual: reference, then regenerated after random / method removals"
+    return [(caption, Path(results).parent / "counterfactual.png")]
+
+
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.attribution.scores import Scores
     from diffattr.fsio import read_json
@@ -257,6 +265,7 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
         ]
         if getattr(args, "counterfactual", None)
         else None,
+        figures=counterfactual_figures(getattr(args, "counterfactual", None)),
     )
     return {"report": str(path), "methods": sorted(scores)}
 

@@ -469,8 +469,12 @@ def render_report(
     plots_dir: str | Path | None = None,
     k_summary: int = 3,
     overlap_k: int = 10,
+    figures: list[tuple[str, str | Path]] | None = None,
 ) -> str:
     """The report as one HTML string.
+
+    ``figures``: extra (caption, PNG file) pairs embedded in the plots section, e.g. the
+    counterfactual picture (original / regenerated after each removal).
 
     ``lds_rows``: rows of ``BENCH/results.json`` (``diffattr lds eval``);
     ``counterfactual_rows``: ``[{"method": ..., "pixel_l2": [...]}, ...]``; both optional.
@@ -548,6 +552,13 @@ def render_report(
     parts.append("<section id='plots'><h2>Plots</h2>")
     if plots:
         parts.append("<div class='plots'>" + "".join(_plot_html(p) for p in plots) + "</div>")
+    for caption, path in figures or []:
+        uri = "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+        parts.append(
+            f"<figure class='extra'><img src='{uri}' alt='{_e(caption)}' "
+            f"style='image-rendering:pixelated;max-width:100%'><figcaption>{_e(caption)}"
+            "</figcaption></figure>"
+        )
     if plot_missing:
         parts.append(
             "<p class='note'>Not drawn:</p><ul class='missing'>"
