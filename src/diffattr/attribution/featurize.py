@@ -68,6 +68,28 @@ class FeatureSettings:
         return replace(self, projector=kind, proj_dim=self.proj_dim or min(dim, num_params - 1))
 
 
+def gradient_computer(
+    model: torch.nn.Module,
+    settings: FeatureSettings,
+    schedule: NoiseSchedule,
+    image_shape: tuple[int, ...],
+    device: str = "cpu",
+    micro_batch: int = 64,
+) -> GradientComputer:
+    """The :class:`GradientComputer` that ``settings`` describe (measure, timesteps, params)."""
+    return GradientComputer(
+        model,
+        parse_measure(settings.measure, image_shape),
+        schedule,
+        settings.timestep_spec(),
+        noise_seed=settings.noise_seed,
+        normalize=settings.normalize,
+        param_names=select_parameters(model, settings.params),
+        micro_batch=micro_batch,
+        device=device,
+    )
+
+
 def build_projector(settings: FeatureSettings, num_params: int, device: str) -> Projector:
     if settings.projector == "auto":
         raise ConfigError("resolve the 'auto' projector before building it")
@@ -136,18 +158,8 @@ def featurize(
                 f"--rows {int(rows[0])}:{int(rows[-1]) + 1} is outside the {ids.size} rows "
                 f"(0:{ids.size}) of these images"
             )
-    measure = parse_measure(settings.measure, tuple(images.shape[1:]))
-    param_names = select_parameters(model, settings.params)
-    computer = GradientComputer(
-        model,
-        measure,
-        schedule,
-        settings.timestep_spec(),
-        noise_seed=settings.noise_seed,
-        normalize=settings.normalize,
-        param_names=param_names,
-        device=device,
-    )
+    computer = gradient_computer(model, settings, schedule, tuple(images.shape[1:]), device)
+    measure = computer.measure
     projector = build_projector(settings, computer.dim, device)
     store_settings = {
         "features": settings.to_dict(),

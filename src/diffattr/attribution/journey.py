@@ -34,9 +34,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffattr.attribution.featurize import FeatureSettings, build_projector
-from diffattr.attribution.gradients import GradientComputer, select_parameters
-from diffattr.attribution.measure import parse_measure
+from diffattr.attribution.featurize import FeatureSettings, build_projector, gradient_computer
+from diffattr.attribution.gradients import GradientComputer
 from diffattr.attribution.store import FeatureStore
 from diffattr.diffusion.presets import model_fingerprint
 from diffattr.diffusion.sampling import Samples, sample
@@ -160,18 +159,10 @@ def journey_features(
     schedule = schedule or NoiseSchedule()
     n = len(samples)
     target_ids = np.arange(n) if target_ids is None else np.asarray(target_ids, dtype=np.int64)
-    measure = parse_measure(settings.measure, tuple(samples.images.shape[1:]))
-    computer = GradientComputer(
-        model,
-        measure,
-        schedule,
-        settings.timestep_spec(),
-        noise_seed=settings.noise_seed,
-        normalize=settings.normalize,
-        param_names=select_parameters(model, settings.params),
-        micro_batch=micro_batch,
-        device=device,
+    computer = gradient_computer(
+        model, settings, schedule, tuple(samples.images.shape[1:]), device, micro_batch
     )
+    measure = computer.measure
     projector = build_projector(settings, computer.dim, device)
     num_recorded = samples.num_steps if samples.trajectory is None else samples.trajectory.shape[0]
     chosen = trajectory_steps(num_recorded, steps)
