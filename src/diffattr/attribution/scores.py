@@ -12,7 +12,13 @@ from typing import Any
 import numpy as np
 
 from diffattr.errors import DiffattrError
-from diffattr.fsio import atomic_write, atomic_write_bytes, atomic_write_json, read_json
+from diffattr.fsio import (
+    atomic_directory,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+)
 
 
 @dataclass
@@ -47,9 +53,17 @@ class Scores:
         return self.train_ids[idx], np.take_along_axis(self.values, idx, axis=1)
 
     def save(self, out_dir: str | Path, k: int = 10) -> Path:
-        """Write ``scores.npy``, ``meta.json`` and top-k tables (``topk.csv``, ``topk.json``)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        """Write ``scores.npy``, ``meta.json`` and top-k tables (``topk.csv``, ``topk.json``).
+
+        The directory is built under a temporary name and renamed into place, so a killed
+        write leaves either the previous scores or the complete new ones, never a mixture.
+        """
+        target = Path(out_dir)
+        with atomic_directory(target) as out:
+            self._write(out, k)
+        return target
+
+    def _write(self, out: Path, k: int) -> None:
         atomic_write(out / "scores.npy", lambda f: np.save(f, self.values))
         atomic_write(out / "train_ids.npy", lambda f: np.save(f, self.train_ids))
         atomic_write(out / "target_ids.npy", lambda f: np.save(f, self.target_ids))
@@ -79,12 +93,11 @@ class Scores:
         atomic_write_bytes(out / "topk.csv", buf.getvalue().encode())
         atomic_write_bytes(out / "topk.json", json.dumps(rows, indent=1).encode())
         atomic_write_json(out / "meta.json", {"method": self.method, **self.meta})
-        return out
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Scores:
         out = Path(out_dir)
-        if not (out / "scores.npy").is_file():
+        if not (out / "scores.npy").is_file() or not (out / "meta.json").is_file():
             raise DiffattrError(f"no scores in {out}", hint="run `diffattr score` first")
         meta = read_json(out / "meta.json")
         method = meta.pop("method", "unknown")

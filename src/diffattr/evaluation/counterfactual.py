@@ -404,7 +404,7 @@ def method_scores(
     if not rescore:
         candidates.append(run.scores_dir / f"{label}-samples")
     for d in candidates:
-        if not (d / "scores.npy").is_file():
+        if not (d / "scores.npy").is_file() or not (d / "meta.json").is_file():
             continue
         s = Scores.load(d)
         if (
