@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffattr.attribution.kernel import Kernel
+from diffattr.attribution.kernel import TILE_BYTES, Kernel, kernel_dtype, tile_rows
 from diffattr.attribution.methods import ScoreInputs, get_method
 from diffattr.errors import ConfigError, NumericalError
 
@@ -105,3 +105,25 @@ def test_baselines():
     assert r1.shape == (2, 6) and np.array_equal(r1, get_method("random", seed=1).score(inputs))
     with pytest.raises(ConfigError):
         get_method("magic")
+
+
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_float32_kernel_agrees_with_float64(form):
+    rng = np.random.default_rng(3)
+    phi, tgt = rng.standard_normal((60, 40)), rng.standard_normal((5, 40))
+    exact = Kernel.fit(phi, lam=0.5, form=form, dtype="float64")
+    single = Kernel.fit(phi, lam=0.5, form=form, dtype="float32", block=7)
+    assert exact.dtype == np.float64 and single.dtype == np.float32
+    got, want = single.cross(tgt), exact.cross(tgt)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_kernel_precision_and_tiles_follow_the_size():
+    assert kernel_dtype(1024) == np.float64  # 8 MiB
+    assert kernel_dtype(32768) == np.float32  # 8.6 GB in float64
+    assert kernel_dtype(32768, "float64") == np.float64
+    with pytest.raises(ConfigError):
+        kernel_dtype(10, "float16")
+    assert tile_rows(32768) * 32768 * 8 <= TILE_BYTES < (tile_rows(32768) + 1) * 32768 * 8
+    assert tile_rows(10**12) == 1

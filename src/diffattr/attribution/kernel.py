@@ -6,7 +6,12 @@ Two exact forms of the same quantity (push-through identity):
     dual:    φ(x)ᵀ Φᵀ (ΦΦᵀ + λI)⁻¹      an N×N Cholesky solve  (used when N < k)
 
 Leverages hᵢ = φᵢᵀG⁻¹φᵢ come from the same factorisation; in the dual form
-hᵢ = [ΦΦᵀ(ΦΦᵀ+λI)⁻¹]ᵢᵢ = 1 − λ[(ΦΦᵀ+λI)⁻¹]ᵢᵢ. Gram matrices accumulate in float64.
+hᵢ = [ΦΦᵀ(ΦΦᵀ+λI)⁻¹]ᵢᵢ = 1 − λ[(ΦΦᵀ+λI)⁻¹]ᵢᵢ.
+
+Memory: Φ stays where it is (a memmap of the feature store) and is read in row tiles of about
+``TILE_BYTES``; the only resident matrix is the m×m Gram (m = min(N, k)), factorised in place.
+It is float64 while it fits in ``MAX_FLOAT64_KERNEL_BYTES`` and float32 above that (k = 32768:
+4.3 GB instead of 8.6 GB); products with it are taken in the same precision.
 
 λ is relative by default: λ = c · ‖Φ‖²_F / min(N, k), i.e. c times the mean non-zero eigenvalue
 of ΦᵀΦ, which is unchanged by projection to any k and by the choice of form.
@@ -22,6 +27,24 @@ import scipy.linalg
 from diffattr.errors import ConfigError, NumericalError
 
 DEFAULT_RELATIVE_LAMBDA = 0.1
+#: Bytes of training features read from the store per tile (rows = TILE_BYTES / (8 k)).
+TILE_BYTES = 256 << 20
+#: Largest Gram matrix kept in float64; a larger one is float32.
+MAX_FLOAT64_KERNEL_BYTES = 2 << 30
+
+
+def tile_rows(dim: int, tile_bytes: int = TILE_BYTES) -> int:
+    """Rows of a ``dim``-wide float64 tile that fit in ``tile_bytes`` (at least 1)."""
+    return max(1, tile_bytes // (8 * max(1, dim)))
+
+
+def kernel_dtype(size: int, dtype: str = "auto") -> np.dtype:
+    """Precision of a size×size Gram: float64 up to MAX_FLOAT64_KERNEL_BYTES, else float32."""
+    if dtype == "auto":
+        return np.dtype(np.float64 if 8 * size * size <= MAX_FLOAT64_KERNEL_BYTES else np.float32)
+    if dtype not in ("float32", "float64"):
+        raise ConfigError(f"unknown kernel precision {dtype!r}", hint="use auto, float32, float64")
+    return np.dtype(dtype)
 
 
 def _blocks(n: int, block: int):
@@ -29,9 +52,10 @@ def _blocks(n: int, block: int):
         yield slice(s, min(n, s + block))
 
 
-def gram_scale(features: np.ndarray, block: int = 4096) -> float:
+def gram_scale(features: np.ndarray, block: int | None = None) -> float:
     """‖Φ‖²_F / min(N, k): the mean non-zero eigenvalue of ΦᵀΦ."""
     n, k = features.shape
+    block = block or tile_rows(k)
     total = 0.0
     for sl in _blocks(n, block):
         f = np.asarray(features[sl], dtype=np.float64)
@@ -49,6 +73,11 @@ class Kernel:
     factor: np.ndarray
     block: int = 4096
 
+    @property
+    def dtype(self) -> np.dtype:
+        """Precision of the factorised Gram and of the products taken with it."""
+        return self.factor.dtype
+
     @classmethod
     def fit(
         cls,
@@ -56,10 +85,16 @@ class Kernel:
         lam: float | None = None,
         relative_lambda: float = DEFAULT_RELATIVE_LAMBDA,
         form: str = "auto",
-        block: int = 4096,
+        block: int | None = None,
+        dtype: str = "auto",
     ) -> Kernel:
-        """Factorise G (primal) or ΦΦᵀ + λI (dual); ``lam`` absolute, else relative."""
+        """Factorise G (primal) or ΦΦᵀ + λI (dual); ``lam`` absolute, else relative.
+
+        ``block``: training rows per tile (default: about TILE_BYTES); ``dtype``: the Gram's
+        precision (``auto``: see :func:`kernel_dtype`).
+        """
         n, k = features.shape
+        block = block or tile_rows(k)
         if form == "auto":
             form = "dual" if n < k else "primal"
         if form not in ("primal", "dual"):
@@ -70,26 +105,27 @@ class Kernel:
             lam = relative_lambda * gram_scale(features, block)
         if not lam > 0:
             raise ConfigError(f"λ must be positive, got {lam}")
+        dt = kernel_dtype(k if form == "primal" else n, dtype)
         if form == "primal":
-            gram = np.zeros((k, k), dtype=np.float64)
+            gram = np.zeros((k, k), dtype=dt)
             for sl in _blocks(n, block):
-                f = np.asarray(features[sl], dtype=np.float64)
+                f = np.asarray(features[sl], dtype=dt)
                 gram += f.T @ f
         else:
-            gram = np.zeros((n, n), dtype=np.float64)
+            gram = np.zeros((n, n), dtype=dt)
             for si in _blocks(n, block):
-                fi = np.asarray(features[si], dtype=np.float64)
+                fi = np.asarray(features[si], dtype=dt)
                 for sj in _blocks(n, block):
                     if sj.start < si.start:
                         continue
-                    fj = np.asarray(features[sj], dtype=np.float64)
+                    fj = np.asarray(features[sj], dtype=dt)
                     gram[si, sj] = fi @ fj.T
                     gram[sj, si] = gram[si, sj].T
+        diag = float(np.mean(np.diag(gram)))
         gram[np.diag_indices_from(gram)] += lam
-        try:
-            factor = scipy.linalg.cho_factor(gram, lower=True, check_finite=True)[0]
+        try:  # in place: the Gram is the one large resident matrix
+            factor = scipy.linalg.cho_factor(gram, lower=True, overwrite_a=True)[0]
         except (np.linalg.LinAlgError, ValueError) as exc:
-            diag = float(np.mean(np.diag(gram)) - lam)
             suggested = max(10 * lam, 1e-3 * diag)
             scale = diag * gram.shape[0] / min(n, k)  # mean non-zero eigenvalue of ΦᵀΦ
             relative = f" or --relative-lambda {suggested / scale:.3g}" if scale > 0 else ""
@@ -121,22 +157,24 @@ class Kernel:
         return self._solve(np.asarray(inner, dtype=np.float64).T).T
 
     def _solve(self, rhs: np.ndarray) -> np.ndarray:
+        rhs = np.asarray(rhs, dtype=self.dtype)
         return scipy.linalg.cho_solve((self.factor, True), rhs, check_finite=False)
 
     def cross(self, targets: np.ndarray) -> np.ndarray:
         """(T, N) matrix of φ(x)ᵀ G⁻¹ φᵢ for target features ``targets`` (T, k)."""
         n = self.features.shape[0]
-        t = np.asarray(targets, dtype=np.float64)
+        dt = self.dtype
+        t = np.asarray(targets, dtype=dt)
         if self.form == "primal":
             y = self._solve(t.T)  # (k, T) = G⁻¹ φ(x)
             out = np.empty((t.shape[0], n), dtype=np.float64)
             for sl in _blocks(n, self.block):
-                out[:, sl] = (np.asarray(self.features[sl], dtype=np.float64) @ y).T
+                out[:, sl] = (np.asarray(self.features[sl], dtype=dt) @ y).T
             return out
-        inner = np.empty((t.shape[0], n), dtype=np.float64)  # φ(x)ᵀΦᵀ
+        inner = np.empty((t.shape[0], n), dtype=dt)  # φ(x)ᵀΦᵀ
         for sl in _blocks(n, self.block):
-            inner[:, sl] = t @ np.asarray(self.features[sl], dtype=np.float64).T
-        return self._solve(inner.T).T
+            inner[:, sl] = t @ np.asarray(self.features[sl], dtype=dt).T
+        return self._solve(inner.T).T.astype(np.float64, copy=False)
 
     def leverage(self) -> np.ndarray:
         """hᵢ = φᵢᵀ G⁻¹ φᵢ ∈ [0, 1) for every training row."""
