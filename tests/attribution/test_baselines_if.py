@@ -6,10 +6,10 @@ import pytest
 from diffattr.attribution.attributor import Attributor
 from diffattr.attribution.featurize import FeatureSettings
 from diffattr.attribution.gradients import GradientComputer, TimestepSpec
-from diffattr.attribution.kernel import Kernel
+from diffattr.attribution.kernel import Kernel, row_norms
 from diffattr.attribution.measure import make_measure
 from diffattr.attribution.methods import METHODS, ScoreInputs, get_method
-from diffattr.attribution.relative_if import feature_norms, inverse_norms
+from diffattr.attribution.relative_if import inverse_norms
 from diffattr.diffusion.schedule import NoiseSchedule
 
 
@@ -54,7 +54,7 @@ def test_inverse_norms_all_paths_agree():
     from_gram = Kernel.from_gram(gram, lam)
     np.testing.assert_allclose(inverse_norms(from_gram, gram), want, rtol=1e-8)
     np.testing.assert_allclose(inverse_norms(from_gram), want, rtol=1e-6)  # rebuilt from factor
-    np.testing.assert_allclose(feature_norms(phi, block=3), np.linalg.norm(phi, axis=1), 1e-6)
+    np.testing.assert_allclose(row_norms(phi, block=3), np.linalg.norm(phi, axis=1), 1e-6)
 
 
 def test_precomputed_gram_path_matches_features_path():

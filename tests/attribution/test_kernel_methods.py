@@ -1,9 +1,12 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from diffattr.attribution.kernel import TILE_BYTES, Kernel, kernel_dtype, tile_rows
+from diffattr.attribution.kernel import TILE_BYTES, Kernel, kernel_dtype, read_tiles, tile_rows
 from diffattr.attribution.methods import ScoreInputs, get_method
+from diffattr.attribution.store import release_pages
 from diffattr.errors import ConfigError, NumericalError
 
 
@@ -127,3 +130,28 @@ def test_kernel_precision_and_tiles_follow_the_size():
         kernel_dtype(10, "float16")
     assert tile_rows(32768) * 32768 * 8 <= TILE_BYTES < (tile_rows(32768) + 1) * 32768 * 8
     assert tile_rows(10**12) == 1
+
+
+def _rss_file_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_streaming_a_memmap_keeps_its_pages_out_of_the_resident_set(tmp_path):
+    n, k = 2048, 4096  # 32 MiB of float32
+    path = tmp_path / "features.npy"
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, k))
+    arr[:] = 1.0
+    arr.flush()
+    release_pages(arr)
+    del arr
+    features = np.load(path, mmap_mode="r")
+    before = _rss_file_bytes()
+    total = sum(float(tile.sum()) for _, tile in read_tiles(features, block=128))  # 2 MiB tiles
+    assert total == n * k
+    assert _rss_file_bytes() - before < 8 << 20
+    assert float(np.asarray(features).sum()) == n * k  # control: a plain read stays resident
+    assert _rss_file_bytes() - before > 24 << 20

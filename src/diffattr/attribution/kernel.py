@@ -19,11 +19,13 @@ of ΦᵀΦ, which is unchanged by projection to any k and by the choice of form.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 
+from diffattr.attribution.store import release_pages
 from diffattr.errors import ConfigError, NumericalError
 
 DEFAULT_RELATIVE_LAMBDA = 0.1
@@ -52,15 +54,64 @@ def _blocks(n: int, block: int):
         yield slice(s, min(n, s + block))
 
 
+def read_tiles(
+    features: np.ndarray, block: int | None = None, dtype: np.dtype | type = np.float64
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, in-memory copy of Φ[rows]) tile by tile, releasing the mapped pages after each.
+
+    Streaming an N×k memmap thus holds one tile (about TILE_BYTES) in memory, not the store.
+    """
+    n, k = features.shape
+    for sl in _blocks(n, block or tile_rows(k)):
+        tile = np.array(features[sl], dtype=dtype, copy=True)
+        release_pages(features)
+        yield sl, tile
+
+
 def gram_scale(features: np.ndarray, block: int | None = None) -> float:
     """‖Φ‖²_F / min(N, k): the mean non-zero eigenvalue of ΦᵀΦ."""
     n, k = features.shape
-    block = block or tile_rows(k)
     total = 0.0
-    for sl in _blocks(n, block):
-        f = np.asarray(features[sl], dtype=np.float64)
+    for _, f in read_tiles(features, block):
         total += float(np.einsum("ij,ij->", f, f))
     return total / min(n, k)
+
+
+def dual_gram(
+    features: np.ndarray, block: int | None = None, dtype: np.dtype | type = np.float64
+) -> np.ndarray:
+    """ΦΦᵀ (N×N), from tiles of Φ (each pair of tiles read once per outer tile)."""
+    n = features.shape[0]
+    gram = np.zeros((n, n), dtype=dtype)
+    block = block or tile_rows(features.shape[1])
+    for si, fi in read_tiles(features, block, dtype):
+        for sj in _blocks(n, block):
+            if sj.start < si.start:
+                continue
+            fj = np.array(features[sj], dtype=dtype, copy=True)
+            release_pages(features)
+            gram[si, sj] = fi @ fj.T
+            gram[sj, si] = gram[si, sj].T
+    return gram
+
+
+def inner_products(
+    targets: np.ndarray, features: np.ndarray, block: int | None = None, dtype=np.float64
+) -> np.ndarray:
+    """(T, N) matrix φ(x)ᵀφᵢ, streamed over tiles of Φ."""
+    t = np.asarray(targets, dtype=dtype)
+    out = np.empty((t.shape[0], features.shape[0]), dtype=dtype)
+    for sl, f in read_tiles(features, block, dtype):
+        out[:, sl] = t @ f.T
+    return out
+
+
+def row_norms(features: np.ndarray, block: int | None = None) -> np.ndarray:
+    """‖φᵢ‖ for every row (float64), streamed over tiles."""
+    out = np.empty(features.shape[0], dtype=np.float64)
+    for sl, f in read_tiles(features, block):
+        out[sl] = np.sqrt(np.einsum("ij,ij->i", f, f))
+    return out
 
 
 @dataclass
@@ -108,19 +159,10 @@ class Kernel:
         dt = kernel_dtype(k if form == "primal" else n, dtype)
         if form == "primal":
             gram = np.zeros((k, k), dtype=dt)
-            for sl in _blocks(n, block):
-                f = np.asarray(features[sl], dtype=dt)
+            for _, f in read_tiles(features, block, dt):
                 gram += f.T @ f
         else:
-            gram = np.zeros((n, n), dtype=dt)
-            for si in _blocks(n, block):
-                fi = np.asarray(features[si], dtype=dt)
-                for sj in _blocks(n, block):
-                    if sj.start < si.start:
-                        continue
-                    fj = np.asarray(features[sj], dtype=dt)
-                    gram[si, sj] = fi @ fj.T
-                    gram[sj, si] = gram[si, sj].T
+            gram = dual_gram(features, block, dt)
         diag = float(np.mean(np.diag(gram)))
         gram[np.diag_indices_from(gram)] += lam
         try:  # in place: the Gram is the one large resident matrix
@@ -168,12 +210,10 @@ class Kernel:
         if self.form == "primal":
             y = self._solve(t.T)  # (k, T) = G⁻¹ φ(x)
             out = np.empty((t.shape[0], n), dtype=np.float64)
-            for sl in _blocks(n, self.block):
-                out[:, sl] = (np.asarray(self.features[sl], dtype=dt) @ y).T
+            for sl, f in read_tiles(self.features, self.block, dt):
+                out[:, sl] = (f @ y).T
             return out
-        inner = np.empty((t.shape[0], n), dtype=dt)  # φ(x)ᵀΦᵀ
-        for sl in _blocks(n, self.block):
-            inner[:, sl] = t @ np.asarray(self.features[sl], dtype=dt).T
+        inner = inner_products(t, self.features, self.block, dt)  # φ(x)ᵀΦᵀ
         return self._solve(inner.T).T.astype(np.float64, copy=False)
 
     def leverage(self) -> np.ndarray:
@@ -184,7 +224,6 @@ class Kernel:
             diag_inv = np.einsum("ij,ij->j", inv_l, inv_l)
             return 1.0 - self.lam * diag_inv
         h = np.empty(n, dtype=np.float64)
-        for sl in _blocks(n, self.block):
-            f = np.asarray(self.features[sl], dtype=np.float64)
+        for sl, f in read_tiles(self.features, self.block):
             h[sl] = np.einsum("ij,ji->i", f, self._solve(f.T))
         return h

@@ -33,7 +33,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from diffattr.attribution.kernel import DEFAULT_RELATIVE_LAMBDA, Kernel
+from diffattr.attribution.kernel import (
+    DEFAULT_RELATIVE_LAMBDA,
+    Kernel,
+    inner_products,
+    row_norms,
+)
 from diffattr.errors import ConfigError
 from diffattr.seeding import derive_seed
 
@@ -137,12 +142,11 @@ class TRAK(KernelMethod):
     measure = "loss"
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-30)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-30)
-    return a @ b.T
+def _cosine(targets: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """(T, N) cosines φ(x)ᵀφᵢ / (‖φ(x)‖‖φᵢ‖), streamed over tiles of the training features."""
+    t = np.asarray(targets, dtype=np.float64)
+    t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-30)
+    return inner_products(t, features) / np.maximum(row_norms(features), 1e-30)[None, :]
 
 
 class GradDot(Method):
@@ -152,8 +156,7 @@ class GradDot(Method):
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         if inputs.target_inner is not None:
             return np.asarray(inputs.target_inner, dtype=np.float64)
-        t = np.asarray(inputs.target_features, dtype=np.float64)
-        return t @ np.asarray(inputs.train_features, dtype=np.float64).T
+        return inner_products(inputs.target_features, inputs.train_features)
 
 
 class GradCos(Method):
@@ -244,7 +247,7 @@ class RenormalizedIF(KernelMethod):
     measure = "loss"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
-        from diffattr.attribution.relative_if import feature_norms
+        from diffattr.attribution.kernel import row_norms
 
         k = super().score(inputs)
         if inputs.train_sqnorm is not None:
@@ -253,7 +256,7 @@ class RenormalizedIF(KernelMethod):
             norms = np.sqrt(np.diag(np.asarray(inputs.train_gram, dtype=np.float64)))
         else:
             _require(inputs, self.name, "train_features")
-            norms = feature_norms(inputs.train_features)
+            norms = row_norms(inputs.train_features)
         return k / np.maximum(norms, 1e-30)[None, :]
 
 

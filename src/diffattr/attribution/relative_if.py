@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from diffattr.attribution.kernel import Kernel, _blocks
+from diffattr.attribution.kernel import Kernel, _blocks, dual_gram, read_tiles
 from diffattr.errors import ConfigError
 
 
@@ -28,16 +28,7 @@ def _dual_gram(kernel: Kernel) -> np.ndarray:
     """ΦΦᵀ (N×N, float64) of a dual kernel: from its features, else from its factor."""
     n, k = kernel.features.shape
     if k > 0:
-        gram = np.zeros((n, n), dtype=np.float64)
-        for si in _blocks(n, kernel.block):
-            fi = np.asarray(kernel.features[si], dtype=np.float64)
-            for sj in _blocks(n, kernel.block):
-                if sj.start < si.start:
-                    continue
-                fj = np.asarray(kernel.features[sj], dtype=np.float64)
-                gram[si, sj] = fi @ fj.T
-                gram[sj, si] = gram[si, sj].T
-        return gram
+        return dual_gram(kernel.features, kernel.block)
     low = np.tril(kernel.factor)  # cho_factor leaves other data in the upper triangle
     gram = low @ low.T
     gram[np.diag_indices_from(gram)] -= kernel.lam
@@ -54,8 +45,7 @@ def inverse_norms(kernel: Kernel, gram: np.ndarray | None = None) -> np.ndarray:
             raise ConfigError("a precomputed gram only applies to the dual kernel form")
         n = kernel.features.shape[0]
         out = np.empty(n, dtype=np.float64)
-        for sl in _blocks(n, kernel.block):
-            f = np.asarray(kernel.features[sl], dtype=np.float64)
+        for sl, f in read_tiles(kernel.features, kernel.block):
             y = kernel._solve(f.T)  # (k, b) = G⁻¹φᵢ
             out[sl] = np.sqrt(np.einsum("ij,ij->j", y, y))
         return out
@@ -72,13 +62,3 @@ def inverse_norms(kernel: Kernel, gram: np.ndarray | None = None) -> np.ndarray:
         m = scipy.linalg.cho_solve((kernel.factor, True), rhs, check_finite=False)  # K⁻¹eᵢ
         sq[sl] = np.einsum("ij,ij->j", m, gram @ m)
     return np.sqrt(np.clip(sq, 0.0, None))
-
-
-def feature_norms(features: np.ndarray, block: int = 4096) -> np.ndarray:
-    """‖φᵢ‖ for every row of ``features`` (streamed from a memmap, float64)."""
-    n = features.shape[0]
-    out = np.empty(n, dtype=np.float64)
-    for sl in _blocks(n, block):
-        f = np.asarray(features[sl], dtype=np.float64)
-        out[sl] = np.sqrt(np.einsum("ij,ij->i", f, f))
-    return out

@@ -31,6 +31,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import mmap
 import os
 import shutil
 import socket
@@ -49,6 +50,21 @@ from diffattr.fsio import atomic_write_json, read_json
 COLUMNS = ("error", "residual")
 FORMAT_VERSION = 1
 MISSING, DONE, SKIPPED = 0, 1, 2
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop a memory-mapped array's pages from this process's resident set.
+
+    The data stays in the file (and the OS page cache); the next access faults it back in.
+    Streaming a store larger than memory through a mapping would otherwise keep every page
+    it touched counted in the process's RSS. Safe for shared mappings after ``flush()``;
+    a no-op for arrays that are not memory-mapped or where ``madvise`` is unavailable.
+    """
+    mm = getattr(array, "_mmap", None)
+    advise = getattr(mm, "madvise", None)
+    if advise is not None and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            advise(mmap.MADV_DONTNEED)
 
 
 def _canonical(value: Any) -> Any:
@@ -216,6 +232,7 @@ class FeatureStore:
         self._flush_data()
         self.done[rows] = DONE
         self.done.flush()
+        release_pages(self.features)
 
     def skip_rows(self, rows: np.ndarray) -> None:
         """Record rows as skipped: zero features and columns (so they score 0), flag 2."""
