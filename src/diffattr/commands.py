@@ -66,6 +66,18 @@ def load_targets(run, spec: str) -> tuple[str, torch.Tensor, np.ndarray]:
     return path.stem, s.images, np.arange(len(s))
 
 
+def attribution_targets(run, spec: str) -> tuple[str, Any, np.ndarray]:
+    """(name, targets as the run's attributor takes them, ids): the images of
+    :func:`load_targets`, or for a text-to-image run latents with caption embeddings."""
+    from diffattr.run import TEXT2IMAGE
+
+    if run.family == TEXT2IMAGE:
+        from diffattr.text2image.family import attribution_targets as latent_targets
+
+        return latent_targets(run, spec)
+    return load_targets(run, spec)
+
+
 def add_feature_args(p: argparse.ArgumentParser, several_timesteps: bool = False) -> None:
     g = p.add_argument_group("features")
     if several_timesteps:
@@ -75,16 +87,43 @@ def add_feature_args(p: argparse.ArgumentParser, several_timesteps: bool = False
     g.add_argument("--timestep-strategy", choices=["uniform", "first", "random"], default="uniform")
     g.add_argument("--no-normalize", action="store_true", help="no per-timestep L2 normalisation")
     g.add_argument("--noise-seed", type=int, default=0)
-    g.add_argument("--params", default=None, help="regex: only parameters whose name matches")
+    g.add_argument(
+        "--params",
+        default=None,
+        help="regex: only parameters whose name matches (text-to-image runs: the LoRA "
+        "parameters by default)",
+    )
     g.add_argument(
         "--projector",
         default="auto",
-        choices=["auto", "identity", "rademacher", "gaussian", "countsketch", "sparse-jl"],
-        help="auto: exact gradients when they fit in 4 GiB, else a sparse sketch",
+        choices=[
+            "auto",
+            "identity",
+            "rademacher",
+            "gaussian",
+            "countsketch",
+            "sparse-jl",
+            "trak-cuda",
+        ],
+        help="auto: exact gradients when they fit in 4 GiB, else a sparse sketch; trak-cuda: "
+        "traker's CUDA kernel (fast_jl; k a multiple of 512) on --device cuda, else rademacher",
     )
     g.add_argument("--proj-dim", type=int, default=None, help="projection dimension k")
     g.add_argument("--proj-seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument(
+        "--device",
+        default="cpu",
+        help="where gradients are computed: cpu (default), cuda, cuda:N, or auto (cuda when "
+        "available)",
+    )
+    g.add_argument(
+        "--grad-dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="precision of the gradient forward/backward passes (default: fp32); features "
+        "are stored and kernels solved in float32/float64 either way; fp16 is meant for cuda",
+    )
 
 
 def feature_settings(args: argparse.Namespace, measure: str = "das"):
@@ -100,26 +139,36 @@ def feature_settings(args: argparse.Namespace, measure: str = "das"):
         projector=args.projector,
         proj_dim=args.proj_dim,
         proj_seed=args.proj_seed,
+        grad_dtype=getattr(args, "grad_dtype", "fp32"),
     )
 
 
 def make_attributor(run, method: str, args: argparse.Namespace, **options: Any):
     from diffattr.attribution.attributor import Attributor
     from diffattr.diffusion.presets import load_unet
+    from diffattr.run import TEXT2IMAGE
 
-    train_set, _ = run.data_spec().load()
-    model = load_unet(run.model_dir)
-    check_model_fits(model, train_set.shape, run.model_dir)
+    settings = feature_settings(args)
+    if run.family == TEXT2IMAGE:  # LoRA UNet, latents + caption embeddings, LoRA gradients
+        from diffattr.text2image.family import attribution_inputs, check_method
+
+        check_method(method)
+        model, train_set, settings = attribution_inputs(run, settings)
+    else:
+        train_set, _ = run.data_spec().load()
+        model = load_unet(run.model_dir)
+        check_model_fits(model, train_set.shape, run.model_dir)
     return Attributor(
         model,
         train_set,
         run.features_dir,
         method=method,
         schedule=run.train_config().schedule,
-        settings=feature_settings(args),
+        settings=settings,
         lam=getattr(args, "lam", None),
         relative_lambda=getattr(args, "relative_lambda", 0.1),
         batch_size=args.batch_size,
+        device=getattr(args, "device", "cpu"),
         progress=not args.quiet,
         on_nonfinite=getattr(args, "on_nonfinite", "stop"),
         **options,
@@ -141,32 +190,54 @@ def check_model_fits(model, shape: tuple[int, int, int], where) -> None:
 
 
 def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
+    import contextlib
+
+    from diffattr.attribution.shards import featurize_with_executor
+    from diffattr.parallel import executor_from_args
     from diffattr.run import RunDir
 
     run = RunDir(args.run)
     bounds = parse_rows(args.rows) if getattr(args, "rows", None) else None
     out: dict[str, Any] = {}
-    for method in args.method.split(","):
-        att = make_attributor(run, method, args)
-        rows = None
-        if bounds is not None:
-            n = len(att.train)
-            a, b = bounds[0] or 0, n if bounds[1] is None else bounds[1]
-            if a >= n or b > n:
-                raise ConfigError(f"--rows {args.rows} is outside the {n} training rows (0:{n})")
-            rows = np.arange(a, b)
-        store = att.featurize(rows)
-        if store is None:
-            continue
-        out[f"train_store[{method}]"] = str(store.path)
-        if rows is not None:
-            out[f"rows[{method}]"] = (
-                f"{rows[0]}:{rows[-1] + 1} ({store.num_done}/{store.num_rows} done)"
-            )
-        if args.targets:
-            _, images, ids = load_targets(run, args.targets)
-            out[f"target_store[{method}]"] = str(att.featurize_targets(images, ids).path)
+    sharded = getattr(args, "executor", "inprocess") != "inprocess"
+    with executor_from_args(args) if sharded else contextlib.nullcontext() as executor:
+        for method in args.method.split(","):
+            att = make_attributor(run, method, args)
+            rows = None
+            if bounds is not None:
+                n = len(att.train)
+                a, b = bounds[0] or 0, n if bounds[1] is None else bounds[1]
+                if a >= n or b > n:
+                    raise ConfigError(
+                        f"--rows {args.rows} is outside the {n} training rows (0:{n})"
+                    )
+                rows = np.arange(a, b)
+            if att.method.measure is None:
+                continue
+            if executor is not None:
+                store = featurize_with_executor(att, run.path, method, executor, rows)
+                if rows is None and not store.is_complete():
+                    raise DiffattrError(
+                        f"feature store {store.path} is incomplete after the workers finished",
+                        hint="rerun the same command to compute the missing rows",
+                    )
+            else:
+                store = att.featurize(rows)
+            _featurize_summary(out, run, att, method, store, rows, args)
     return out
+
+
+def _featurize_summary(out, run, att, method, store, rows, args) -> None:
+    """Add one method's stores to ``featurize``'s summary (and featurize the targets)."""
+    out[f"train_store[{method}]"] = str(store.path)
+    if rows is not None:
+        done = f"{store.num_done}/{store.num_rows} done"
+        out[f"rows[{method}]"] = f"{rows[0]}:{rows[-1] + 1} ({done})"
+    if args.targets:
+        _, targets, ids = attribution_targets(run, args.targets)
+        cond = getattr(targets, "conditioning", None)
+        store = att.featurize_targets(getattr(targets, "images", targets), ids, cond)
+        out[f"target_store[{method}]"] = str(store.path)
 
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,7 +252,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     if args.k < 1:
         raise ConfigError(f"--k must be at least 1, got {args.k}")
     run = RunDir(args.run)
-    name, images, ids = load_targets(run, args.targets)
+    name, images, ids = attribution_targets(run, args.targets)
     out: dict[str, Any] = {}
     for method, given in parse_method_list(args.method):
         options: dict[str, Any] = {}
@@ -273,7 +344,7 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_lds_build(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.evaluation.lds import LDSConfig, build
     from diffattr.fsio import removed_on_error
-    from diffattr.parallel import make_executor
+    from diffattr.parallel import executor_from_args
     from diffattr.run import RunDir
 
     if args.measure_timesteps < 1:
@@ -297,8 +368,10 @@ def cmd_lds_build(args: argparse.Namespace) -> dict[str, Any]:
         num_gen=args.num_gen,
         common_random_numbers=not args.independent,
     )
-    executor = make_executor(args.executor, args.workers, progress=not args.quiet)
-    with removed_on_error(args.out, keep=lambda p: (p / "models").is_dir()):
+    with (
+        executor_from_args(args) as executor,
+        removed_on_error(args.out, keep=lambda p: (p / "models").is_dir()),
+    ):
         bench = build(RunDir(args.run), args.out, config, executor, progress=not args.quiet)
     return {"benchmark": str(bench), "models": config.num_subsets * len(config.seeds)}
 
@@ -366,6 +439,8 @@ def _lds_without_step(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def register(add) -> None:
+    from diffattr.parallel import add_executor_args
+
     p = add(
         "featurize",
         "compute and store training (and target) features for attribution",
@@ -373,6 +448,10 @@ def register(add) -> None:
         diffattr featurize runs/digits --method das,dtrak
         diffattr featurize runs/digits --method trak --targets samples \\
             --projector countsketch --proj-dim 4096
+        diffattr featurize runs/digits --executor local --workers 2      # 2 worker processes
+        diffattr featurize runs/digits --executor ray --ray-address auto  # an existing cluster
+        diffattr featurize runs/cifar --device cuda --grad-dtype bf16 \\
+            --projector trak-cuda --proj-dim 4096
         """,
         cmd_featurize,
     )
@@ -394,6 +473,7 @@ def register(add) -> None:
         "record it as skipped (scored 0) with a warning",
     )
     add_feature_args(p)
+    add_executor_args(p, default="inprocess")
 
     p = add(
         "score",
@@ -483,8 +563,7 @@ def register(add) -> None:
         action="store_true",
         help="no common random numbers: each subset model gets its own init and noise",
     )
-    b.add_argument("--executor", choices=["local", "inprocess"], default="local")
-    b.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
+    add_executor_args(b)
     e = sub.add_parser(
         "eval",
         help="LDS of methods on a built benchmark (cross-fitted λ, bootstrap CIs)",

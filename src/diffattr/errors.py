@@ -17,6 +17,10 @@ class DiffattrError(Exception):
         super().__init__(message)
         self.hint = hint
 
+    def __reduce__(self):
+        """Pickle with the hint (errors cross process and Ray worker boundaries)."""
+        return type(self), (str(self), self.hint)
+
 
 class DataError(DiffattrError):
     """A dataset, image file or index file cannot be used."""

@@ -1,12 +1,20 @@
-"""One executor interface for independent jobs: in-process or local worker processes.
+"""One executor interface for independent jobs: in-process, local worker processes, or Ray.
 
 Jobs are picklable callables with picklable arguments; results come back in submission order.
-Local workers each run with ``threads`` torch threads (two 1-thread workers use a 2-core
-machine better than one 2-thread process).
+Workers each run with ``threads`` torch (and BLAS) threads: two 1-thread workers use a 2-core
+machine better than one 2-thread process.
+
+Ray (``RayExecutor``): starts a local runtime with one CPU per worker, or joins an existing
+cluster (``address``); each job is a Ray task with ``cpus_per_task`` CPUs and
+``gpus_per_task`` GPUs. A task whose worker dies is retried (``max_retries``), so a lost
+worker's job is simply redone; jobs are written to resume (training checkpoints, feature-store
+row flags), so a retry only redoes what was not finished. Exceptions the job raises are not
+retried and reach the caller as themselves.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -16,17 +24,31 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from diffattr.errors import ConfigError
+from diffattr.errors import ConfigError, DiffattrError
 
 T = TypeVar("T")
 
+EXECUTORS = ("inprocess", "local", "ray")
+
 
 class Executor(ABC):
-    """Runs ``fn(job)`` for every job."""
+    """Runs ``fn(job)`` for every job. Use as a context manager to release its workers."""
+
+    #: jobs that run at once (how many shards to cut work into)
+    parallelism: int = 1
 
     @abstractmethod
     def map(self, fn: Callable[[Any], T], jobs: Iterable[Any], desc: str = "") -> Iterator[T]:
         """Results of ``fn`` over ``jobs``, in order."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release what the executor started (nothing by default)."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class InProcessExecutor(Executor):
@@ -56,6 +78,7 @@ class LocalProcessExecutor(Executor):
         if workers < 1 or threads < 1:
             raise ConfigError("--workers and --threads-per-worker must be at least 1")
         self.workers, self.threads, self.progress = workers, threads, progress
+        self.parallelism = workers
 
     def map(self, fn, jobs, desc=""):
         jobs = list(jobs)
@@ -72,10 +95,183 @@ class LocalProcessExecutor(Executor):
             bar.close()
 
 
-def make_executor(kind: str = "local", workers: int | None = None, progress: bool = True):
-    """``inprocess`` or ``local`` (default: one 1-thread worker per CPU core)."""
+def _ray_task(fn: Callable[[Any], T], job: Any, threads: int) -> T:
+    """Body of every Ray task: limit threads like a local worker, then run the job."""
+    _init_worker(threads)
+    return fn(job)
+
+
+class RayExecutor(Executor):
+    """Jobs as Ray tasks, on a local runtime (``workers`` CPUs) or an existing cluster.
+
+    ``address``: a cluster to join (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``); None
+    starts a local runtime with ``workers`` CPUs (default: the machine's cores), shut down by
+    :meth:`close`. A runtime already initialised in this process is used as it is.
+    Workers must be able to import ``diffattr`` (and read the run directories: a shared disk).
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        address: str | None = None,
+        cpus_per_task: float = 1.0,
+        gpus_per_task: float = 0.0,
+        max_retries: int = 3,
+        progress: bool = True,
+    ) -> None:
+        if workers is not None and workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {workers}")
+        if cpus_per_task <= 0 or gpus_per_task < 0:
+            raise ConfigError(
+                f"--ray-cpus-per-task must be > 0 and --ray-gpus-per-task >= 0, got "
+                f"{cpus_per_task} and {gpus_per_task}"
+            )
+        if max_retries < 0:
+            raise ConfigError(f"Ray max_retries must be >= 0, got {max_retries}")
+        self.workers, self.address = workers, address
+        self.cpus_per_task, self.gpus_per_task = cpus_per_task, gpus_per_task
+        self.max_retries, self.progress = max_retries, progress
+        self.threads = max(1, int(cpus_per_task))
+        self.parallelism = workers or os.cpu_count() or 1
+        self._started = False
+
+    def _ray(self):
+        try:
+            import ray
+        except ImportError as exc:
+            raise ConfigError(
+                "--executor ray needs the ray package",
+                hint="pip install 'diffattr[ray]', or use --executor local",
+            ) from exc
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+            try:
+                if self.address:
+                    ray.init(address=self.address, **kwargs)
+                else:
+                    ray.init(num_cpus=self.parallelism, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = self.address or "a local runtime"
+                raise DiffattrError(
+                    f"cannot start Ray ({where}): {exc}",
+                    hint="check --ray-address (a running cluster's head), or drop it to start "
+                    "a local runtime",
+                ) from exc
+            self._started = True
+        if self.address and self.workers is None:
+            cpus = ray.cluster_resources().get("CPU", 1)
+            self.parallelism = max(1, int(cpus // self.cpus_per_task))
+        return ray
+
+    def start(self) -> RayExecutor:
+        """Connect now (map does it on first use); sets :attr:`parallelism` for a cluster."""
+        self._ray()
+        return self
+
+    def map(self, fn, jobs, desc=""):
+        jobs = list(jobs)
+        ray = self._ray()
+        task = ray.remote(_ray_task).options(
+            num_cpus=self.cpus_per_task,
+            num_gpus=self.gpus_per_task,
+            max_retries=self.max_retries,
+            retry_exceptions=False,
+        )
+        refs = [task.remote(fn, job, self.threads) for job in jobs]
+        bar = tqdm(total=len(refs), desc=desc, disable=not self.progress or not desc)
+        try:
+            for ref in refs:
+                yield _ray_result(ray, ref, self.max_retries)
+                bar.update(1)
+        except BaseException:
+            for ref in refs:
+                ray.cancel(ref, force=False)
+            raise
+        finally:
+            bar.close()
+
+    def close(self) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False
+
+
+def _ray_result(ray, ref, retries: int):
+    """``ray.get(ref)``; a job's own exception is re-raised as itself (one line in the CLI)."""
+    from ray.exceptions import RayTaskError, WorkerCrashedError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise
+    except WorkerCrashedError as exc:
+        raise DiffattrError(
+            f"a Ray worker died {retries + 1} times running one job",
+            hint="rerun the same command: finished work is kept and resumes",
+        ) from exc
+
+
+def make_executor(
+    kind: str = "local",
+    workers: int | None = None,
+    progress: bool = True,
+    address: str | None = None,
+    cpus_per_task: float = 1.0,
+    gpus_per_task: float = 0.0,
+) -> Executor:
+    """``inprocess``, ``local`` (default: one 1-thread worker per CPU core) or ``ray``."""
     if kind == "inprocess":
         return InProcessExecutor(progress)
     if kind == "local":
         return LocalProcessExecutor(workers or os.cpu_count() or 1, 1, progress)
-    raise ConfigError(f"unknown executor {kind!r}", hint="use local or inprocess")
+    if kind == "ray":
+        return RayExecutor(workers, address, cpus_per_task, gpus_per_task, progress=progress)
+    raise ConfigError(f"unknown executor {kind!r}", hint=f"use {', '.join(EXECUTORS)}")
+
+
+def add_executor_args(p: argparse.ArgumentParser, default: str = "local") -> None:
+    """``--executor``, ``--workers`` and the Ray options of a command."""
+    g = p.add_argument_group("parallel execution")
+    g.add_argument(
+        "--executor",
+        choices=list(EXECUTORS),
+        default=default,
+        help=f"where jobs run: this process, local worker processes, or Ray (default: {default})",
+    )
+    g.add_argument(
+        "--workers", type=int, default=None, help="parallel workers (default: CPU cores)"
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="join this Ray cluster (e.g. auto, ray://head:10001) instead of starting a local "
+        "runtime with --workers CPUs",
+    )
+    g.add_argument(
+        "--ray-cpus-per-task", type=float, default=1.0, help="CPUs per Ray task (default: 1)"
+    )
+    g.add_argument(
+        "--ray-gpus-per-task", type=float, default=0.0, help="GPUs per Ray task (default: 0)"
+    )
+
+
+def executor_from_args(args: argparse.Namespace) -> Executor:
+    """The executor that :func:`add_executor_args` options describe."""
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if getattr(args, "ray_address", None) and args.executor != "ray":
+        raise ConfigError("--ray-address needs --executor ray")
+    return make_executor(
+        args.executor,
+        args.workers,
+        progress=not args.quiet,
+        address=getattr(args, "ray_address", None),
+        cpus_per_task=getattr(args, "ray_cpus_per_task", 1.0),
+        gpus_per_task=getattr(args, "ray_gpus_per_task", 0.0),
+    )

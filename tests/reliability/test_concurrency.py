@@ -141,3 +141,36 @@ def _fill(path: str, parity: int) -> None:
     s = FeatureStore.open(path, {"features": {}}, 64, 5)
     for r in range(parity, 64, 2):
         s.write_rows(np.array([r]), np.full((1, 5), float(r)), error=np.array([0.0]))
+
+
+def test_local_process_shards_equal_one_worker(tiny_run, tmp_path, clean_store):
+    """``--executor local``: two worker processes fill one shard each, bit-identical."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    code, _, err = run_main("featurize", run, *ARGS, "--executor", "local", "--workers", "2")
+    assert code == 0, err
+    assert_same_store(store_of(run), clean_store)
+    assert not (store_of(run) / "claims").exists()
+
+
+def test_shards_redo_only_what_a_dead_worker_left(tiny_run, tmp_path, clean_store):
+    """Rows done before a worker died are kept; its abandoned claims are taken over."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    assert run_main("featurize", run, *ARGS, "--rows", "0:6")[0] == 0
+    before = np.asarray(FeatureStore.load(store_of(run), require_complete=False).done).copy()
+    claims = store_of(run) / "claims"
+    claims.mkdir()
+    (claims / "row-6").write_text("999999999 deadhost\n")  # unlocked: its owner is gone
+    code, _, err = run_main("featurize", run, *ARGS, "--executor", "local", "--workers", "2")
+    assert code == 0, err
+    assert before[:6].all() and not before[6:].any()
+    assert_same_store(store_of(run), clean_store)
+    assert not claims.exists()
+
+
+def test_shard_rows_cut_at_batch_multiples():
+    from diffattr.attribution.shards import shard_rows
+
+    pieces = shard_rows(np.arange(3, 24), 2, 4)
+    assert [p.tolist() for p in pieces] == [list(range(3, 15)), list(range(15, 24))]
+    assert [len(p) for p in shard_rows(np.arange(10), 4, 4)] == [4, 4, 2]
+    assert shard_rows(np.arange(0), 2, 4) == []

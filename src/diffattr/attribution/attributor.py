@@ -21,8 +21,9 @@ from diffattr.attribution.featurize import (
     FeatureSettings,
     featurize,
     identity_settings,
+    with_available_projector,
 )
-from diffattr.attribution.gradients import select_parameters
+from diffattr.attribution.gradients import resolve_device, select_parameters
 from diffattr.attribution.kernel import DEFAULT_RELATIVE_LAMBDA, Kernel
 from diffattr.attribution.methods import (
     Method,
@@ -38,11 +39,15 @@ from diffattr.diffusion.schedule import NoiseSchedule
 from diffattr.errors import DataError
 
 
-def images_fingerprint(images: torch.Tensor, ids: np.ndarray) -> str:
-    """sha256 of target images and ids (names a target feature store)."""
+def images_fingerprint(
+    images: torch.Tensor, ids: np.ndarray, conditioning: torch.Tensor | None = None
+) -> str:
+    """sha256 of target images, ids and conditioning, if any (names a target feature store)."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(images.numpy(), dtype=np.float32).tobytes())
     h.update(np.asarray(ids, dtype=np.int64).tobytes())
+    if conditioning is not None:
+        h.update(np.ascontiguousarray(conditioning.numpy(), dtype=np.float32).tobytes())
     return h.hexdigest()
 
 
@@ -84,7 +89,8 @@ class Attributor:
         self.method: Method = get_method(method, **method_options)
         self.schedule = schedule or NoiseSchedule()
         self.lam, self.relative_lambda = lam, relative_lambda
-        self.batch_size, self.device, self.progress = batch_size, device, progress
+        self.batch_size, self.progress = batch_size, progress
+        self.device = resolve_device(device)
         self.on_nonfinite = on_nonfinite
         base = settings or FeatureSettings()
         if self.method.measure is not None:
@@ -92,13 +98,20 @@ class Attributor:
         num_params = sum(
             dict(model.named_parameters())[n].numel() for n in select_parameters(model, base.params)
         )
-        self.settings = base.resolved(num_params, len(train), max_exact_bytes)
+        self.settings = with_available_projector(
+            base.resolved(num_params, len(train), max_exact_bytes), self.device
+        )
         self._kernel: Kernel | None = None
         self._train_store: FeatureStore | None = None
 
     def _store_path(self, role: str, settings: FeatureSettings | None = None) -> Path:
         settings = settings or self.settings
         return self.store_dir / f"{role}-{settings.measure}-{settings.key()}"
+
+    @property
+    def train_store_path(self) -> Path:
+        """Directory of the training features' store (which may not exist yet)."""
+        return self._store_path("train")
 
     def _identity_source(self, role: str) -> FeatureStore | None:
         """A complete unprojected store to project from, if one exists (no recomputation)."""
@@ -133,15 +146,19 @@ class Attributor:
                 rows=rows,
                 source=self._identity_source("train"),
                 on_nonfinite=self.on_nonfinite,
+                conditioning=getattr(self.train, "conditioning", None),
             )
             if rows is not None:
                 return store
             self._train_store = store
         return self._train_store
 
-    def featurize_targets(self, images: torch.Tensor, ids: np.ndarray) -> FeatureStore:
-        """Compute the target features (stored, keyed by the target images)."""
-        fp = images_fingerprint(images, ids)
+    def featurize_targets(
+        self, images: torch.Tensor, ids: np.ndarray, conditioning: torch.Tensor | None = None
+    ) -> FeatureStore:
+        """Compute the target features (stored, keyed by the target images and conditioning:
+        the caption embeddings of a text-to-image model's targets)."""
+        fp = images_fingerprint(images, ids, conditioning)
         role = f"targets-{fp[:10]}"
         return featurize(
             self.model,
@@ -157,6 +174,7 @@ class Attributor:
             desc=f"featurize targets ({self.settings.measure})",
             source=self._identity_source(role),
             on_nonfinite=self.on_nonfinite,
+            conditioning=conditioning,
         )
 
     def kernel(self) -> Kernel:
@@ -167,7 +185,11 @@ class Attributor:
         return self._kernel
 
     def score(self, targets: Any, target_ids: np.ndarray | None = None) -> Scores:
-        """Scores (targets × training samples) for images, a dataset or generated samples."""
+        """Scores (targets × training samples) for images, a dataset or generated samples.
+
+        Targets with a ``conditioning`` attribute (a text-to-image ``LatentSet``: latents and
+        caption embeddings) are featurized with it, as the training set is with its own.
+        """
         images, ids = as_images(targets, target_ids)
         if tuple(images.shape[1:]) != tuple(self.train.images.shape[1:]):
             raise DataError(
@@ -189,7 +211,8 @@ class Attributor:
             inputs.train_features = store.features
             skipped_train = store.skipped_rows()
             if not self.method.needs_model:  # those compute their own target features
-                tstore = self.featurize_targets(images, ids)
+                cond = getattr(targets, "conditioning", None)
+                tstore = self.featurize_targets(images, ids, cond)
                 inputs.target_features = np.asarray(tstore.features)
                 skipped_targets = tstore.skipped_rows()
             inputs.train_error = store.column("error")

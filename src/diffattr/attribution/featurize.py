@@ -19,9 +19,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffattr.attribution.gradients import GradientComputer, TimestepSpec, select_parameters
+from diffattr.attribution.gradients import (
+    GradientComputer,
+    TimestepSpec,
+    grad_dtype,
+    select_parameters,
+)
 from diffattr.attribution.measure import parse_measure
-from diffattr.attribution.projection import Projector, make_projector
+from diffattr.attribution.projection import Projector, make_projector, trak_cuda_available
 from diffattr.attribution.store import FeatureStore
 from diffattr.diffusion.presets import model_fingerprint
 from diffattr.diffusion.schedule import NoiseSchedule
@@ -46,12 +51,18 @@ class FeatureSettings:
     projector: str = "auto"
     proj_dim: int | None = None
     proj_seed: int = 0
+    grad_dtype: str = "fp32"
 
     def timestep_spec(self) -> TimestepSpec:
         return TimestepSpec(self.timesteps, self.timestep_strategy, self.noise_seed)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings; ``grad_dtype`` only when not fp32 (stores made before it keep their
+        names)."""
+        d = asdict(self)
+        if d["grad_dtype"] == "fp32":
+            del d["grad_dtype"]
+        return d
 
     def key(self) -> str:
         """Short stable hash naming a store directory for these settings."""
@@ -87,7 +98,18 @@ def gradient_computer(
         param_names=select_parameters(model, settings.params),
         micro_batch=micro_batch,
         device=device,
+        dtype=grad_dtype(settings.grad_dtype),
     )
+
+
+def with_available_projector(settings: FeatureSettings, device: str) -> FeatureSettings:
+    """``settings``, with ``trak-cuda`` replaced by ``rademacher`` (and a one-line warning)
+    when traker's CUDA projector cannot run on ``device``."""
+    if settings.projector != "trak-cuda" or trak_cuda_available(device):
+        return settings
+    why = "needs a CUDA device" if torch.device(device).type != "cuda" else "fast_jl not found"
+    warn(f"--projector trak-cuda {why}; using the rademacher projector instead")
+    return replace(settings, projector="rademacher")
 
 
 def build_projector(settings: FeatureSettings, num_params: int, device: str) -> Projector:
@@ -117,8 +139,12 @@ def featurize(
     source: FeatureStore | None = None,
     on_nonfinite: str = "stop",
     wait_interval: float = 0.2,
+    conditioning: torch.Tensor | None = None,
 ) -> FeatureStore:
     """Compute φ for every image (or the given ``rows``) not yet in the store at ``store_dir``.
+
+    ``conditioning`` (N, …): per-image input of a conditional model (caption embeddings of a
+    text-to-image UNet), passed with x_t and t; ``data_fingerprint`` must cover it.
 
     ``source``: a complete unprojected (identity) store of the same model, measure, timesteps
     and images; its rows ḡ are projected (φ = Pᵀḡ, exact since projection is linear) instead
@@ -135,6 +161,7 @@ def featurize(
     """
     if settings.projector == "auto":
         raise ConfigError("resolve the 'auto' projector (FeatureSettings.resolved) first")
+    settings = with_available_projector(settings, device)
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ConfigError(
             f"--on-nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {on_nonfinite!r}"
@@ -186,6 +213,7 @@ def featurize(
     if todo.size == 0:
         return store
     run = _Filler(store, computer, projector, images, ids, source, on_nonfinite, batch_size)
+    run.conditioning = conditioning
     try:
         with tqdm(total=todo.size, desc=desc, unit="img", disable=not progress) as bar:
             run.fill(todo, bar, wait_interval)
@@ -247,6 +275,7 @@ class _Filler:
         self.by_others: dict[int | None, list[int]] = {}  # pid -> rows they finished
         self.taken_over: dict[int | None, list[int]] = {}  # dead pid -> rows we took over
         self.skipped: list[int] = []
+        self.conditioning: torch.Tensor | None = None
         self._announced: set[int | None] = set()
 
     def fill(self, todo: np.ndarray, bar, wait_interval: float) -> None:
@@ -330,12 +359,13 @@ class _Filler:
     def _features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.source is not None:
             g = torch.from_numpy(np.asarray(self.source.features[batch]))
+            g = g.to(self.computer.device)
             err = torch.from_numpy(self.source.column("error")[batch])
             res = torch.from_numpy(self.source.column("residual")[batch])
         else:
-            g, err, res = self.computer.compute(
-                self.images[torch.as_tensor(batch)], self.ids[batch]
-            )
+            rows = torch.as_tensor(batch)
+            cond = None if self.conditioning is None else self.conditioning[rows]
+            g, err, res = self.computer.compute(self.images[rows], self.ids[batch], cond)
         phi = self.projector.project(g).cpu().numpy()
         return phi, err.numpy(), res.numpy()
 

@@ -28,6 +28,18 @@ from diffattr.errors import ConfigError, NumericalError
 from diffattr.seeding import generator
 
 TIMESTEP_STRATEGIES = ("uniform", "first", "random")
+#: ``--grad-dtype`` names: precision of the model copy that gradients are computed with.
+GRAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def grad_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``--grad-dtype`` name (fp32, bf16, fp16)."""
+    try:
+        return GRAD_DTYPES[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown --grad-dtype {name!r}", hint=f"choose from {', '.join(GRAD_DTYPES)}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,33 @@ class TimestepSpec:
         return asdict(self)
 
 
+def resolve_device(name: str | torch.device) -> str:
+    """A ``--device`` value checked against this machine: ``auto`` is cuda when available."""
+    name = str(name)
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"unknown --device {name!r}", hint="use cpu, cuda, cuda:N or auto"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {name}: no CUDA device is available (torch {torch.__version__})",
+                hint="use --device cpu (or auto), or install a CUDA build of torch on a GPU "
+                "machine",
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu" and device.type != "mps":
+        raise ConfigError(f"unsupported --device {name!r}", hint="use cpu, cuda, cuda:N or auto")
+    return str(device)
+
+
 def select_parameters(model: torch.nn.Module, pattern: str | None = None) -> list[str]:
     """Names of the parameters whose gradients are taken (all, or those matching ``pattern``)."""
     names = [n for n, _ in model.named_parameters()]
@@ -79,6 +118,9 @@ class GradientComputer:
     """Per-sample, timestep-averaged gradients of ``measure`` for one model.
 
     ``param_names`` selects the differentiated parameters; the rest are held fixed.
+    ``dtype``: precision of the forward and backward passes (a cast copy of the parameters;
+    the model itself is not changed). The measure, the gradients handed out, their norms and
+    the timestep average are float32 whatever ``dtype``.
     """
 
     def __init__(
@@ -92,6 +134,7 @@ class GradientComputer:
         param_names: list[str] | None = None,
         micro_batch: int = 64,
         device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         timesteps.validate(schedule.num_train_timesteps)
         self.model = model.to(device).eval()
@@ -100,17 +143,25 @@ class GradientComputer:
         self.noise_seed, self.normalize = noise_seed, normalize
         self.micro_batch = max(1, micro_batch)
         self.device = torch.device(device)
+        self.dtype = dtype
         names = param_names or select_parameters(model)
         named = dict(model.named_parameters())
-        self.params = {n: named[n].detach() for n in names}
-        self.fixed = {n: p.detach() for n, p in named.items() if n not in self.params}
-        self.fixed.update({n: b for n, b in model.named_buffers()})
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(dtype) if t.is_floating_point() else t.detach()
+
+        self.params = {n: cast(named[n]) for n in names}
+        self.fixed = {n: cast(p) for n, p in named.items() if n not in self.params}
+        self.fixed.update({n: cast(b) for n, b in model.named_buffers()})
         self.dim = sum(p.numel() for p in self.params.values())
         self.alphas = schedule.alphas_cumprod().to(self.device)
         self._grad_fn = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0))
+        self._grad_fn_cond = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0, 0))
 
-    def _f(self, params, xt, t, noise, ab):
-        out = functional_call(self.model, (params, self.fixed), (xt[None], t[None])).sample[0]
+    def _f(self, params, xt, t, noise, ab, cond=None):
+        args = (xt[None], t[None]) if cond is None else (xt[None], t[None], cond[None])
+        out = functional_call(self.model, (params, self.fixed), args).sample[0]
+        out = out.float()  # the measure and its reductions in float32 (gradients flow back)
         diff = out - noise
         return self.measure(out, noise, ab), (diff.pow(2).mean(), diff.mean())
 
@@ -138,23 +189,42 @@ class GradientComputer:
             xt = a.sqrt() * x + (1 - a).sqrt() * noise
             yield r, xt, t.to(self.device), noise, ab
 
-    def flat_grads(self, xt, t, noise, ab) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, p) gradients of f for a micro-batch of pairs, plus their (error, residual)."""
-        grads, (err, res) = self._grad_fn(self.params, xt, t, noise, ab)
-        flat = torch.cat([grads[n].reshape(xt.shape[0], -1) for n in self.params], dim=1)
+    def flat_grads(
+        self, xt, t, noise, ab, cond=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, p) gradients of f for a micro-batch of pairs, plus their (error, residual).
+
+        ``cond``: per-pair conditioning (e.g. caption embeddings), the model's third input.
+        """
+        fn, extra = (self._grad_fn, ()) if cond is None else (self._grad_fn_cond, (cond,))
+        try:
+            grads, (err, res) = fn(self.params, xt.to(self.dtype), t, noise, ab, *extra)
+        except (RuntimeError, NotImplementedError) as exc:
+            if self.dtype == torch.float32 or "not implemented for" not in str(exc):
+                raise
+            name = {v: k for k, v in GRAD_DTYPES.items()}[self.dtype]
+            raise ConfigError(
+                f"--grad-dtype {name} is not supported on {self.device.type}: {exc}",
+                hint="use --grad-dtype bf16 on CPU (fp16 needs --device cuda), or fp32",
+            ) from None
+        flat = torch.cat([grads[n].reshape(xt.shape[0], -1).float() for n in self.params], dim=1)
         return flat, err, res
 
     def compute(
-        self, x0: torch.Tensor, ids: np.ndarray
+        self, x0: torch.Tensor, ids: np.ndarray, cond: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ḡ (B, p) float32, error e (B,) and residual r (B,) for a batch of samples."""
+        """ḡ (B, p) float32, error e (B,) and residual r (B,) for a batch of samples.
+
+        ``cond`` (B, …): per-sample conditioning passed to the model with x_t and t.
+        """
         B = x0.shape[0]
         K = self.timesteps.num
         out = torch.zeros(B, self.dim, dtype=torch.float32, device=self.device)
         err = torch.zeros(B, dtype=torch.float64)
         res = torch.zeros(B, dtype=torch.float64)
         for rows, xt, t, noise, ab in self.pairs(x0, ids):
-            g, e, r = self.flat_grads(xt, t, noise, ab)
+            c = None if cond is None else cond[rows].to(self.device, self.dtype)
+            g, e, r = self.flat_grads(xt, t, noise, ab, c)
             norms = g.norm(dim=1)  # needed to normalise; also a cheap NaN/Inf check
             if not torch.isfinite(norms).all():
                 bad = rows[~torch.isfinite(norms).cpu()][0]

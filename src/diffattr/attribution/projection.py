@@ -46,7 +46,9 @@ __all__ = [
     "IdentityProjector",
     "Projector",
     "SparseProjector",
+    "TrakCudaProjector",
     "make_projector",
+    "trak_cuda_available",
 ]
 
 #: Version of the generation scheme; bump when the matrix a given ``describe()`` denotes changes.
@@ -71,7 +73,23 @@ _SPARSE_TEMP_BYTES = 16 * 2**20
 #: Sparse projection handles at most this many bytes of output rows per pass (8 to 32 rows).
 _SPARSE_OUT_BYTES = 2**20
 
-KINDS = ("identity", "none", "gaussian", "rademacher", "countsketch", "sparse-jl")
+KINDS = ("identity", "none", "gaussian", "rademacher", "countsketch", "sparse-jl", "trak-cuda")
+#: traker's CUDA kernels project to multiples of this dimension.
+TRAK_CUDA_MULTIPLE = 512
+
+
+def trak_cuda_available(device: str | torch.device) -> bool:
+    """Whether ``trak-cuda`` can run: a CUDA device and traker's ``fast_jl`` extension installed.
+
+    Looks the extension up without importing it (CPU runs never load it)."""
+    import importlib.util
+
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    return (
+        importlib.util.find_spec("fast_jl") is not None
+        and importlib.util.find_spec("trak") is not None
+    )
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -430,6 +448,63 @@ class SparseProjector(Projector):
         return out
 
 
+class TrakCudaProjector(Projector):
+    """MadryLab traker's CUDA Rademacher projector (``fast_jl``), scaled by 1/√k.
+
+    The matrix is traker's (its own seeded stream, reproducible on one GPU model), not the
+    ``rademacher`` kind's; ``output_dim`` must be a multiple of 512. Needs a CUDA device.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        seed: int = 0,
+        device: str | torch.device = "cuda",
+        max_batch_size: int = 32,
+    ) -> None:
+        self.input_dim = _check_int("input_dim", input_dim, 1)
+        self.output_dim = _check_int("output_dim", output_dim, 1)
+        self.seed = _check_int("seed", seed, 0)
+        if self.output_dim % TRAK_CUDA_MULTIPLE:
+            raise ConfigError(
+                f"--projector trak-cuda needs --proj-dim a multiple of {TRAK_CUDA_MULTIPLE}, "
+                f"got {self.output_dim}"
+            )
+        if not trak_cuda_available(device):
+            raise ConfigError(
+                "--projector trak-cuda needs a CUDA device and traker's fast_jl extension",
+                hint="pip install traker[fast] on a GPU machine, or use --projector rademacher",
+            )
+        from trak.projectors import CudaProjector, ProjectionType
+
+        self.device = torch.device(device)
+        self._impl = CudaProjector(
+            self.input_dim,
+            self.output_dim,
+            self.seed,
+            ProjectionType.rademacher,
+            self.device,
+            max_batch_size,
+        )
+
+    @torch.no_grad()
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        self._check_grads(grads)
+        g = grads.detach().to(self.device, torch.float32).contiguous()
+        out = self._impl.project(g, model_id=0).to(torch.float32)
+        return out.mul_(1.0 / math.sqrt(self.output_dim)).to(grads.device)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "kind": "trak-cuda",
+            "seed": self.seed,
+            "input_dim": self.input_dim,
+            "output_dim": self.output_dim,
+            "matrix": "traker fast_jl rademacher / sqrt(k)",
+        }
+
+
 def make_projector(
     kind: str,
     input_dim: int,
@@ -442,7 +517,8 @@ def make_projector(
 
     ``kind``: "identity"/"none" (no projection, ``output_dim`` None or == input_dim),
     "gaussian", "rademacher" (options: block_rows, chunk_rows, cache_bytes, workers),
-    "countsketch" (options: chunk_size), "sparse-jl" (options: nnz, chunk_size).
+    "countsketch" (options: chunk_size), "sparse-jl" (options: nnz, chunk_size), "trak-cuda"
+    (traker's CUDA kernel; option: max_batch_size).
     """
     if kind not in KINDS:
         raise ConfigError(
@@ -454,6 +530,7 @@ def make_projector(
         "rademacher": {"block_rows", "chunk_rows", "cache_bytes", "workers"},
         "countsketch": {"chunk_size", "nnz"},
         "sparse-jl": {"chunk_size", "nnz"},
+        "trak-cuda": {"max_batch_size"},
     }.get(kind, set())
     unknown = sorted(set(options) - allowed)
     if unknown:
@@ -481,6 +558,8 @@ def make_projector(
             hint="a random projection only makes sense for output_dim < input_dim; "
             "use kind='identity' to keep full gradients",
         )
+    if kind == "trak-cuda":
+        return TrakCudaProjector(input_dim, output_dim, seed, device=device, **options)
     if kind in ("gaussian", "rademacher"):
         return DenseProjector(input_dim, output_dim, seed, kind=kind, device=device, **options)
     return SparseProjector(input_dim, output_dim, seed, kind=kind, device=device, **options)

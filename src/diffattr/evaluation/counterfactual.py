@@ -706,7 +706,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.attribution.method_spec import method_label, parse_method_list
     from diffattr.commands import make_attributor
     from diffattr.fsio import ensure_writable_dir
-    from diffattr.parallel import make_executor
+    from diffattr.parallel import executor_from_args
     from diffattr.run import RunDir
 
     run = RunDir(args.run)
@@ -721,16 +721,16 @@ def cmd_counterfactual(args: argparse.Namespace) -> dict[str, Any]:
         picture_targets=args.picture_targets,
         bootstrap=args.bootstrap,
     )
-    executor = make_executor(args.executor, args.workers, progress=not args.quiet)
-    summary = run_counterfactual(
-        run,
-        ensure_writable_dir(args.out),
-        config,
-        executor,
-        factory=lambda name, options: make_attributor(run, name, args, **options),
-        rescore=args.rescore,
-        progress=not args.quiet,
-    )
+    with executor_from_args(args) as executor:
+        summary = run_counterfactual(
+            run,
+            ensure_writable_dir(args.out),
+            config,
+            executor,
+            factory=lambda name, options: make_attributor(run, name, args, **options),
+            rescore=args.rescore,
+            progress=not args.quiet,
+        )
     table = summary.pop("table_text")
     if not args.quiet and not args.json:
         print(table)
@@ -740,6 +740,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> dict[str, Any]:
 def add_counterfactual_parser(add) -> argparse.ArgumentParser:
     """Register ``diffattr counterfactual`` with the CLI's ``add(name, help, examples, fn)``."""
     from diffattr.commands import add_feature_args
+    from diffattr.parallel import add_executor_args
 
     p = add(
         "counterfactual",
@@ -784,7 +785,6 @@ def add_counterfactual_parser(add) -> argparse.ArgumentParser:
     p.add_argument(
         "--relative-lambda", type=float, default=0.1, help="λ = c·mean eigenvalue (default 0.1)"
     )
-    p.add_argument("--executor", choices=["local", "inprocess"], default="local")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
+    add_executor_args(p)
     add_feature_args(p)
     return p
