@@ -86,3 +86,59 @@ def test_measures_registry():
 def test_bad_param_pattern(tiny_model):
     with pytest.raises(ConfigError, match="matches no parameter"):
         select_parameters(tiny_model, "nope_nothing")
+
+
+def _das_gradients(model, images, ids, dtype):
+    from diffattr.attribution.measure import parse_measure
+
+    measure = parse_measure("das", tuple(images.shape[1:]))
+    gc = GradientComputer(model, measure, NoiseSchedule(), TimestepSpec(3), dtype=dtype)
+    return gc.compute(images, ids)
+
+
+def test_bf16_gradients_agree_with_fp32(tiny_model, small_set):
+    x0, ids = small_set.images[:4], small_set.ids[:4].numpy()
+    ref, ref_err, _ = _das_gradients(tiny_model, x0, ids, torch.float32)
+    g, err, res = _das_gradients(tiny_model, x0, ids, torch.bfloat16)
+    assert g.dtype == err.dtype == res.dtype == torch.float32
+    assert not torch.equal(g, ref)  # really computed in bf16
+    rel = (g - ref).norm(dim=1) / ref.norm(dim=1)
+    assert rel.max() < 0.05, rel
+    torch.testing.assert_close(err, ref_err, rtol=0.02, atol=1e-3)
+    assert next(tiny_model.parameters()).dtype == torch.float32  # the model is not cast
+
+
+def test_fp16_on_cpu_works_or_says_why(tiny_model, small_set):
+    x0, ids = small_set.images[:2], small_set.ids[:2].numpy()
+    try:
+        g, _, _ = _das_gradients(tiny_model, x0, ids, torch.float16)
+    except ConfigError as exc:
+        assert "--grad-dtype fp16" in str(exc) and "bf16" in exc.hint
+        return
+    ref, _, _ = _das_gradients(tiny_model, x0, ids, torch.float32)
+    assert ((g - ref).norm(dim=1) / ref.norm(dim=1)).max() < 0.05
+
+
+def test_grad_dtype_names_and_store_keys():
+    from diffattr.attribution.featurize import FeatureSettings
+    from diffattr.attribution.gradients import grad_dtype
+
+    assert grad_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ConfigError, match="--grad-dtype"):
+        grad_dtype("fp8")
+    fp32, bf16 = FeatureSettings(), FeatureSettings(grad_dtype="bf16")
+    assert "grad_dtype" not in fp32.to_dict()  # stores made before the option keep their names
+    assert bf16.to_dict()["grad_dtype"] == "bf16" and bf16.key() != fp32.key()
+
+
+def test_device_is_checked():
+    from diffattr.attribution.gradients import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="--device"):
+        resolve_device("tpu:x")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device") as info:
+            resolve_device("cuda")
+        assert "--device cpu" in info.value.hint

@@ -306,3 +306,18 @@ if __name__ == "__main__":
             proj.project(grads)
             times.append(time.perf_counter() - t0)
         print(f"{name:12s} first {times[0]:.3f} s, best of next {min(times[1:]):.3f} s")
+
+
+def test_trak_cuda_falls_back_on_cpu_without_loading_fast_jl(capsys):
+    from diffattr.attribution.featurize import FeatureSettings, with_available_projector
+    from diffattr.attribution.projection import trak_cuda_available
+
+    assert not trak_cuda_available("cpu")
+    settings = FeatureSettings(projector="trak-cuda", proj_dim=512)
+    got = with_available_projector(settings, "cpu")
+    assert got.projector == "rademacher" and got.proj_dim == 512
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trak-cuda" in err and "rademacher" in err
+    with pytest.raises(ConfigError, match="CUDA device"):
+        make_projector("trak-cuda", 4096, 512, device="cpu")
+    assert "fast_jl" not in sys.modules
