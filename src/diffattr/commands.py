@@ -424,6 +424,7 @@ def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
         bootstrap=args.bootstrap,
         measure_timesteps=args.measure_timesteps,
         seeds=parse_list(args.seed_index, int, "--seed-index") if args.seed_index else None,
+        device=args.device,
     )
     table = format_table(rows)
     out = Path(args.out) if args.out else Path(args.bench) / "results.md"

@@ -30,6 +30,7 @@ def benchmark_scores(
     gram: np.ndarray | None = None,
     trak_inner: np.ndarray | None = None,
     progress: bool = False,
+    device: str = "cpu",
 ) -> list[np.ndarray]:
     """(T, N) scores per relative λ (one entry for λ-free methods) of a model-based method on
     LDS benchmark targets (``Method.needs_model``), for ``evaluation.lds.evaluate_benchmark``.
@@ -65,6 +66,7 @@ def benchmark_scores(
         settings=settings,
         store_dir=store_dir,
         progress=progress,
+        device=device,
     )
     if method in ("tracin", "gas"):
         options.setdefault("checkpoints", None if run_dir is None else str(run_dir))
@@ -85,7 +87,7 @@ def benchmark_scores(
     seeds = np.full(len(target_images), -1) if target_seeds is None else np.asarray(target_seeds)
     att = Attributor(
         model, train, store_dir, method="trak", schedule=schedule, settings=settings,
-        progress=progress,
+        progress=progress, device=device,
     )  # fmt: skip
     phi = att.featurize().features
     n = phi.shape[0]
@@ -105,7 +107,7 @@ def benchmark_scores(
             model, samples, att.settings, schedule, store_dir,
             target_ids=np.asarray(target_ids)[gen], steps=options.get("steps"),
             generation_batch_size=options.get("generation_batch_size"),
-            progress=progress,
+            progress=progress, device=att.device,
         ).astype(np.float64)  # fmt: skip
         for sl in _blocks(n, 4096):
             inner[gen, sl] = feats @ np.asarray(phi[sl], dtype=np.float64).T

@@ -92,6 +92,8 @@ def regenerate(
     """
     samples = check_generated(samples)
     schedule = schedule or NoiseSchedule()
+    if next(model.parameters()).device.type != "cpu":  # targets are generated on CPU: redo there
+        model = copy.deepcopy(model).cpu()
     worst = 0.0
     for classic in (False, True):
         regen = sample(

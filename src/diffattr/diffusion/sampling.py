@@ -74,6 +74,7 @@ def sample(
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     x_init = initial_noise(seeds, shape)
     model.eval()
+    device = next(model.parameters()).device  # sample where the model is; results on CPU
     outs, trajs = [], []
     timesteps = None
     starts = range(0, len(seeds), batch_size)
@@ -83,19 +84,19 @@ def sample(
         scheduler = schedule.ddim() if sampler == "ddim" else schedule.ddpm()
         scheduler.set_timesteps(num_steps)
         timesteps = scheduler.timesteps.numpy().copy()
-        x = x_init[sl].clone()
+        x = x_init[sl].clone().to(device)
         batch_seeds = seeds[sl]
         traj = []
         for k, t in enumerate(scheduler.timesteps):
             if record_trajectory:
-                traj.append(x.clone())
+                traj.append(x.cpu().clone())
             eps = model(x, t).sample
             if sampler == "ddim":
                 x = scheduler.step(eps, t, x, eta=0.0).prev_sample
             else:
                 gens = [generator(SAMPLING_KEY, int(s), k + 1) for s in batch_seeds]
                 x = scheduler.step(eps, t, x, generator=gens).prev_sample
-        outs.append(x.clamp(-1, 1))
+        outs.append(x.clamp(-1, 1).cpu())
         if record_trajectory:
             trajs.append(torch.stack(traj))
         bar.update(len(batch_seeds))

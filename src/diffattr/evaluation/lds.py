@@ -436,7 +436,7 @@ class KernelCache:
 
 
 def build_kernel_cache(
-    run: RunDir, gt: GroundTruth, settings, progress: bool = True
+    run: RunDir, gt: GroundTruth, settings, progress: bool = True, device: str = "cpu"
 ) -> KernelCache:
     """Featurize the run's training set and the benchmark targets; reduce to a kernel cache."""
     from diffattr.attribution.attributor import Attributor
@@ -449,6 +449,7 @@ def build_kernel_cache(
         method={"das": "das", "dtrak": "dtrak", "loss": "trak"}[settings.measure],
         schedule=run.train_config().schedule,
         settings=settings,
+        device=device,
         progress=progress,
     )
     store = att.featurize()
@@ -481,7 +482,12 @@ def build_kernel_cache(
 
 
 def kernel_cache(
-    run: RunDir | None, bench: Path, gt: GroundTruth, settings, progress: bool = True
+    run: RunDir | None,
+    bench: Path,
+    gt: GroundTruth,
+    settings,
+    progress: bool = True,
+    device: str = "cpu",
 ) -> KernelCache:
     """Load the benchmark's cached kernel for ``settings`` or build it from ``run``."""
     proj = {"identity": "exact", "auto": "auto"}.get(
@@ -496,7 +502,7 @@ def kernel_cache(
             f"no cached kernel {path.name} in {bench}",
             hint="pass --run RUN so the features can be computed",
         )
-    cache = build_kernel_cache(run, gt, settings, progress)
+    cache = build_kernel_cache(run, gt, settings, progress, device)
     cache.save(path)
     return KernelCache.load(path)  # the same (float32-rounded) numbers as a later reload
 
@@ -543,10 +549,12 @@ def evaluate_benchmark(
     bootstrap: int = 1000,
     measure_timesteps: int | None = None,
     seeds: list[int] | None = None,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """LDS rows (method × K) for a built benchmark; features come from ``run`` or the cache.
 
     ``measure_timesteps`` / ``seeds`` evaluate against F over fewer timesteps or seeds (ablation).
+    ``device``: where features are computed.
     """
     from diffattr.attribution.featurize import FeatureSettings
     from diffattr.attribution.method_spec import method_label
@@ -577,6 +585,7 @@ def evaluate_benchmark(
                     lambdas,
                     progress,
                     bootstrap,
+                    device,
                 )  # fmt: skip
             )
             continue
@@ -585,7 +594,7 @@ def evaluate_benchmark(
             cache = None
             if measure is not None:
                 settings = replace(base, measure=measure, timesteps=K)
-                cache = kernel_cache(run, bench, gt, settings, progress)
+                cache = kernel_cache(run, bench, gt, settings, progress, device)
             opts = {"seed": 0, **options} if method == "random" else options
             scores = method_scores(method, cache, lambdas, train_set.images, gt.images, **opts)
             summary = summarize(gt, scores, lambdas, bootstrap=bootstrap)
@@ -607,8 +616,9 @@ def evaluate_benchmark(
 
 
 def _model_based_rows(
-    method, options, run, bench, gt, train_set, base, timesteps, lambdas, progress, bootstrap
-) -> list[dict[str, Any]]:
+    method, options, run, bench, gt, train_set, base, timesteps, lambdas, progress, bootstrap,
+    device="cpu",
+) -> list[dict[str, Any]]:  # fmt: skip
     """LDS rows of a method that computes its own features from the model (``needs_model``)."""
     from diffattr.attribution.context import benchmark_scores
     from diffattr.attribution.method_spec import method_label
@@ -620,13 +630,15 @@ def _model_based_rows(
         settings = replace(base, timesteps=K)
         extra: dict[str, Any] = {}
         if method == "journey-trak":
-            c = kernel_cache(run, bench, gt, replace(settings, measure="loss"), progress)
+            loss = replace(settings, measure="loss")
+            c = kernel_cache(run, bench, gt, loss, progress, device)
             extra = {"gram": c.gram, "trak_inner": c.inner}
         scores = benchmark_scores(
             method, options, lambdas, model=load_unet(run.model_dir), train=train_set,
             target_images=gt.images, target_ids=gt.keys, target_seeds=gt.seeds,
             schedule=run.train_config().schedule, settings=settings,
-            store_dir=run.features_dir, run_dir=run.path, progress=progress, **extra,
+            store_dir=run.features_dir, run_dir=run.path, progress=progress, device=device,
+            **extra,
         )  # fmt: skip
         summary = summarize(gt, scores, lambdas, bootstrap=bootstrap)
         rows.append({"method": method_label(method, options), "timesteps": K, **summary})
