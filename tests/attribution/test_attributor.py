@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +102,17 @@ def test_projection_reuses_unprojected_store_without_recomputing(setup, monkeypa
     monkeypatch.setattr(GradientComputer, "compute", no_gradients)
     reused = Attributor(model, train, tmp / "f", settings=sketch, progress=False)
     np.testing.assert_allclose(reused.score(targets).values, want, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_gradients_give_their_own_store_and_close_scores(setup):
+    model, train, targets, tmp = setup
+    base = FeatureSettings(timesteps=2, projector="countsketch", proj_dim=256)
+    fp32 = Attributor(model, train, tmp / "f", settings=base, progress=False)
+    low = replace(base, grad_dtype="bf16")
+    bf16 = Attributor(model, train, tmp / "f", settings=low, progress=False)
+    a, b = fp32.score(targets).values, bf16.score(targets).values
+    assert fp32.train_store_path != bf16.train_store_path  # never mixed in one store
+    assert bf16.featurize().features.dtype == np.float32
+    assert not np.array_equal(a, b)
+    corr = [np.corrcoef(a[i], b[i])[0, 1] for i in range(len(a))]
+    assert min(corr) > 0.95, corr
