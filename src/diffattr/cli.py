@@ -106,13 +106,19 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.diffusion.presets import load_unet, model_fingerprint
     from diffattr.diffusion.sampling import sample, save_samples
-    from diffattr.run import RunDir
+    from diffattr.run import TEXT2IMAGE, RunDir
 
     if args.seed < 0:
         raise DiffattrError(f"--seed must be non-negative, got {args.seed}")
     if args.steps < 1:
         raise DiffattrError(f"--steps must be at least 1, got {args.steps}")
     run = RunDir(args.run)
+    if run.family == TEXT2IMAGE:
+        from diffattr.text2image.family import cmd_generate as generate_text2image
+
+        return generate_text2image(args)
+    if args.prompt or args.prompts:
+        raise DiffattrError(f"{run.path} is an unconditional run: it takes no prompts")
     model = load_unet(run.model_dir)
     num_train_timesteps = run.train_config().schedule.num_train_timesteps
     if args.steps > num_train_timesteps:
@@ -204,16 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
         """
         diffattr generate runs/digits --num 16
         diffattr generate runs/digits --num 8 --seed 100 --sampler ddpm --out runs/digits/ddpm
+        diffattr generate runs/art --num 8 --prompt "a painting in the style of Monet"
         """,
         cmd_generate,
     )
-    p.add_argument("run", help="run directory made by `diffattr train`")
+    p.add_argument("run", help="run directory made by `diffattr train` or `diffattr finetune`")
     p.add_argument("--num", type=int, default=16, help="number of images (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
     p.add_argument("--trajectory", action="store_true", help="record x_t along the path")
     p.add_argument("--out", default=None, help="output directory (default: RUN/samples)")
+    from diffattr.text2image.cli import add_finetune_parser, add_generate_args
+
+    add_generate_args(p)
+    add_finetune_parser(add)
 
     from diffattr.commands import register
 

@@ -2,7 +2,7 @@
 
 Layout (each stage writes its own part, atomically, and can be resumed)::
 
-    RUN/run.json          data spec and training config (written by `train`)
+    RUN/run.json          model family, data spec and training config (written by `train`)
     RUN/train.json        training manifest; RUN/model/ final EMA weights; RUN/checkpoints/
     RUN/samples/          generated targets: samples.npz (images, seeds, initial noise), PNGs
     RUN/features/         feature stores (train set and targets, one per measure/settings)
@@ -39,6 +39,12 @@ class DataSpec:
         return train_val_split(
             full, val_count=self.val_count, seed=self.split_seed, train_count=self.train_count
         )
+
+
+#: Model families: how a run's model is trained, sampled and attributed. ``unconditional``:
+#: a pixel-space UNet trained from scratch (`diffattr train`); ``text2image``: LoRA on a
+#: latent text-to-image pipeline (`diffattr finetune`, :mod:`diffattr.text2image`).
+UNCONDITIONAL, TEXT2IMAGE = "unconditional", "text2image"
 
 
 class RunDir:
@@ -85,14 +91,34 @@ class RunDir:
         data[section] = value
         atomic_write_json(self.manifest_path, data)
 
+    @property
+    def family(self) -> str:
+        """The run's model family (runs made before families existed are unconditional)."""
+        return self.manifest().get("family", UNCONDITIONAL)
+
     def data_spec(self) -> DataSpec:
         return DataSpec(**self.manifest()["data"])
 
     def train_config(self) -> TrainConfig:
+        """The training settings (a ``LoraTrainConfig`` for text-to-image runs)."""
+        if self.family == TEXT2IMAGE:
+            from diffattr.text2image.training import LoraTrainConfig
+
+            return LoraTrainConfig.from_dict(self.manifest()["train"])
         return TrainConfig.from_dict(self.manifest()["train"])
 
-    def start(self, spec: DataSpec, config: TrainConfig) -> None:
-        """Record the data spec and training config, refusing to change those of an existing run."""
+    def start(self, spec: DataSpec, config: TrainConfig, family: str = UNCONDITIONAL) -> None:
+        """Record the family, data spec and training config, refusing to change those of an
+        existing run."""
+        if self.manifest_path.is_file():
+            have = read_json(self.manifest_path).get("family", UNCONDITIONAL)
+            if have != family:
+                raise DiffattrError(
+                    f"{self.path} holds a {have} run, not a {family} one",
+                    hint="use another --out directory",
+                )
+        if family != UNCONDITIONAL:
+            self.update("family", family)
         wanted = {"data": asdict(spec), "train": config.to_dict()}
         if self.manifest_path.is_file():
             have = read_json(self.manifest_path)

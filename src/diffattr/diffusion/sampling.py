@@ -113,8 +113,14 @@ def sample(
     )
 
 
-def save_samples(samples: Samples, out_dir: str | Path, model_fingerprint: str = "") -> Path:
-    """Write ``samples.npz`` (images, seeds, initial noise, sampler settings), PNGs and a grid."""
+def save_samples(
+    samples: Samples,
+    out_dir: str | Path,
+    model_fingerprint: str = "",
+    extra: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Write ``samples.npz`` (images, seeds, initial noise, sampler settings, and any ``extra``
+    arrays such as prompts), PNGs and a grid."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     arrays = {
@@ -130,6 +136,7 @@ def save_samples(samples: Samples, out_dir: str | Path, model_fingerprint: str =
     }
     if samples.trajectory is not None:
         arrays["trajectory"] = samples.trajectory.numpy().astype(np.float32)
+    arrays.update(extra or {})
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(out_dir / "samples.npz", buf.getvalue())

@@ -1,6 +1,7 @@
 """The forward noising process and the per-sample random streams of training.
 
-x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε with a linear β schedule (1e-4 → 0.02, T = 1000 by default).
+x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε with a linear β schedule (1e-4 → 0.02, T = 1000 by default), or
+Stable Diffusion's ``scaled_linear`` one (β_t = (√β₀ + t/(T−1)·(√β_T − √β₀))², 0.00085 → 0.012).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from dataclasses import asdict, dataclass
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from diffattr.errors import ConfigError
 from diffattr.seeding import generator
+
+BETA_SCHEDULES = ("linear", "scaled_linear")
 
 #: Key namespaces, so streams of different purposes never coincide.
 TRAIN_VISIT_KEY = 1
@@ -23,21 +27,33 @@ INIT_KEY = 6
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """Linear-β DDPM schedule."""
+    """DDPM schedule: linear β (default) or ``scaled_linear`` (latent diffusion)."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    beta_schedule: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(
+                f"unsupported beta schedule {self.beta_schedule!r}",
+                hint=f"use one of {', '.join(BETA_SCHEDULES)}",
+            )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings; ``beta_schedule`` only when not linear (older runs keep their keys)."""
+        d = asdict(self)
+        if d["beta_schedule"] == "linear":
+            del d["beta_schedule"]
+        return d
 
     def ddpm(self) -> DDPMScheduler:
         return DDPMScheduler(
             num_train_timesteps=self.num_train_timesteps,
             beta_start=self.beta_start,
             beta_end=self.beta_end,
-            beta_schedule="linear",
+            beta_schedule=self.beta_schedule,
             clip_sample=True,
         )
 
@@ -46,16 +62,22 @@ class NoiseSchedule:
             num_train_timesteps=self.num_train_timesteps,
             beta_start=self.beta_start,
             beta_end=self.beta_end,
-            beta_schedule="linear",
+            beta_schedule=self.beta_schedule,
             clip_sample=True,
             set_alpha_to_one=True,
         )
 
     def alphas_cumprod(self) -> torch.Tensor:
         """ᾱ_t for t = 0 … T−1 (float32)."""
-        betas = torch.linspace(
-            self.beta_start, self.beta_end, self.num_train_timesteps, dtype=torch.float64
-        )
+        if self.beta_schedule == "scaled_linear":
+            betas = torch.linspace(
+                self.beta_start**0.5, self.beta_end**0.5, self.num_train_timesteps,
+                dtype=torch.float64,
+            ) ** 2  # fmt: skip
+        else:
+            betas = torch.linspace(
+                self.beta_start, self.beta_end, self.num_train_timesteps, dtype=torch.float64
+            )
         return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

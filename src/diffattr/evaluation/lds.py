@@ -37,7 +37,7 @@ from diffattr.errors import DiffattrError
 from diffattr.evaluation.stats import bootstrap_lds_ci, bootstrap_mean_ci, spearman_columns
 from diffattr.fsio import atomic_write, atomic_write_json, read_json
 from diffattr.parallel import Executor
-from diffattr.run import DataSpec, RunDir
+from diffattr.run import TEXT2IMAGE, DataSpec, RunDir
 from diffattr.seeding import generator
 
 VAL, GEN = 0, 1
@@ -78,11 +78,13 @@ def measure_loss(
     seed: int,
     schedule: NoiseSchedule,
     batch_size: int = 512,
+    conditioning: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Per-timestep losses (targets, K): ‖ε_θ(x_t, t) − ε‖²/d at every (T/K)-th t.
 
     Noise is keyed by (MEASUREMENT_KEY, seed, target key, t). F(x) is the row mean; any K' that
-    divides K gives F over K' timesteps from every (K/K')-th column.
+    divides K gives F over K' timesteps from every (K/K')-th column. ``conditioning``: each
+    target's third model input (caption embeddings of a text-to-image UNet).
     """
     ts = measure_timestep_grid(num_timesteps, schedule)
     ab = schedule.alphas_cumprod()
@@ -103,7 +105,8 @@ def measure_loss(
         )
         a = ab[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * images[rows] + (1 - a).sqrt() * eps
-        err = (model(xt, t).sample - eps).pow(2).flatten(1).mean(1).double()
+        cond = () if conditioning is None else (conditioning[rows],)
+        err = (model(xt, t, *cond).sample - eps).pow(2).flatten(1).mean(1).double()
         out[rows.numpy(), cols] = err.numpy()
     return out
 
@@ -163,7 +166,14 @@ def build(
     executor: Executor,
     progress: bool = True,
 ) -> Path:
-    """Build (or resume) the LDS ground truth for ``run`` into ``bench_dir``."""
+    """Build (or resume) the LDS ground truth for ``run`` into ``bench_dir``.
+
+    Text-to-image runs retrain by LoRA fine-tuning and measure F in latent space under each
+    target's caption (:mod:`diffattr.text2image.evaluation`).
+    """
+    text2image = run.family == TEXT2IMAGE
+    if text2image:
+        from diffattr.text2image import evaluation as t2i
     bench = Path(bench_dir)
     bench.mkdir(parents=True, exist_ok=True)
     spec, train_config = run.data_spec(), run.train_config()
@@ -175,6 +185,8 @@ def build(
         "dataset_fingerprint": train_set.fingerprint(),
         "run": str(run.path),
     }
+    if text2image:
+        manifest.update(family=TEXT2IMAGE, **t2i.job_data(run))
     if (bench / "lds.json").is_file():
         have = read_json(bench / "lds.json")
         for key in ("config", "data", "train", "dataset_fingerprint"):
@@ -193,11 +205,13 @@ def build(
         atomic_write(bench / "subsets.npy", lambda f: np.save(f, subsets))
     targets_path = bench / "targets.npz"
     if not targets_path.is_file():
-        write_targets(run, val_set, config, targets_path, progress)
+        write = t2i.write_lds_targets if text2image else write_targets
+        write(run, val_set, config, targets_path, progress)
 
+    data = t2i.job_data(run) if text2image else asdict(spec)
     jobs = [
         SubsetJob(
-            asdict(spec),
+            data,
             replace(
                 train_config,
                 seed=s,
@@ -212,7 +226,8 @@ def build(
         for s in config.seeds
         for j in range(config.num_subsets)
     ]
-    list(executor.map(run_subset_job, jobs, desc="lds: retrain subsets"))
+    job_fn = t2i.run_subset_job if text2image else run_subset_job
+    list(executor.map(job_fn, jobs, desc="lds: retrain subsets"))
     F_t = np.stack(
         [
             np.stack([np.load(Path(j.out_dir) / "F.npy") for j in jobs if _seed_of(j) == s])
@@ -264,6 +279,7 @@ class GroundTruth:
     images: torch.Tensor  # (T, C, H, W)
     keys: np.ndarray
     seeds: np.ndarray | None = None  # generation seed per target, < 0 for real images
+    conditioning: torch.Tensor | None = None  # caption embeddings (text-to-image targets)
 
     @classmethod
     def load(
@@ -293,6 +309,7 @@ class GroundTruth:
             torch.from_numpy(t["images"]),
             t["keys"],
             t["seeds"] if "seeds" in t.files else None,
+            torch.from_numpy(t["conditioning"]) if "conditioning" in t.files else None,
         )
 
     def predicted(self, scores: np.ndarray) -> np.ndarray:
@@ -441,9 +458,14 @@ def build_kernel_cache(
     """Featurize the run's training set and the benchmark targets; reduce to a kernel cache."""
     from diffattr.attribution.attributor import Attributor
 
-    train_set, _ = run.data_spec().load()
+    if run.family == TEXT2IMAGE:
+        from diffattr.text2image.family import attribution_inputs
+
+        model, train_set, settings = attribution_inputs(run, settings)
+    else:
+        model, (train_set, _) = load_unet(run.model_dir), run.data_spec().load()
     att = Attributor(
-        load_unet(run.model_dir),
+        model,
         train_set,
         run.features_dir,
         method={"das": "das", "dtrak": "dtrak", "loss": "trak"}[settings.measure],
@@ -453,7 +475,7 @@ def build_kernel_cache(
         progress=progress,
     )
     store = att.featurize()
-    tstore = att.featurize_targets(gt.images, gt.keys)
+    tstore = att.featurize_targets(gt.images, gt.keys, gt.conditioning)
     phi, tphi = store.features, np.asarray(tstore.features, dtype=np.float64)
     n = phi.shape[0]
     gram = np.zeros((n, n))
@@ -563,7 +585,12 @@ def evaluate_benchmark(
     bench = Path(bench_dir)
     gt = GroundTruth.load(bench, measure_timesteps, seeds)
     manifest = read_json(bench / "lds.json")
-    train_set, _ = DataSpec(**manifest["data"]).load()
+    if manifest.get("family") == TEXT2IMAGE:  # targets are latents: so are the train images
+        from diffattr.text2image.latents import load_latents
+
+        train_set = load_latents(manifest["latents"])
+    else:
+        train_set, _ = DataSpec(**manifest["data"]).load()
     lambdas = list(lambdas or DEFAULT_LAMBDAS)
     base = base_settings or FeatureSettings()
     rows: list[dict[str, Any]] = []
@@ -625,6 +652,10 @@ def _model_based_rows(
 
     if run is None:
         raise DiffattrError(f"{method} computes features from the model", hint="pass --run RUN")
+    if run.family == TEXT2IMAGE:
+        from diffattr.text2image.family import check_method
+
+        check_method(method)
     rows = []
     for K in timesteps:
         settings = replace(base, timesteps=K)
