@@ -200,9 +200,12 @@ def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
     bounds = parse_rows(args.rows) if getattr(args, "rows", None) else None
     out: dict[str, Any] = {}
     sharded = getattr(args, "executor", "inprocess") != "inprocess"
+    plan = args
+    if sharded and str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        plan = argparse.Namespace(**{**vars(args), "device": "cpu"})  # GPUs on the workers only
     with executor_from_args(args) if sharded else contextlib.nullcontext() as executor:
         for method in args.method.split(","):
-            att = make_attributor(run, method, args)
+            att = make_attributor(run, method, plan)
             rows = None
             if bounds is not None:
                 n = len(att.train)
@@ -215,7 +218,9 @@ def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
             if att.method.measure is None:
                 continue
             if executor is not None:
-                store = featurize_with_executor(att, run.path, method, executor, rows)
+                store = featurize_with_executor(
+                    att, run.path, method, executor, rows, device=args.device
+                )
                 if rows is None and not store.is_complete():
                     raise DiffattrError(
                         f"feature store {store.path} is incomplete after the workers finished",

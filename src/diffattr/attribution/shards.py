@@ -44,15 +44,20 @@ _LOADED: dict[tuple[str, tuple[int, ...]], tuple[Any, Any, Any]] = {}
 def _load_run(run_path: str):
     """The run's model, training set and schedule, loaded once per worker process."""
     from diffattr.diffusion.presets import load_unet
-    from diffattr.run import RunDir
+    from diffattr.run import TEXT2IMAGE, RunDir
 
     run = RunDir(run_path)
     stamps = tuple(p.stat().st_mtime_ns for p in sorted(run.model_dir.glob("*")))
     key = (str(Path(run_path).resolve()), stamps)
     if key not in _LOADED:
         _LOADED.clear()
-        train_set, _ = run.data_spec().load()
-        _LOADED[key] = (load_unet(run.model_dir), train_set, run.train_config().schedule)
+        if run.family == TEXT2IMAGE:  # LoRA UNet and latents with caption embeddings
+            from diffattr.text2image.family import attribution_model, train_latents
+
+            model, train_set = attribution_model(run), train_latents(run)
+        else:
+            model, (train_set, _) = load_unet(run.model_dir), run.data_spec().load()
+        _LOADED[key] = (model, train_set, run.train_config().schedule)
     return _LOADED[key]
 
 
@@ -94,11 +99,13 @@ def featurize_with_executor(
     executor: Executor,
     rows: np.ndarray | None = None,
     options: dict[str, Any] | None = None,
+    device: str | None = None,
 ) -> FeatureStore:
     """Fill ``attributor``'s training store (or its ``rows``) with shards run on ``executor``.
 
     ``attributor`` is the main process's :class:`Attributor` for ``run`` made with ``method``
-    and ``options`` (it names the store and the settings); workers rebuild it from those.
+    and ``options`` (it names the store and the settings); workers rebuild it from those, on
+    ``device`` (default: the attributor's; e.g. ``cuda`` on Ray GPU workers of a CPU driver).
     """
     path = attributor.train_store_path
     todo = np.arange(len(attributor.train)) if rows is None else np.asarray(rows, np.int64)
@@ -110,7 +117,7 @@ def featurize_with_executor(
         settings=attributor.settings.to_dict(),
         rows=(),
         batch_size=attributor.batch_size,
-        device=attributor.device,
+        device=device or attributor.device,
         on_nonfinite=attributor.on_nonfinite,
         options=dict(options or {}),
     )
