@@ -38,3 +38,8 @@ def components(tiny_pipeline):
 @pytest.fixture(scope="session")
 def captioned() -> ImageDataset:
     return shapes()
+
+
+@pytest.fixture(scope="session")
+def make_shapes():
+    return shapes

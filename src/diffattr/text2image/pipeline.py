@@ -88,6 +88,13 @@ class Components:
         return int(self.vae.config.latent_channels), side, side
 
 
+def _quiet_transformers() -> None:
+    """No per-file progress bars from transformers' loading and saving (ours report progress)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def _byte_alphabet() -> list[str]:
     """One printable character per byte value (printable Latin-1 bytes map to themselves, the
     others to code points from 256 on), as byte-level BPE vocabularies spell them."""
@@ -128,6 +135,7 @@ def write_tiny_pipeline(path: str | Path, seed: int = 0, sample_size: int = 8) -
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    _quiet_transformers()
     path = Path(path)
     with atomic_directory(path) as tmp:
         tok = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp / "tokenizer"))
@@ -217,6 +225,7 @@ def load_components(path: str | Path, unet: bool = True) -> Components:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    _quiet_transformers()
     path = check_pipeline_dir(path)
     schedule = read_schedule(path)
     kw = {"local_files_only": True}
