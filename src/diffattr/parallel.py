@@ -41,6 +41,10 @@ class Executor(ABC):
     def map(self, fn: Callable[[Any], T], jobs: Iterable[Any], desc: str = "") -> Iterator[T]:
         """Results of ``fn`` over ``jobs``, in order."""
 
+    def start(self) -> Executor:
+        """Acquire workers now, so :attr:`parallelism` is known (map does it when needed)."""
+        return self
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the executor started (nothing by default)."""
 

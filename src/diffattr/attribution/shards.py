@@ -121,10 +121,12 @@ def featurize_with_executor(
         on_nonfinite=attributor.on_nonfinite,
         options=dict(options or {}),
     )
-    jobs = [
-        replace(template, rows=tuple(int(r) for r in piece))
-        for piece in shard_rows(todo, executor.parallelism, attributor.batch_size)
-    ]
-    desc = f"featurize train ({attributor.settings.measure}, {len(jobs)} shards)"
-    list(executor.map(featurize_shard, jobs, desc=desc if jobs else ""))
+    if todo.size:
+        executor.start()  # a Ray cluster's size decides the number of shards
+        jobs = [
+            replace(template, rows=tuple(int(r) for r in piece))
+            for piece in shard_rows(todo, executor.parallelism, attributor.batch_size)
+        ]
+        desc = f"featurize train ({attributor.settings.measure}, {len(jobs)} shards)"
+        list(executor.map(featurize_shard, jobs, desc=desc))
     return FeatureStore.load(path, require_complete=False)
