@@ -424,3 +424,15 @@ def test_one_bad_sample_in_a_batch_is_skipped_alone(tiny_model, tmp_path):
     )  # fmt: skip
     assert store.skipped_rows().tolist() == [2] and store.is_complete()
     assert np.isfinite(np.asarray(store.features)).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_device_without_a_gpu_is_one_line(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    code, _, err = run_main("featurize", run, "--device", "cuda", *QUIET)
+    assert_clean_error(code, err, "--device cuda", "no CUDA device")
+    assert "hint: use --device cpu" in err
+    assert not (run / "features").exists()
+    ray_args = ["--executor", "ray", "--ray-cpus-per-task", "0"]
+    code, _, err = run_main("featurize", run, *ray_args, *QUIET)
+    assert_clean_error(code, err, "--ray-cpus-per-task")
