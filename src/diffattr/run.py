@@ -93,7 +93,10 @@ class RunDir:
 
     @property
     def family(self) -> str:
-        """The run's model family (runs made before families existed are unconditional)."""
+        """The run's model family (runs made before families existed are unconditional; a
+        missing run.json is reported by the step that needs it)."""
+        if not self.manifest_path.is_file():
+            return UNCONDITIONAL
         return self.manifest().get("family", UNCONDITIONAL)
 
     def data_spec(self) -> DataSpec:

@@ -131,6 +131,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     )
     from diffattr.text2image.training import LoraTrainConfig, finetune
 
+    if args.size is not None and args.size != args.resolution:
+        raise ConfigError("text-to-image runs resize images to --resolution; drop --size")
     spec = DataSpec(
         data=args.data,
         size=args.resolution,
