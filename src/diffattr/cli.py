@@ -58,6 +58,12 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int = 3000) -> None:
     g.add_argument("--ema-decay", type=float, default=0.999)
     g.add_argument("--seed", type=int, default=0, help="training seed")
     g.add_argument("--checkpoint-every", type=int, default=500)
+    g.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model trains: cpu (default), cuda, cuda:N or auto; weights, timesteps "
+        "and noise are drawn on CPU either way (CUDA runs are not bit-reproducible)",
+    )
 
 
 def _data_spec(args: argparse.Namespace):
@@ -88,18 +94,20 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.attribution.gradients import resolve_device
     from diffattr.diffusion.training import checkpoints, train
     from diffattr.fsio import ensure_writable_dir, removed_on_error
     from diffattr.run import RunDir
 
     spec, config = _data_spec(args), _train_config(args)
     config.validate()  # bad options and data fail before --out is created
+    device = resolve_device(args.device)
     train_set, _ = spec.load()
     with removed_on_error(args.out, keep=lambda p: bool(checkpoints(p))):
         run = RunDir(ensure_writable_dir(args.out))
         run.start(spec, config)
         t0 = time.time()
-        model_dir = train(train_set, config, run.path, progress=not args.quiet)
+        model_dir = train(train_set, config, run.path, progress=not args.quiet, device=device)
     return {"model": str(model_dir), "num_train": len(train_set), "seconds": time.time() - t0}
 
 

@@ -347,6 +347,7 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_lds_build(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.attribution.gradients import resolve_device
     from diffattr.evaluation.lds import LDSConfig, build
     from diffattr.fsio import removed_on_error
     from diffattr.parallel import executor_from_args
@@ -363,6 +364,9 @@ def cmd_lds_build(args: argparse.Namespace) -> dict[str, Any]:
     if any(s < 0 for s in seeds):
         raise ConfigError(f"--seeds must be non-negative, got {args.seeds}")
     RunDir(args.run).train_config()  # a missing or damaged run fails before --out is made
+    device = args.device
+    if args.executor != "ray":  # Ray workers may have GPUs the driver lacks: they check there
+        device = resolve_device(device)
     config = LDSConfig(
         num_subsets=args.subsets,
         fraction=args.fraction,
@@ -377,7 +381,9 @@ def cmd_lds_build(args: argparse.Namespace) -> dict[str, Any]:
         executor_from_args(args) as executor,
         removed_on_error(args.out, keep=lambda p: (p / "models").is_dir()),
     ):
-        bench = build(RunDir(args.run), args.out, config, executor, progress=not args.quiet)
+        bench = build(
+            RunDir(args.run), args.out, config, executor, progress=not args.quiet, device=device
+        )
     return {"benchmark": str(bench), "models": config.num_subsets * len(config.seeds)}
 
 
@@ -570,6 +576,11 @@ def register(add) -> None:
         help="no common random numbers: each subset model gets its own init and noise",
     )
     add_executor_args(b)
+    b.add_argument(
+        "--device",
+        default="cpu",
+        help="where subset models train and are measured: cpu (default), cuda, cuda:N, auto",
+    )
     e = sub.add_parser(
         "eval",
         help="LDS of methods on a built benchmark (cross-fitted λ, bootstrap CIs)",

@@ -12,6 +12,7 @@ from diffattr.fsio import atomic_write_json, ensure_writable_dir
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.attribution.gradients import resolve_device
     from diffattr.cli import _data_spec, _train_config
     from diffattr.commands import cmd_report, cmd_score
     from diffattr.diffusion.presets import load_unet, model_fingerprint
@@ -21,13 +22,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.run import RunDir
 
     t0 = time.time()
+    device = resolve_device(getattr(args, "device", "cpu"))
     run = RunDir(ensure_writable_dir(args.out))
     spec, config = _data_spec(args), _train_config(args)
     train_set, val_set = spec.load()
     run.start(spec, config)
     say = (lambda *a: None) if args.quiet else print
     say(f"[1/4] training the {config.preset} model on {len(train_set)} {spec.data} images")
-    train(train_set, config, run.path, progress=not args.quiet)
+    train(train_set, config, run.path, progress=not args.quiet, device=device)
     model = load_unet(run.model_dir)
     say(f"[2/4] generating {args.num_targets} images")
     samples = sample(model, np.arange(args.num_targets), config.schedule, progress=not args.quiet)

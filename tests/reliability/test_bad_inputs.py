@@ -436,3 +436,9 @@ def test_cuda_device_without_a_gpu_is_one_line(tiny_run, tmp_path):
     ray_args = ["--executor", "ray", "--ray-cpus-per-task", "0"]
     code, _, err = run_main("featurize", run, *ray_args, *QUIET)
     assert_clean_error(code, err, "--ray-cpus-per-task")
+    code, _, err = run_main("train", "--out", tmp_path / "r", *TRAIN_ARGS, "--device", "cuda")
+    assert_clean_error(code, err, "no CUDA device")
+    assert not (tmp_path / "r").exists()
+    code, _, err = run_main("lds", "build", run, "--out", tmp_path / "b", "--device", "cuda:0")
+    assert_clean_error(code, err, "no CUDA device")
+    assert not (tmp_path / "b").exists()

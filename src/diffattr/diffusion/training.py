@@ -164,8 +164,10 @@ class TrainState:
     step: int
 
 
-def _new_state(config: TrainConfig, sample_size: int, channels: int) -> TrainState:
-    model = initial_model(config, sample_size, channels)
+def _new_state(
+    config: TrainConfig, sample_size: int, channels: int, device: str | torch.device = "cpu"
+) -> TrainState:
+    model = initial_model(config, sample_size, channels).to(device)  # drawn on CPU, then moved
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -212,13 +214,17 @@ def _ema_copy(state: TrainState) -> UNet2DModel:
 
 
 def _load_checkpoint(
-    path: Path, config: TrainConfig, sample_size: int, channels: int
+    path: Path,
+    config: TrainConfig,
+    sample_size: int,
+    channels: int,
+    device: str | torch.device = "cpu",
 ) -> TrainState:
-    state = _new_state(config, sample_size, channels)
+    state = _new_state(config, sample_size, channels, device)
     try:
         loaded = load_unet(path / "model")
         state.model.load_state_dict(loaded.state_dict())
-        trainer = torch.load(path / "trainer.pt", weights_only=False)
+        trainer = torch.load(path / "trainer.pt", weights_only=False, map_location=device)
         state.optimizer.load_state_dict(trainer["optimizer"])
         state.scheduler.load_state_dict(trainer["scheduler"])
         state.ema.load_state_dict(trainer["ema"])
@@ -239,6 +245,7 @@ def train(
     subset: np.ndarray | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Train (or resume) a model on ``dataset`` (or the rows ``subset`` of it) into ``out_dir``.
 
@@ -246,7 +253,9 @@ def train(
     Writes ``out_dir/checkpoints/step-N`` every ``checkpoint_every`` steps (atomic), the final
     EMA weights to ``out_dir/model`` and ``out_dir/train.json`` (manifest). Rerunning resumes
     from the last complete checkpoint; a finished run returns at once. ``stop_after`` stops
-    early after that many steps in this call (for tests of resumption).
+    early after that many steps in this call (for tests of resumption). ``device``: where the
+    model trains (the initial weights, timesteps and noise are drawn on CPU whatever it is, so
+    common random numbers hold; CUDA kernels are not bit-reproducible run to run).
     Returns the path of the final model directory.
     """
     config.validate()
@@ -277,13 +286,13 @@ def train(
     if found:
         prev = json.loads((found[-1][1] / "state.json").read_text())
         _check_same_run(prev, meta, found[-1][1] / "state.json")
-        state = _load_checkpoint(found[-1][1], config, h, c)
+        state = _load_checkpoint(found[-1][1], config, h, c, device)
     else:
-        state = _new_state(config, h, c)
+        state = _new_state(config, h, c, device)
     model = state.model
     model.train()
     schedule = config.schedule
-    alphas = schedule.alphas_cumprod()
+    alphas = schedule.alphas_cumprod().to(device)
     stream = BatchStream(positions_all.size, config.batch_size, config.stream_seed())
     images = dataset.images
     seed = config.stream_seed()
@@ -295,7 +304,7 @@ def train(
     while state.step < config.steps:
         pos, visits = stream.batch(state.step)
         rows = positions_all[pos]
-        x0 = images[torch.as_tensor(rows)]
+        x0 = images[torch.as_tensor(rows)].to(device)
         ts, noises = [], []
         for sid, v in zip(ids[pos], visits, strict=True):
             t, n = visit_noise(
@@ -303,8 +312,8 @@ def train(
             )
             ts.append(t)
             noises.append(n)
-        t = torch.tensor(ts)
-        noise = torch.stack(noises)
+        t = torch.tensor(ts, device=device)
+        noise = torch.stack(noises).to(device)
         ab = alphas[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         loss = F.mse_loss(model(xt, t).sample, noise)

@@ -89,6 +89,7 @@ def measure_loss(
     ts = measure_timestep_grid(num_timesteps, schedule)
     ab = schedule.alphas_cumprod()
     model.eval()
+    dev = next(model.parameters()).device  # noise is drawn on CPU, the model runs where it is
     shape = tuple(images.shape[1:])
     pairs = [(i, k, int(t)) for i in range(len(keys)) for k, t in enumerate(ts)]
     out = np.zeros((len(keys), len(ts)), dtype=np.float64)
@@ -105,8 +106,9 @@ def measure_loss(
         )
         a = ab[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * images[rows] + (1 - a).sqrt() * eps
-        cond = () if conditioning is None else (conditioning[rows],)
-        err = (model(xt, t, *cond).sample - eps).pow(2).flatten(1).mean(1).double()
+        cond = () if conditioning is None else (conditioning[rows].to(dev),)
+        pred = model(xt.to(dev), t.to(dev), *cond).sample
+        err = (pred - eps.to(dev)).pow(2).flatten(1).mean(1).double().cpu()
         out[rows.numpy(), cols] = err.numpy()
     return out
 
@@ -128,20 +130,24 @@ class SubsetJob:
     targets_path: str
     measure_timesteps: int
     measure_seed: int
+    device: str = "cpu"  # where the worker trains and measures (``auto``: cuda if it has one)
 
 
 def run_subset_job(job: SubsetJob) -> str:
     """Train the subset model (resuming), measure F on the targets, write ``F.npy``."""
+    from diffattr.attribution.gradients import resolve_device
+
     out = Path(job.out_dir)
     f_path = out / "F.npy"
     if f_path.is_file():
         return str(f_path)
+    device = resolve_device(job.device)
     train_set, _ = DataSpec(**job.data).load()
     config = replace(TrainConfig.from_dict(job.train), keep_checkpoints=False)
-    model_dir = train(train_set, config, out, subset=job.subset, progress=False)
+    model_dir = train(train_set, config, out, subset=job.subset, progress=False, device=device)
     targets = np.load(job.targets_path)
     values = measure_loss(
-        load_unet(model_dir),
+        load_unet(model_dir).to(device),
         torch.from_numpy(targets["images"]),
         targets["keys"],
         job.measure_timesteps,
@@ -165,8 +171,12 @@ def build(
     config: LDSConfig,
     executor: Executor,
     progress: bool = True,
+    device: str = "cpu",
 ) -> Path:
     """Build (or resume) the LDS ground truth for ``run`` into ``bench_dir``.
+
+    ``device``: where each worker trains and measures its subset models (``auto``: a GPU when
+    the worker has one; CUDA training is not bit-reproducible run to run).
 
     Text-to-image runs retrain by LoRA fine-tuning and measure F in latent space under each
     target's caption (:mod:`diffattr.text2image.evaluation`).
@@ -222,6 +232,7 @@ def build(
             str(targets_path),
             config.measure_timesteps,
             config.measure_seed,
+            device,
         )
         for s in config.seeds
         for j in range(config.num_subsets)
