@@ -474,7 +474,8 @@ class TrakCudaProjector(Projector):
         if not trak_cuda_available(device):
             raise ConfigError(
                 "--projector trak-cuda needs a CUDA device and traker's fast_jl extension",
-                hint="pip install traker[fast] on a GPU machine, or use --projector rademacher",
+                hint="pip install 'diffattr[trak-cuda]' on a GPU machine, or use --projector "
+                "rademacher",
             )
         from trak.projectors import CudaProjector, ProjectionType
 
