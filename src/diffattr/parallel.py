@@ -15,6 +15,7 @@ retried and reach the caller as themselves.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -109,8 +110,9 @@ class RayExecutor(Executor):
     """Jobs as Ray tasks, on a local runtime (``workers`` CPUs) or an existing cluster.
 
     ``address``: a cluster to join (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``); None
-    starts a local runtime with ``workers`` CPUs (default: the machine's cores), shut down by
-    :meth:`close`. A runtime already initialised in this process is used as it is.
+    starts a local runtime that runs ``workers`` tasks at once (``workers`` × ``cpus_per_task``
+    CPUs; default: the machine's cores), shut down by :meth:`close`. A runtime already
+    initialised in this process is used as it is.
     Workers must be able to import ``diffattr`` (and read the run directories: a shared disk).
     """
 
@@ -153,7 +155,8 @@ class RayExecutor(Executor):
                 if self.address:
                     ray.init(address=self.address, **kwargs)
                 else:
-                    ray.init(num_cpus=self.parallelism, **kwargs)
+                    cpus = math.ceil(self.parallelism * self.cpus_per_task)  # N tasks at once
+                    ray.init(num_cpus=cpus, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = self.address or "a local runtime"
                 raise DiffattrError(
