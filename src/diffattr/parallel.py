@@ -258,7 +258,7 @@ def add_executor_args(p: argparse.ArgumentParser, default: str = "local") -> Non
         default=None,
         metavar="ADDRESS",
         help="join this Ray cluster (e.g. auto, ray://head:10001) instead of starting a local "
-        "runtime with --workers CPUs",
+        "runtime that runs --workers tasks at once",
     )
     g.add_argument(
         "--ray-cpus-per-task", type=float, default=1.0, help="CPUs per Ray task (default: 1)"
