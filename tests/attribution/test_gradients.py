@@ -24,19 +24,44 @@ def loop_gradient(model, measure, x0, sid, timesteps, normalize, names=None):
     return acc / len(timesteps)
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "backward"])
+@pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize(
     "name,variant", [("das", "mean"), ("dtrak", "square"), ("loss", "mean"), ("das", "sketch")]
 )
-def test_vmap_equals_loop(tiny_model, small_set, name, variant):
+def test_strategies_equal_loop(tiny_model, small_set, name, variant, normalize, strategy):
     measure = make_measure(name, variant, output_shape=(1, 8, 8))
     spec = TimestepSpec(3, "uniform")
-    gc = GradientComputer(tiny_model, measure, NoiseSchedule(), spec, micro_batch=4)
+    gc = GradientComputer(
+        tiny_model, measure, NoiseSchedule(), spec, normalize=normalize, micro_batch=4,
+        strategy=strategy,
+    )  # fmt: skip
     x0, ids = small_set.images[:3], small_set.ids[:3].numpy()
     g, err, res = gc.compute(x0, ids)
     for i in range(3):
-        ref = loop_gradient(tiny_model, measure, x0[i], int(ids[i]), spec.for_sample(0, 1000), True)
-        torch.testing.assert_close(g[i], ref, rtol=1e-4, atol=1e-7)
+        ts = spec.for_sample(0, 1000)
+        ref = loop_gradient(tiny_model, measure, x0[i], int(ids[i]), ts, normalize)
+        torch.testing.assert_close(g[i], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     assert err.shape == (3,) and torch.all(err > 0)
+    other = GradientComputer(
+        tiny_model, measure, NoiseSchedule(), spec, normalize=normalize, micro_batch=4,
+        strategy="vmap" if strategy == "backward" else "backward",
+    )  # fmt: skip
+    _, err2, res2 = other.compute(x0, ids)
+    torch.testing.assert_close(err, err2, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(res, res2, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_strategy_and_bad_strategy(tiny_model):
+    def make(**kw):
+        spec = TimestepSpec(2)
+        return GradientComputer(tiny_model, make_measure("das"), NoiseSchedule(), spec, **kw)
+
+    assert make(normalize=True).strategy == "vmap"
+    assert make(normalize=False).strategy == "backward"
+    assert make(normalize=False, strategy="vmap").strategy == "vmap"
+    with pytest.raises(ConfigError, match="gradient strategy"):
+        make(strategy="fast")
 
 
 def test_unnormalised_and_param_selection(tiny_model, small_set):
@@ -54,8 +79,11 @@ def test_unnormalised_and_param_selection(tiny_model, small_set):
     torch.testing.assert_close(g[0], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 
-def test_batch_composition_does_not_change_rows(tiny_model, small_set):
-    gc = GradientComputer(tiny_model, make_measure("das"), NoiseSchedule(), TimestepSpec(2))
+@pytest.mark.parametrize("normalize", [True, False])
+def test_batch_composition_does_not_change_rows(tiny_model, small_set, normalize):
+    gc = GradientComputer(
+        tiny_model, make_measure("das"), NoiseSchedule(), TimestepSpec(2), normalize=normalize
+    )
     a, _, _ = gc.compute(small_set.images[:4], small_set.ids[:4].numpy())
     b, _, _ = gc.compute(small_set.images[2:3], small_set.ids[2:3].numpy())
     torch.testing.assert_close(a[2], b[0], rtol=1e-5, atol=1e-8)

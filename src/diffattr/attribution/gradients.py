@@ -114,10 +114,23 @@ def select_parameters(model: torch.nn.Module, pattern: str | None = None) -> lis
     return names
 
 
+#: How per-sample gradients are taken (see :class:`GradientComputer`).
+GRADIENT_STRATEGIES = ("auto", "vmap", "backward")
+
+
 class GradientComputer:
     """Per-sample, timestep-averaged gradients of ``measure`` for one model.
 
     ``param_names`` selects the differentiated parameters; the rest are held fixed.
+
+    ``strategy``: ``vmap`` takes a gradient per (sample, timestep) pair with
+    ``vmap(grad(f))`` over micro-batches of pairs. ``backward`` uses ordinary batched backward
+    passes instead: without per-timestep normalisation a sample's gradient is that of
+    (1/K) Σ_t f(x_t, t), i.e. one backward pass over its K pairs as a batch; with it, one
+    backward pass per pair. Same quantity, rounding aside. Measured on CPU (CPU seconds, K = 4
+    and 10): one backward pass over a sample's K pairs is 1.3–2.9× faster than vmap over
+    them, while a backward pass per pair is 0.4–0.7× as fast as vmap over pairs; so ``auto``
+    picks ``backward`` exactly when the timesteps are averaged unnormalised.
     ``dtype``: precision of the forward and backward passes (a cast copy of the parameters;
     the model itself is not changed). The measure, the gradients handed out, their norms and
     the timestep average are float32 whatever ``dtype``.
@@ -135,8 +148,14 @@ class GradientComputer:
         micro_batch: int = 64,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        strategy: str = "auto",
     ) -> None:
         timesteps.validate(schedule.num_train_timesteps)
+        if strategy not in GRADIENT_STRATEGIES:
+            raise ConfigError(
+                f"unknown gradient strategy {strategy!r}",
+                hint=f"choose from {', '.join(GRADIENT_STRATEGIES)}",
+            )
         self.model = model.to(device).eval()
         use_classic_attention(self.model)
         self.measure, self.schedule, self.timesteps = measure, schedule, timesteps
@@ -154,6 +173,9 @@ class GradientComputer:
         self.fixed = {n: cast(p) for n, p in named.items() if n not in self.params}
         self.fixed.update({n: cast(b) for n, b in model.named_buffers()})
         self.dim = sum(p.numel() for p in self.params.values())
+        if strategy == "auto":
+            strategy = "vmap" if normalize else "backward"
+        self.strategy = strategy
         self.alphas = schedule.alphas_cumprod().to(self.device)
         self._grad_fn = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0))
         self._grad_fn_cond = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0, 0))
@@ -165,8 +187,20 @@ class GradientComputer:
         diff = out - noise
         return self.measure(out, noise, ab), (diff.pow(2).mean(), diff.mean())
 
-    def pairs(self, x0: torch.Tensor, ids: np.ndarray) -> Iterator[tuple[torch.Tensor, ...]]:
-        """(row, x_t, t, ε, ᾱ_t) for every (sample, timestep) pair, in micro-batches."""
+    def _batches(self, x0: torch.Tensor, ids: np.ndarray) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Pairs as the strategy consumes them: micro-batches (vmap), one sample's K pairs
+        (backward, unnormalised) or single pairs (backward, normalised)."""
+        if self.strategy == "vmap":
+            return self.pairs(x0, ids)
+        if self.normalize:
+            return self.pairs(x0, ids, group=1)
+        return self.pairs(x0, ids, group=self.timesteps.num)
+
+    def pairs(
+        self, x0: torch.Tensor, ids: np.ndarray, group: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(row, x_t, t, ε, ᾱ_t) for every (sample, timestep) pair, in micro-batches of
+        ``group`` pairs (default: the micro-batch size)."""
         T = self.schedule.num_train_timesteps
         rows, ts = [], []
         for r, sid in enumerate(ids):
@@ -174,9 +208,10 @@ class GradientComputer:
                 rows.append(r)
                 ts.append(int(t))
         shape = tuple(x0.shape[1:])
-        for s in range(0, len(rows), self.micro_batch):
-            r = torch.tensor(rows[s : s + self.micro_batch])
-            t = torch.tensor(ts[s : s + self.micro_batch])
+        step = group or self.micro_batch
+        for s in range(0, len(rows), step):
+            r = torch.tensor(rows[s : s + step])
+            t = torch.tensor(ts[s : s + step])
             noise = torch.stack(
                 [
                     keyed_noise(ATTRIBUTION_NOISE_KEY, self.noise_seed, int(ids[i]), int(tt), shape)
@@ -200,15 +235,40 @@ class GradientComputer:
         try:
             grads, (err, res) = fn(self.params, xt.to(self.dtype), t, noise, ab, *extra)
         except (RuntimeError, NotImplementedError) as exc:
-            if self.dtype == torch.float32 or "not implemented for" not in str(exc):
-                raise
-            name = {v: k for k, v in GRAD_DTYPES.items()}[self.dtype]
-            raise ConfigError(
-                f"--grad-dtype {name} is not supported on {self.device.type}: {exc}",
-                hint="use --grad-dtype bf16 on CPU (fp16 needs --device cuda), or fp32",
-            ) from None
+            self._dtype_error(exc)
+            raise
         flat = torch.cat([grads[n].reshape(xt.shape[0], -1).float() for n in self.params], dim=1)
         return flat, err, res
+
+    def summed_grad(
+        self, xt, t, noise, ab, cond=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(1, p) gradient of Σ_pairs f over a micro-batch of pairs by one ordinary backward
+        pass, plus the per-pair (error, residual)."""
+        params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        args = (xt.to(self.dtype), t) if cond is None else (xt.to(self.dtype), t, cond)
+        try:
+            with torch.enable_grad():
+                out = functional_call(self.model, (params, self.fixed), args).sample.float()
+                values = vmap(self.measure)(out, noise, ab)
+                grads = torch.autograd.grad(values.sum(), list(params.values()))
+        except (RuntimeError, NotImplementedError) as exc:
+            self._dtype_error(exc)
+            raise
+        diff = (out - noise).detach()
+        dims = tuple(range(1, diff.dim()))
+        flat = torch.cat([g.reshape(1, -1).float() for g in grads], dim=1)
+        return flat, diff.pow(2).mean(dim=dims), diff.mean(dim=dims)
+
+    def _dtype_error(self, exc: BaseException) -> None:
+        """Raise a ConfigError when ``exc`` says the gradient dtype is unsupported here."""
+        if self.dtype == torch.float32 or "not implemented for" not in str(exc):
+            return
+        name = {v: k for k, v in GRAD_DTYPES.items()}[self.dtype]
+        raise ConfigError(
+            f"--grad-dtype {name} is not supported on {self.device.type}: {exc}",
+            hint="use --grad-dtype bf16 on CPU (fp16 needs --device cuda), or fp32",
+        ) from None
 
     def compute(
         self, x0: torch.Tensor, ids: np.ndarray, cond: torch.Tensor | None = None
@@ -222,19 +282,24 @@ class GradientComputer:
         out = torch.zeros(B, self.dim, dtype=torch.float32, device=self.device)
         err = torch.zeros(B, dtype=torch.float64)
         res = torch.zeros(B, dtype=torch.float64)
-        for rows, xt, t, noise, ab in self.pairs(x0, ids):
+        for rows, xt, t, noise, ab in self._batches(x0, ids):
             c = None if cond is None else cond[rows].to(self.device, self.dtype)
-            g, e, r = self.flat_grads(xt, t, noise, ab, c)
+            if self.strategy == "vmap":
+                g, e, r = self.flat_grads(xt, t, noise, ab, c)
+                grad_rows = rows
+            else:  # rows: one sample's pairs (summed) or a single pair
+                g, e, r = self.summed_grad(xt, t, noise, ab, c)
+                grad_rows = rows[:1]
             norms = g.norm(dim=1)  # needed to normalise; also a cheap NaN/Inf check
             if not torch.isfinite(norms).all():
-                bad = rows[~torch.isfinite(norms).cpu()][0]
+                bad = grad_rows[~torch.isfinite(norms).cpu()][0]
                 raise NumericalError(
                     f"non-finite gradient for sample id {int(ids[int(bad)])}",
                     hint="check the model checkpoint and the input image for NaN/Inf",
                 )
             if self.normalize:
                 g.div_(norms.clamp_min(1e-30)[:, None])
-            out.index_add_(0, rows.to(self.device), g)
+            out.index_add_(0, grad_rows.to(self.device), g)
             err.index_add_(0, rows, e.detach().cpu().double())
             res.index_add_(0, rows, r.detach().cpu().double())
         return out.div_(K), (err / K).float(), (res / K).float()
