@@ -155,3 +155,14 @@ def test_streaming_a_memmap_keeps_its_pages_out_of_the_resident_set(tmp_path):
     assert _rss_file_bytes() - before < 8 << 20
     assert float(np.asarray(features).sum()) == n * k  # control: a plain read stays resident
     assert _rss_file_bytes() - before > 24 << 20
+
+
+def test_cholesky_is_taken_in_place():
+    from diffattr.attribution.kernel import _factor_in_place
+
+    a = np.random.default_rng(0).standard_normal((50, 8))
+    gram = a @ a.T + np.eye(50)
+    want = np.linalg.cholesky(gram)
+    factor = _factor_in_place(gram)
+    assert np.shares_memory(factor, gram)  # no second n×n matrix
+    np.testing.assert_allclose(np.tril(factor), want, rtol=1e-10, atol=1e-12)

@@ -77,6 +77,15 @@ def gram_scale(features: np.ndarray, block: int | None = None) -> float:
     return total / min(n, k)
 
 
+def _factor_in_place(gram: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of the symmetric ``gram``, overwriting it.
+
+    LAPACK works in place only on Fortran-ordered input; a C-ordered symmetric matrix is its
+    own transpose, so ``gram.T`` is that input (without it scipy makes a full copy: 2× memory).
+    """
+    return scipy.linalg.cho_factor(gram.T, lower=True, overwrite_a=True)[0]
+
+
 def dual_gram(
     features: np.ndarray, block: int | None = None, dtype: np.dtype | type = np.float64
 ) -> np.ndarray:
@@ -166,7 +175,7 @@ class Kernel:
         diag = float(np.mean(np.diag(gram)))
         gram[np.diag_indices_from(gram)] += lam
         try:  # in place: the Gram is the one large resident matrix
-            factor = scipy.linalg.cho_factor(gram, lower=True, overwrite_a=True)[0]
+            factor = _factor_in_place(gram)
         except (np.linalg.LinAlgError, ValueError) as exc:
             suggested = max(10 * lam, 1e-3 * diag)
             scale = diag * gram.shape[0] / min(n, k)  # mean non-zero eigenvalue of ΦᵀΦ
@@ -184,7 +193,7 @@ class Kernel:
         k = np.array(gram, dtype=np.float64, copy=True)
         k[np.diag_indices_from(k)] += lam
         try:
-            factor = scipy.linalg.cho_factor(k, lower=True)[0]
+            factor = _factor_in_place(k)
         except (np.linalg.LinAlgError, ValueError) as exc:
             raise NumericalError(
                 f"the kernel with λ={lam:.3g} is not positive definite ({exc})",
