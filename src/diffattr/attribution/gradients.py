@@ -231,14 +231,44 @@ class GradientComputer:
 
         ``cond``: per-pair conditioning (e.g. caption embeddings), the model's third input.
         """
+        grads, err, res = self.param_grads(xt, t, noise, ab, cond)
+        flat = torch.cat([grads[n].reshape(xt.shape[0], -1).float() for n in self.params], dim=1)
+        return flat, err, res
+
+    def param_grads(
+        self, xt, t, noise, ab, cond=None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Per-pair gradients by parameter name ({name: (B, *shape)}) via vmap, plus the
+        per-pair (error, residual)."""
         fn, extra = (self._grad_fn, ()) if cond is None else (self._grad_fn_cond, (cond,))
         try:
             grads, (err, res) = fn(self.params, xt.to(self.dtype), t, noise, ab, *extra)
         except (RuntimeError, NotImplementedError) as exc:
             self._dtype_error(exc)
             raise
-        flat = torch.cat([grads[n].reshape(xt.shape[0], -1).float() for n in self.params], dim=1)
-        return flat, err, res
+        return grads, err, res
+
+    def _add_pair_grads(
+        self, out: torch.Tensor, rows: torch.Tensor, grads: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """out[rows] += g (normalised per pair if asked), one parameter at a time, so no
+        flattened (B, p) copy of the pairs' gradients is ever made. Returns the pair norms."""
+        b = rows.numel()
+        sq = torch.zeros(b, dtype=torch.float32, device=out.device)
+        for n in self.params:
+            sq += grads[n].reshape(b, -1).float().pow(2).sum(dim=1)
+        norms = sq.sqrt()
+        if not torch.isfinite(norms).all():
+            return norms
+        idx = rows.to(out.device)
+        offset = 0
+        for n in self.params:
+            g = grads.pop(n).reshape(b, -1).float()
+            if self.normalize:
+                g = g / norms.clamp_min(1e-30)[:, None]
+            out[:, offset : offset + g.shape[1]].index_add_(0, idx, g)
+            offset += g.shape[1]
+        return norms
 
     def summed_grad(
         self, xt, t, noise, ab, cond=None
@@ -285,21 +315,23 @@ class GradientComputer:
         for rows, xt, t, noise, ab in self._batches(x0, ids):
             c = None if cond is None else cond[rows].to(self.device, self.dtype)
             if self.strategy == "vmap":
-                g, e, r = self.flat_grads(xt, t, noise, ab, c)
+                grads, e, r = self.param_grads(xt, t, noise, ab, c)
                 grad_rows = rows
+                norms = self._add_pair_grads(out, rows, grads)  # also a cheap NaN/Inf check
             else:  # rows: one sample's pairs (summed) or a single pair
                 g, e, r = self.summed_grad(xt, t, noise, ab, c)
                 grad_rows = rows[:1]
-            norms = g.norm(dim=1)  # needed to normalise; also a cheap NaN/Inf check
+                norms = g.norm(dim=1)
+                if torch.isfinite(norms).all():
+                    if self.normalize:
+                        g.div_(norms.clamp_min(1e-30)[:, None])
+                    out.index_add_(0, grad_rows.to(self.device), g)
             if not torch.isfinite(norms).all():
                 bad = grad_rows[~torch.isfinite(norms).cpu()][0]
                 raise NumericalError(
                     f"non-finite gradient for sample id {int(ids[int(bad)])}",
                     hint="check the model checkpoint and the input image for NaN/Inf",
                 )
-            if self.normalize:
-                g.div_(norms.clamp_min(1e-30)[:, None])
-            out.index_add_(0, grad_rows.to(self.device), g)
             err.index_add_(0, rows, e.detach().cpu().double())
             res.index_add_(0, rows, r.detach().cpu().double())
         return out.div_(K), (err / K).float(), (res / K).float()
