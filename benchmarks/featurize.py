@@ -14,10 +14,17 @@ over K timesteps (unnormalised), then projected to k dimensions.
   on micro-batches of the same number of pairs, flattened with ``NoOpProjector``; then its CPU
   ``BasicProjector`` (Rademacher, the same k) on each featurize batch. traker has no sparse
   projection, so the countsketch row compares with its Rademacher projector at the same k.
+- dattri (TRAIS-Lab): the gradient function of its ``AttributionTask`` (``vmap(grad(loss))``
+  over samples, the loss averaging the sample's K timesteps, on flattened parameters) and its
+  ``random_project`` (Rademacher, CPU) — the two steps of ``TRAKAttributor.cache``.
 
 Throughput = samples × timesteps / (gradient time + projection time), i.e. per-sample
 gradients per second; each phase is timed (time.perf_counter) after one warm-up pass and the
 median over the repetitions is reported. Threads: torch.set_num_threads(2).
+
+Hardware fraction: the FLOPs of one (sample, timestep) gradient — a forward and a backward
+pass at batch 1, counted by ``torch.utils.flop_counter.FlopCounterMode`` — times diffattr's
+gradient rate, over the fp32 matmul rate measured in the same run.
 """
 
 from __future__ import annotations
@@ -41,6 +48,12 @@ import torch
 from trak.gradient_computers import FunctionalGradientComputer
 from trak.modelout_functions import AbstractModelOutput
 from trak.projectors import BasicProjector, NoOpProjector
+
+try:  # optional peer: pip install dattri
+    from dattri.func.projection import random_project
+    from dattri.task import AttributionTask
+except ImportError:  # pragma: no cover - the table then says so
+    AttributionTask = random_project = None
 
 from diffattr.attribution.gradients import GradientComputer, TimestepSpec
 from diffattr.attribution.measure import parse_measure
@@ -124,6 +137,28 @@ def project_all(proj, grads: list[torch.Tensor], traker: bool) -> list[torch.Ten
     return [proj.project(g) for g in grads]
 
 
+def dattri_project_all(k: int, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """dattri's ``random_project`` (Rademacher, CPU) on every featurize batch."""
+    out = []
+    for g in grads:
+        fn = random_project(g, g.shape[0], proj_dim=k, proj_max_batch_size=g.shape[0],
+                            proj_seed=0, proj_type="rademacher", device="cpu")  # fmt: skip
+        out.append(fn(g, ensemble_id=0))
+    return out
+
+
+def gradient_flops(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward + backward pass at batch 1 (what one per-sample gradient costs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t = torch.zeros(1, *shape), torch.tensor([10])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x, t).sample.pow(2).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
 def batches(n: int, size: int) -> list[slice]:
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
@@ -161,24 +196,45 @@ def run_case(case: Case, reps: int, log: Callable[[str], None]) -> tuple[list[di
         for sl in batches(case.samples, case.batch):
             parts = []
             for s in range(sl.start, sl.stop, per_call):
-                rows = range(s, min(sl.stop, s + per_call))
-                ts = np.stack([spec.for_sample(int(ids[r]), T) for r in rows])
-                noise = torch.stack(
-                    [
-                        torch.stack(
-                            [
-                                keyed_noise(
-                                    ATTRIBUTION_NOISE_KEY, NOISE_SEED, int(ids[r]), t, shape
-                                )
-                                for t in tr.tolist()
-                            ]
-                        )
-                        for r, tr in zip(rows, ts, strict=True)
-                    ]
-                )
-                x0 = images[list(rows)].unsqueeze(1).expand(-1, K, *shape).contiguous()
-                grads = traker_gc.compute_per_sample_grad((x0, torch.as_tensor(ts), noise))
+                x0, ts, noise = pair_inputs(slice(s, min(sl.stop, s + per_call)))
+                grads = traker_gc.compute_per_sample_grad((x0, ts, noise))
                 parts.append(flatten.project(grads, model_id=0))
+            out.append(torch.cat(parts))
+        return out
+
+    def pair_inputs(sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0 (B, K, …), t (B, K), ε (B, K, …)) of a featurize batch, as traker gets them."""
+        rows = range(sl.start, sl.stop)
+        ts = np.stack([spec.for_sample(int(ids[r]), T) for r in rows])
+        noise = torch.stack([
+            torch.stack([keyed_noise(ATTRIBUTION_NOISE_KEY, NOISE_SEED, int(ids[r]), t, shape)
+                         for t in tr.tolist()])
+            for r, tr in zip(rows, ts, strict=True)
+        ])  # fmt: skip
+        x0 = images[list(rows)].unsqueeze(1).expand(-1, K, *shape).contiguous()
+        return x0, torch.as_tensor(ts), noise
+
+    dattri_grad_fn = None
+    if AttributionTask is not None:
+
+        def dattri_loss(params, data):
+            x0, t, noise = data  # one sample's K pairs
+            a = alphas[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            out = torch.func.functional_call(model, params, (xt, t)).sample
+            return (out - noise).pow(2).mean(dim=(1, 2, 3)).mean()
+
+        task = AttributionTask(loss_func=dattri_loss, model=model, checkpoints=model.state_dict())
+        dattri_params = task.get_param(ckpt_idx=0)[0]
+        dattri_grad_fn = task.get_grad_loss_func(in_dims=(None, 0))
+
+    def dattri_grads() -> list[torch.Tensor]:
+        out = []
+        for sl in batches(case.samples, case.batch):
+            parts = []
+            for s in range(sl.start, sl.stop, per_call):
+                inputs = pair_inputs(slice(s, min(sl.stop, s + per_call)))
+                parts.append(dattri_grad_fn(dattri_params, inputs).detach())
             out.append(torch.cat(parts))
         return out
 
@@ -193,11 +249,18 @@ def run_case(case: Case, reps: int, log: Callable[[str], None]) -> tuple[list[di
     traker_dense = BasicProjector(p, case.k, 0, "rademacher", "cpu", block_size=block)
     traker_proj = {"identity": NoOpProjector(device="cpu"), "dense": traker_dense}
 
-    grad_warm, grad_t, grads = timed({"ours": ours_grads, "traker": traker_grads}, reps)
-    for side in ("ours", "traker"):
+    grad_sides = {"ours": ours_grads, "traker": traker_grads}
+    if dattri_grad_fn is not None:
+        grad_sides["dattri"] = dattri_grads
+    grad_warm, grad_t, grads = timed(grad_sides, reps)
+    for side in grad_sides:
         log(f"  {side:6s} gradients: {grad_t[side]:8.3f} s  (first pass {grad_warm[side]:.2f} s)")
     ours_all, traker_all = torch.cat(grads["ours"]), torch.cat(grads["traker"])
     maxdiff = float((traker_all - ours_all).abs().max() / ours_all.abs().max())
+    if "dattri" in grads:
+        dattri_all = torch.cat(grads["dattri"])
+        maxdiff = max(maxdiff, float((dattri_all - ours_all).abs().max() / ours_all.abs().max()))
+        del dattri_all
     del ours_all, traker_all
 
     proj_fns = {
@@ -206,6 +269,8 @@ def run_case(case: Case, reps: int, log: Callable[[str], None]) -> tuple[list[di
     }
     for name, proj in traker_proj.items():
         proj_fns[("traker", name)] = partial(project_all, proj, grads["traker"], True)
+    if "dattri" in grads:
+        proj_fns[("dattri", "dense")] = partial(dattri_project_all, case.k, grads["dattri"])
     _, proj_t, _ = timed(proj_fns, reps)
     for (side, name), sec in proj_t.items():
         log(f"  {side:6s} {name:18s} projection: {sec:8.3f} s")
@@ -217,15 +282,21 @@ def run_case(case: Case, reps: int, log: Callable[[str], None]) -> tuple[list[di
             "ours_proj": proj_t[("ours", name)],
             "traker_grad": grad_t["traker"],
             "traker_proj": proj_t[("traker", "identity" if name == "identity" else "dense")],
+            "dattri_grad": grad_t.get("dattri", float("nan")),
+            "dattri_proj": 0.0 if name == "identity"
+            else proj_t.get(("dattri", "dense"), float("nan")),
         }
         for name in ours_proj
-    }
+    }  # fmt: skip
+    flops = gradient_flops(model, shape)
     warmups = {**grad_warm, "maxdiff": maxdiff}
 
     rows = []
     for name, r in results.items():
         ours_rate = work / (r["ours_grad"] + r["ours_proj"])
         traker_rate = work / (r["traker_grad"] + r["traker_proj"])
+        dattri_rate = work / (r["dattri_grad"] + r["dattri_proj"])
+        best_peer = max(traker_rate, dattri_rate if dattri_rate == dattri_rate else 0.0)
         traker_name = "none" if name == "identity" else f"rademacher k={case.k}"
         rows.append(
             {
@@ -237,33 +308,51 @@ def run_case(case: Case, reps: int, log: Callable[[str], None]) -> tuple[list[di
                 **r,
                 "ours_rate": ours_rate,
                 "traker_rate": traker_rate,
-                "ratio": ours_rate / traker_rate,
+                "dattri_rate": dattri_rate,
+                "ratio": ours_rate / best_peer,
+                "flops": flops,
+                "grad_rate": work / r["ours_grad"],
             }
         )
     note = (
         f"{case.preset}: first (warm-up) gradient pass {warmups['ours']:.2f} s ours, "
         f"{warmups['traker']:.2f} s traker; unprojected gradients of the two sides differ by "
         f"max|Δ|/max|g| = {warmups['maxdiff']:.1e}; featurize batch {case.batch} samples, "
-        f"gradient micro-batch {case.micro_batch} pairs, traker BasicProjector block_size {block}."
+        f"gradient micro-batch {case.micro_batch} pairs, traker BasicProjector block_size {block}; "
+        f"diffattr gradient strategy {ours_gc.strategy!r}; one gradient = {flops / 1e9:.3f} GFLOP"
+        + ("" if dattri_grad_fn is not None else "; dattri not installed, its columns are nan")
+        + "."
     )
     return rows, note
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], gflops: float) -> str:
     head = (
-        "| preset | params | samples×t | diffattr projection | traker projection "
+        "| preset | params | samples×t | diffattr projection | peers' projection "
         "| diffattr grad s | diffattr proj s | traker grad s | traker proj s "
-        "| diffattr grads/s | traker grads/s | diffattr/traker |"
+        "| dattri grad s | dattri proj s "
+        "| diffattr grads/s | traker grads/s | dattri grads/s | diffattr / faster peer "
+        "| diffattr gradient FLOP/s ÷ matmul FLOP/s |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 16]
     for r in rows:
+        frac = r["grad_rate"] * r["flops"] / (gflops * 1e9)
         lines.append(
             f"| {r['preset']} | {r['params']:,} | {r['work']} | {r['ours_projection']} "
             f"| {r['traker_projection']} | {r['ours_grad']:.3f} | {r['ours_proj']:.3f} "
-            f"| {r['traker_grad']:.3f} | {r['traker_proj']:.3f} | {r['ours_rate']:.2f} "
-            f"| {r['traker_rate']:.2f} | {r['ratio']:.2f}× |"
+            f"| {r['traker_grad']:.3f} | {r['traker_proj']:.3f} "
+            f"| {r['dattri_grad']:.3f} | {r['dattri_proj']:.3f} | {r['ours_rate']:.2f} "
+            f"| {r['traker_rate']:.2f} | {r['dattri_rate']:.2f} | {r['ratio']:.2f}× "
+            f"| {100 * frac:.0f}% |"
         )
     return "\n".join(lines)
+
+
+def dattri_version() -> str:
+    try:
+        return version("dattri")
+    except Exception:
+        return "not installed"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,11 +389,11 @@ def main(argv: list[str] | None = None) -> int:
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"torch.set_num_threads({THREADS}); fp32 matmul 2048×2048: {gflops:.1f} GFLOP/s "
             f"before the run, {gflops_end:.1f} GFLOP/s after it (a drop means other load). "
-            f"torch {torch.__version__}, traker {version('traker')}. "
+            f"torch {torch.__version__}, traker {version('traker')}, dattri {dattri_version()}. "
             f"Mode {mode}, median of {reps} timed repetitions after one warm-up; "
             f"total wall time {elapsed:.0f} s.",
             "",
-            table(rows),
+            table(rows, (gflops + gflops_end) / 2),
             "",
             *[f"- {n}" for n in notes],
             "",

@@ -53,12 +53,13 @@ def test_strategies_equal_loop(tiny_model, small_set, name, variant, normalize, 
 
 
 def test_auto_strategy_and_bad_strategy(tiny_model):
-    def make(**kw):
-        spec = TimestepSpec(2)
+    def make(k=8, **kw):
+        spec = TimestepSpec(k)
         return GradientComputer(tiny_model, make_measure("das"), NoiseSchedule(), spec, **kw)
 
     assert make(normalize=True).strategy == "vmap"
     assert make(normalize=False).strategy == "backward"
+    assert make(2, normalize=False).strategy == "vmap"  # a small model, few timesteps
     assert make(normalize=False, strategy="vmap").strategy == "vmap"
     with pytest.raises(ConfigError, match="gradient strategy"):
         make(strategy="fast")
@@ -86,7 +87,7 @@ def test_batch_composition_does_not_change_rows(tiny_model, small_set, normalize
     )
     a, _, _ = gc.compute(small_set.images[:4], small_set.ids[:4].numpy())
     b, _, _ = gc.compute(small_set.images[2:3], small_set.ids[2:3].numpy())
-    torch.testing.assert_close(a[2], b[0], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(a[2], b[0], rtol=1e-5, atol=1e-6 * float(a.abs().max()))
 
 
 def test_timestep_strategies():
