@@ -52,6 +52,8 @@ def bootstrap_lds_ci(
     for b in range(num):
         rows = rng.integers(0, m, size=m)
         cols = rng.integers(0, t, size=t)
-        means[b] = np.nanmean(spearman_columns(predicted[rows][:, cols], measured[rows][:, cols]))
+        rho = spearman_columns(predicted[rows][:, cols], measured[rows][:, cols])
+        finite = rho[np.isfinite(rho)]  # a resample may hold only constant columns
+        means[b] = finite.mean() if finite.size else np.nan
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
