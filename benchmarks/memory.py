@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/memory.md"))
     p.add_argument("--work", type=Path, default=None, help="scratch directory (default: tmp)")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated subset of: {', '.join(CASES)} (score needs write-store)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     mode = "quick" if args.quick else "full"
@@ -173,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="diffattr-memory-", dir=args.work))
     rows, began = [], time.perf_counter()
     try:
-        for case in CASES:
+        chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = sorted(set(chosen) - set(CASES))
+        if unknown:
+            raise SystemExit(f"unknown case(s): {', '.join(unknown)}")
+        for case in chosen:
             cmd = [sys.executable, __file__, "--child", case, "--work", str(work)]
             cmd += ["--quick"] if args.quick else []
             proc = subprocess.run(cmd, capture_output=True, text=True)

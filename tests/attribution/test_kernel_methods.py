@@ -166,3 +166,14 @@ def test_cholesky_is_taken_in_place():
     factor = _factor_in_place(gram)
     assert np.shares_memory(factor, gram)  # no second n×n matrix
     np.testing.assert_allclose(np.tril(factor), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_primal_gram_is_the_full_symmetric_product(dtype):
+    from diffattr.attribution.kernel import primal_gram
+
+    phi = np.random.default_rng(4).standard_normal((37, 11)).astype(np.float32)
+    got = primal_gram(phi, block=5, dtype=dtype)
+    assert got.dtype == dtype and np.array_equal(got, got.T)
+    want = phi.astype(np.float64).T @ phi.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 
 from diffattr.attribution.store import release_pages
 from diffattr.errors import ConfigError, NumericalError
@@ -84,6 +85,31 @@ def _factor_in_place(gram: np.ndarray) -> np.ndarray:
     own transpose, so ``gram.T`` is that input (without it scipy makes a full copy: 2× memory).
     """
     return scipy.linalg.cho_factor(gram.T, lower=True, overwrite_a=True)[0]
+
+
+def primal_gram(
+    features: np.ndarray, block: int | None = None, dtype: np.dtype | type = np.float64
+) -> np.ndarray:
+    """ΦᵀΦ (k×k), accumulated tile by tile in place with BLAS syrk (no k×k temporary).
+
+    BLAS fills one triangle (the lower one of the Fortran view ``gram.T``); the other is
+    mirrored from it band by band at the end.
+    """
+    k = features.shape[1]
+    gram = np.zeros((k, k), dtype=dtype)
+    lower = gram.T  # Fortran-ordered view: BLAS updates it in place
+    syrk = scipy.linalg.blas.get_blas_funcs("syrk", dtype=gram.dtype)
+    for _, f in read_tiles(features, block, dtype):
+        out = syrk(1.0, f.T, beta=1.0, c=lower, trans=0, lower=1, overwrite_c=1)
+        if not np.shares_memory(out, gram):  # the wrapper had to copy: keep its result
+            lower[...] = out
+    step = tile_rows(k)
+    for i0 in range(0, k, step):  # mirror the lower triangle, one band of rows at a time
+        i1 = min(k, i0 + step)
+        lower[:i0, i0:i1] = lower[i0:i1, :i0].T
+        d = lower[i0:i1, i0:i1]
+        d[...] = np.tril(d) + np.tril(d, -1).T
+    return gram
 
 
 def dual_gram(
@@ -167,9 +193,7 @@ class Kernel:
             raise ConfigError(f"λ must be positive, got {lam}")
         dt = kernel_dtype(k if form == "primal" else n, dtype)
         if form == "primal":
-            gram = np.zeros((k, k), dtype=dt)
-            for _, f in read_tiles(features, block, dt):
-                gram += f.T @ f
+            gram = primal_gram(features, block, dt)
         else:
             gram = dual_gram(features, block, dt)
         diag = float(np.mean(np.diag(gram)))
