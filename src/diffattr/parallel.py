@@ -186,14 +186,14 @@ class RayExecutor(Executor):
         )
         refs = [task.remote(fn, job, self.threads) for job in jobs]
         bar = tqdm(total=len(refs), desc=desc, disable=not self.progress or not desc)
+        # On an error the remaining tasks are left to finish (their work is resumable) rather
+        # than cancelled: cancelling tasks that are completing at that moment can trip a fatal
+        # check in Ray's task manager (2.60) that ends the driver process. A runtime this
+        # executor started is shut down by close(), which stops them anyway.
         try:
             for ref in refs:
                 yield _ray_result(ray, ref, self.max_retries)
                 bar.update(1)
-        except BaseException:
-            for ref in refs:
-                ray.cancel(ref, force=False)
-            raise
         finally:
             bar.close()
 
