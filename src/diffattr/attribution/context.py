@@ -46,7 +46,7 @@ def benchmark_scores(
     import torch
 
     from diffattr.attribution.attributor import Attributor
-    from diffattr.attribution.kernel import Kernel, _blocks
+    from diffattr.attribution.kernel import Kernel, dual_gram, inner_products
     from diffattr.attribution.methods import METHODS, ScoreInputs, get_method
     from diffattr.errors import ConfigError
 
@@ -108,22 +108,17 @@ def benchmark_scores(
             target_ids=np.asarray(target_ids)[gen], steps=options.get("steps"),
             generation_batch_size=options.get("generation_batch_size"),
             progress=progress, device=att.device,
-        ).astype(np.float64)  # fmt: skip
-        for sl in _blocks(n, 4096):
-            inner[gen, sl] = feats @ np.asarray(phi[sl], dtype=np.float64).T
+        )  # fmt: skip
+        inner[gen] = inner_products(feats, phi)
     if real.size and trak_inner is not None:
         inner[real] = np.asarray(trak_inner, dtype=np.float64)[real]
     elif real.size:
         tstore = att.featurize_targets(
             target_images[torch.as_tensor(real)], np.asarray(target_ids)[real]
         )
-        tphi = np.asarray(tstore.features, dtype=np.float64)
-        for sl in _blocks(n, 4096):
-            inner[real, sl] = tphi @ np.asarray(phi[sl], dtype=np.float64).T
+        inner[real] = inner_products(tstore.features, phi)
     if gram is None:
-        from diffattr.attribution.relative_if import _dual_gram
-
-        gram = _dual_gram(Kernel(phi, 1.0, "dual", np.empty((0, 0))))
+        gram = dual_gram(phi)
     gram = np.asarray(gram, dtype=np.float64)
     scale = float(np.trace(gram)) / min(n, phi.shape[1])
     return [Kernel.from_gram(gram, c * scale).solve_inner(inner) for c in lambdas]
