@@ -24,7 +24,7 @@ def loop_gradient(model, measure, x0, sid, timesteps, normalize, names=None):
     return acc / len(timesteps)
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "backward"])
+@pytest.mark.parametrize("strategy", ["layers", "vmap", "backward"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize(
     "name,variant", [("das", "mean"), ("dtrak", "square"), ("loss", "mean"), ("das", "sketch")]
@@ -57,12 +57,43 @@ def test_auto_strategy_and_bad_strategy(tiny_model):
         spec = TimestepSpec(k)
         return GradientComputer(tiny_model, make_measure("das"), NoiseSchedule(), spec, **kw)
 
-    assert make(normalize=True).strategy == "vmap"
-    assert make(normalize=False).strategy == "backward"
-    assert make(2, normalize=False).strategy == "vmap"  # a small model, few timesteps
+    assert make(normalize=True).strategy == "layers"
+    assert make(normalize=False).strategy == "layers"  # a small model
+
     assert make(normalize=False, strategy="vmap").strategy == "vmap"
     with pytest.raises(ConfigError, match="gradient strategy"):
         make(strategy="fast")
+    tiny_model.register_buffer("unused", torch.zeros(1))  # buffers do not matter
+    assert make(strategy="layers").strategy == "layers"
+
+
+def test_unsupported_layer_falls_back_to_vmap():
+    class WithEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(1000, 4)
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x, t):
+            out = self.conv(x) + self.embed(t).mean(dim=1).view(-1, 1, 1, 1)
+            return type("Out", (), {"sample": out})()
+
+    def make(**kw):
+        return GradientComputer(
+            WithEmbedding(), make_measure("das"), NoiseSchedule(), TimestepSpec(2), **kw
+        )
+
+    assert make().strategy == "vmap"
+    spec = TimestepSpec(8)
+    wide = GradientComputer(WithEmbedding(), make_measure("das"), NoiseSchedule(), spec)
+    assert wide.strategy == "vmap"
+    many = GradientComputer(
+        WithEmbedding(), make_measure("das"), NoiseSchedule(), spec, normalize=False
+    )
+    assert many.strategy == "backward"
+    with pytest.raises(ConfigError, match="Linear, Conv2d"):
+        make(strategy="layers")
+    assert make(param_names=["conv.weight", "conv.bias"]).strategy == "layers"
 
 
 def test_unnormalised_and_param_selection(tiny_model, small_set):

@@ -93,6 +93,7 @@ class Setup:
         )
         self.raw = computer.compute(self.images, self.ids)[0]  # (n, p), normalize=False
         self.dim = computer.dim
+        use_classic_attention(self.model)  # our computer may have switched it back to SDPA
 
     def timesteps(self, row: int) -> np.ndarray:
         return self.spec.for_sample(int(self.ids[row]), self.schedule.num_train_timesteps)
@@ -264,6 +265,7 @@ def test_traker_pipeline_matches_our_trak_method(setup: Setup) -> None:
         return x0.contiguous(), torch.as_tensor(ts), noise
 
     p = setup.dim
+    use_classic_attention(setup.model)  # featurize may have switched it to SDPA (no vmap rule)
     traker = TRAKer(
         model=setup.model,
         task=TimestepAveragedLoss(setup.alphas),

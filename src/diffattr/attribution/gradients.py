@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from diffattr.attribution.layer_grads import assemble_sample_grads, layer_plan, recording
 from diffattr.attribution.measure import Measure
 from diffattr.diffusion.presets import use_classic_attention
 from diffattr.diffusion.schedule import ATTRIBUTION_NOISE_KEY, NoiseSchedule, keyed_noise
@@ -115,11 +116,11 @@ def select_parameters(model: torch.nn.Module, pattern: str | None = None) -> lis
 
 
 #: How per-sample gradients are taken (see :class:`GradientComputer`).
-GRADIENT_STRATEGIES = ("auto", "vmap", "backward")
-#: ``auto`` takes unnormalised averages by backward passes from this many timesteps on …
-BACKWARD_MIN_TIMESTEPS = 8
-#: … or, for fewer timesteps, on models with at least this many parameters.
+GRADIENT_STRATEGIES = ("auto", "layers", "vmap", "backward")
+#: ``auto`` takes unnormalised averages by backward passes on models this large …
 BACKWARD_MIN_PARAMS = 4_000_000
+#: … and, where ``layers`` cannot be used, from this many timesteps on.
+BACKWARD_MIN_TIMESTEPS = 8
 
 
 class GradientComputer:
@@ -127,16 +128,22 @@ class GradientComputer:
 
     ``param_names`` selects the differentiated parameters; the rest are held fixed.
 
-    ``strategy``: ``vmap`` takes a gradient per (sample, timestep) pair with
-    ``vmap(grad(f))`` over micro-batches of pairs. ``backward`` uses ordinary batched backward
-    passes instead: without per-timestep normalisation a sample's gradient is that of
+    ``strategy``: ``layers`` assembles the per-pair gradients of a micro-batch layer by layer
+    from one batched forward and backward pass (:mod:`diffattr.attribution.layer_grads`; models
+    made of Linear, Conv2d, GroupNorm and LayerNorm layers, i.e. diffusers UNets). ``vmap``
+    takes them with ``vmap(grad(f))`` (any model). ``backward`` uses ordinary batched backward
+    passes: without per-timestep normalisation a sample's gradient is that of
     (1/K) Σ_t f(x_t, t), i.e. one backward pass over its K pairs as a batch; with it, one
-    backward pass per pair. Same quantity, rounding aside. Measured on CPU: one backward pass
-    over a sample's K pairs took 0.55–0.75× vmap's time on the 35.7M-parameter `cifar` UNet
-    (K = 4) and 0.35–0.45× on the 0.46M `tiny` one at K = 10, but 2–3× vmap's time on `tiny`
-    at K = 2; a backward pass per pair was always slower than vmap (1.4–2.6×). So ``auto``
-    picks ``backward`` for unnormalised averages over at least BACKWARD_MIN_TIMESTEPS
-    timesteps, or over fewer on models of at least BACKWARD_MIN_PARAMS parameters.
+    backward pass per pair. Same quantity, rounding aside. Measured on CPU (2 threads, one
+    process, one run): ``layers`` took 0.90–0.96× vmap's time on the 35.7M-parameter `cifar`
+    UNet and 0.72–0.95× on the 0.46M `tiny` one; for unnormalised averages ``backward`` took
+    0.66× ``layers``' time on `cifar` (K = 10) but 1.3× on `tiny`; a backward pass per pair is
+    slower than vmap (1.4–2.6×). So ``auto`` picks ``backward`` for unnormalised averages on
+    models of at least BACKWARD_MIN_PARAMS parameters, else ``layers`` where the model
+    allows it, else ``backward`` for unnormalised averages over at least
+    BACKWARD_MIN_TIMESTEPS timesteps and ``vmap`` otherwise. Attention runs through SDPA
+    under ``layers`` and through the classic processor otherwise (vmap has no batching rule for
+    SDPA; :meth:`flat_grads` uses vmap under ``backward``).
     ``dtype``: precision of the forward and backward passes (a cast copy of the parameters;
     the model itself is not changed). The measure, the gradients handed out, their norms and
     the timestep average are float32 whatever ``dtype``.
@@ -163,7 +170,6 @@ class GradientComputer:
                 hint=f"choose from {', '.join(GRADIENT_STRATEGIES)}",
             )
         self.model = model.to(device).eval()
-        use_classic_attention(self.model)
         self.measure, self.schedule, self.timesteps = measure, schedule, timesteps
         self.noise_seed, self.normalize = noise_seed, normalize
         self.micro_batch = max(1, micro_batch)
@@ -179,11 +185,24 @@ class GradientComputer:
         self.fixed = {n: cast(p) for n, p in named.items() if n not in self.params}
         self.fixed.update({n: cast(b) for n, b in model.named_buffers()})
         self.dim = sum(p.numel() for p in self.params.values())
+        self._plan = layer_plan(self.model, list(self.params))
+        if strategy == "layers" and self._plan is None:
+            raise ConfigError(
+                "gradient strategy 'layers' needs every differentiated parameter to belong to "
+                "a Linear, Conv2d (zero padding), GroupNorm or LayerNorm layer",
+                hint="use strategy 'vmap' (or 'auto', which falls back to it)",
+            )
         if strategy == "auto":
             large = sum(p.numel() for p in named.values()) >= BACKWARD_MIN_PARAMS
             many = timesteps.num >= BACKWARD_MIN_TIMESTEPS
-            strategy = "backward" if not normalize and (many or large) else "vmap"
+            if not normalize and large:
+                strategy = "backward"
+            elif self._plan is not None:
+                strategy = "layers"
+            else:
+                strategy = "backward" if not normalize and many else "vmap"
         self.strategy = strategy
+        use_classic_attention(self.model, classic=strategy != "layers")
         self.alphas = schedule.alphas_cumprod().to(self.device)
         self._grad_fn = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0))
         self._grad_fn_cond = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0, 0))
@@ -198,7 +217,7 @@ class GradientComputer:
     def _batches(self, x0: torch.Tensor, ids: np.ndarray) -> Iterator[tuple[torch.Tensor, ...]]:
         """Pairs as the strategy consumes them: micro-batches (vmap), one sample's K pairs
         (backward, unnormalised) or single pairs (backward, normalised)."""
-        if self.strategy == "vmap":
+        if self.strategy in ("vmap", "layers"):
             return self.pairs(x0, ids)
         if self.normalize:
             return self.pairs(x0, ids, group=1)
@@ -239,9 +258,17 @@ class GradientComputer:
 
         ``cond``: per-pair conditioning (e.g. caption embeddings), the model's third input.
         """
-        grads, err, res = self.param_grads(xt, t, noise, ab, cond)
+        grads, err, res = self.pair_grads(xt, t, noise, ab, cond)
         flat = torch.cat([grads[n].reshape(xt.shape[0], -1).float() for n in self.params], dim=1)
         return flat, err, res
+
+    def pair_grads(
+        self, xt, t, noise, ab, cond=None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Per-pair gradients by parameter name, by ``layers`` when that is the strategy,
+        else by ``vmap``."""
+        fn = self.layer_grads if self.strategy == "layers" else self.param_grads
+        return fn(xt, t, noise, ab, cond)
 
     def param_grads(
         self, xt, t, noise, ab, cond=None
@@ -256,11 +283,37 @@ class GradientComputer:
             raise
         return grads, err, res
 
+    def layer_grads(
+        self, xt, t, noise, ab, cond=None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The same as :meth:`param_grads`, assembled per layer from one batched forward and
+        backward pass (:mod:`diffattr.attribution.layer_grads`)."""
+        args = (xt.to(self.dtype), t) if cond is None else (xt.to(self.dtype), t, cond)
+        try:
+            with torch.enable_grad(), recording(self._plan):
+                out = functional_call(self.model, (self.params, self.fixed), args).sample.float()
+                values = vmap(self.measure)(out, noise, ab)
+                grads = assemble_sample_grads(self._plan, values.sum(), xt.shape[0])
+        except (RuntimeError, NotImplementedError) as exc:
+            self._dtype_error(exc)
+            raise
+        b = xt.shape[0]
+        for n, p in self.params.items():  # a layer the forward pass never reached
+            if n not in grads:
+                grads[n] = torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device)
+        diff = (out - noise).detach()
+        dims = tuple(range(1, diff.dim()))
+        return grads, diff.pow(2).mean(dim=dims), diff.mean(dim=dims)
+
     def _add_pair_grads(
         self, out: torch.Tensor, rows: torch.Tensor, grads: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """out[rows] += g (normalised per pair if asked), one parameter at a time, so no
-        flattened (B, p) copy of the pairs' gradients is ever made. Returns the pair norms."""
+        flattened (B, p) copy of the pairs' gradients is ever made. Returns the pair norms.
+
+        Scaling and scattering are one product per parameter: out += W g with W (samples ×
+        pairs), W[rows[j], j] = 1/‖g_j‖ (or 1), a single pass over the pairs' gradients.
+        """
         b = rows.numel()
         sq = torch.zeros(b, dtype=torch.float32, device=out.device)
         for n in self.params:
@@ -268,13 +321,13 @@ class GradientComputer:
         norms = sq.sqrt()
         if not torch.isfinite(norms).all():
             return norms
-        idx = rows.to(out.device)
+        scale = 1.0 / norms.clamp_min(1e-30) if self.normalize else torch.ones_like(norms)
+        weights = torch.zeros(out.shape[0], b, dtype=torch.float32, device=out.device)
+        weights[rows.to(out.device), torch.arange(b, device=out.device)] = scale
         offset = 0
         for n in self.params:
             g = grads.pop(n).reshape(b, -1).float()
-            if self.normalize:
-                g = g / norms.clamp_min(1e-30)[:, None]
-            out[:, offset : offset + g.shape[1]].index_add_(0, idx, g)
+            out.narrow(1, offset, g.shape[1]).addmm_(weights, g)
             offset += g.shape[1]
         return norms
 
@@ -322,8 +375,8 @@ class GradientComputer:
         res = torch.zeros(B, dtype=torch.float64)
         for rows, xt, t, noise, ab in self._batches(x0, ids):
             c = None if cond is None else cond[rows].to(self.device, self.dtype)
-            if self.strategy == "vmap":
-                grads, e, r = self.param_grads(xt, t, noise, ab, c)
+            if self.strategy in ("vmap", "layers"):
+                grads, e, r = self.pair_grads(xt, t, noise, ab, c)
                 grad_rows = rows
                 norms = self._add_pair_grads(out, rows, grads)  # also a cheap NaN/Inf check
             else:  # rows: one sample's pairs (summed) or a single pair

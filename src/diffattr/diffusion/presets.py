@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DModel
-from diffusers.models.attention_processor import Attention, AttnProcessor
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from diffattr.errors import CheckpointError, ConfigError
 
@@ -81,15 +81,16 @@ def load_unet(path: str | Path) -> UNet2DModel:
     return model
 
 
-def use_classic_attention(model: torch.nn.Module) -> None:
-    """Switch diffusers attention to the classic (non-SDPA) processor.
+def use_classic_attention(model: torch.nn.Module, classic: bool = True) -> None:
+    """Switch diffusers attention to the classic (non-SDPA) processor, or back to SDPA.
 
     ``F.scaled_dot_product_attention`` has no vmap batching rule on CPU; the classic processor
-    is plain matmul + softmax, which vmaps and is also faster for tiny sequences.
+    is plain matmul + softmax, which vmaps. Outside vmap, SDPA's fused kernels are faster and
+    never hold the (heads × tokens × tokens) attention matrix.
     """
     for module in model.modules():
         if isinstance(module, Attention):
-            module.set_processor(AttnProcessor())
+            module.set_processor(AttnProcessor() if classic else AttnProcessor2_0())
 
 
 def count_parameters(model: torch.nn.Module) -> int:
