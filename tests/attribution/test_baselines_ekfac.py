@@ -5,9 +5,10 @@ import sys
 import numpy as np
 import pytest
 
+from diffattr.attribution import influence
 from diffattr.attribution.featurize import FeatureSettings
 from diffattr.attribution.gradients import GradientComputer, TimestepSpec
-from diffattr.attribution.influence import ekfac_scores, tracked_parameter_names
+from diffattr.attribution.influence import ekfac_scores, query_batch_size, tracked_parameter_names
 from diffattr.attribution.measure import make_measure
 from diffattr.attribution.methods import ScoreInputs, get_method
 from diffattr.diffusion.schedule import NoiseSchedule
@@ -46,6 +47,19 @@ def test_identity_strategy_is_the_gradient_product(data, tmp_path):
         )  # fmt: skip
         want = raw_grads(model, measure, targets, tids) @ g_train.T
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+def test_query_batches_do_not_change_scores(data, tmp_path, monkeypatch):
+    pytest.importorskip("kronfluence")
+    assert query_batch_size(1000, 10, budget=4000 * 3) == 3
+    assert query_batch_size(1000, 2, budget=4000 * 3) == 2
+    assert query_batch_size(10**9, 5) == 1
+    model, train, targets = data
+    ids, tids = train.ids.numpy(), np.arange(2)
+    whole = ekfac_scores(model, train.images, ids, targets, tids, tmp_path / "a", timesteps=SPEC)
+    monkeypatch.setattr(influence, "QUERY_BATCH_BYTES", 1)  # one query item per batch
+    single = ekfac_scores(model, train.images, ids, targets, tids, tmp_path / "b", timesteps=SPEC)
+    np.testing.assert_allclose(single, whole, rtol=1e-4, atol=1e-6 * np.abs(whole).max())
 
 
 def test_ekfac_runs_and_large_damping_recovers_the_product(data, tmp_path):

@@ -51,6 +51,10 @@ QUERIES = ("loss", "das", "dtrak")
 FISHERS = ("true", "empirical")
 #: Key namespace of the sampled-Fisher targets.
 FISHER_KEY = 0x4B464331
+#: Bytes of per-item query gradients kronfluence holds for one query batch (4 per parameter
+#: per item). Every query batch makes one pass over all N·K training items, so the pairwise
+#: scoring time is ∝ the number of query batches: they are made as large as this allows.
+QUERY_BATCH_BYTES = 1 << 30
 INSTALL_HINT = (
     "pip install --no-deps kronfluence accelerate einops einconv opt-einsum psutil "
     "(kronfluence declares torchvision but does not import it)"
@@ -161,6 +165,13 @@ def _hash(*parts: Any) -> str:
     return h.hexdigest()[:12]
 
 
+def query_batch_size(num_params: int, num_items: int, budget: int | None = None) -> int:
+    """Query items per kronfluence batch: as many 4·``num_params``-byte gradients as fit in
+    ``budget`` (default QUERY_BATCH_BYTES), at least 1, at most ``num_items``."""
+    budget = QUERY_BATCH_BYTES if budget is None else budget
+    return max(1, min(num_items, budget // max(1, 4 * num_params)))
+
+
 def ekfac_scores(
     model: nn.Module,
     train_images: torch.Tensor,
@@ -232,7 +243,9 @@ def ekfac_scores(
             factors_name=factors_name,
             query_dataset=query_items,
             train_dataset=train_items,
-            per_device_query_batch_size=batch_size,
+            per_device_query_batch_size=query_batch_size(
+                sum(p.numel() for p in model.parameters()), len(query_items)
+            ),
             per_device_train_batch_size=batch_size,
             score_args=ScoreArguments(damping_factor=damping),
         )
