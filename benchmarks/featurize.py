@@ -163,7 +163,9 @@ def batches(n: int, size: int) -> list[slice]:
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def run_case(case: Case, reps: int, log: Callable[[str], None]) -> tuple[list[dict], str]:
+def run_case(
+    case: Case, reps: int, log: Callable[[str], None]
+) -> tuple[list[dict], list[dict], list[str]]:
     torch.manual_seed(0)
     model = build_unet(case.preset, case.size, case.channels).eval()
     shape = (case.channels, case.size, case.size)
@@ -290,6 +292,7 @@ def run_case(case: Case, reps: int, log: Callable[[str], None]) -> tuple[list[di
     }  # fmt: skip
     flops = gradient_flops(model, shape)
     warmups = {**grad_warm, "maxdiff": maxdiff}
+    srows, profile_note = strategy_rows(case, model, images, ids, schedule, spec, reps, log)
 
     rows = []
     for name, r in results.items():
@@ -323,7 +326,78 @@ def run_case(case: Case, reps: int, log: Callable[[str], None]) -> tuple[list[di
         + ("" if dattri_grad_fn is not None else "; dattri not installed, its columns are nan")
         + "."
     )
+    return rows, srows, [note, profile_note]
+
+
+STRATEGIES = ("layers", "vmap", "backward")
+
+
+def strategy_rows(
+    case: Case, model, images, ids, schedule, spec, reps: int, log: Callable[[str], None]
+) -> tuple[list[dict], str]:
+    """diffattr's gradient strategies side by side on the same work, for unnormalised averages
+    (the peers' quantity) and per-timestep normalised ones (diffattr's default features), plus
+    a profile of the default strategy on normalised features: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    computers = {
+        (normalize, strategy): GradientComputer(
+            model, parse_measure("loss"), schedule, spec, noise_seed=NOISE_SEED,
+            normalize=normalize, micro_batch=case.micro_batch, strategy=strategy,
+        )  # fmt: skip
+        for normalize in (False, True)
+        for strategy in STRATEGIES
+    }
+
+    def run(gc: GradientComputer) -> torch.Tensor:
+        return torch.cat([gc.compute(images[sl], ids[sl])[0]
+                          for sl in batches(case.samples, case.batch)])  # fmt: skip
+
+    fns = {key: partial(run, gc) for key, gc in computers.items()}
+    _, sec, out = timed(fns, reps)
+    rows = []
+    for (normalize, strategy), t in sec.items():
+        ref = out[(normalize, "vmap")]
+        diff = float((out[(normalize, strategy)] - ref).abs().max() / ref.abs().max())
+        rows.append(
+            {"preset": case.preset, "normalize": normalize, "strategy": strategy, "sec": t,
+             "vs_vmap": t / sec[(normalize, "vmap")], "maxdiff": diff,
+             "rate": case.samples * case.timesteps / t}
+        )  # fmt: skip
+        log(f"  strategy {strategy:8s} normalise={normalize!s:5s}: {t:8.3f} s")
+    del out
+    default = GradientComputer(
+        model, parse_measure("loss"), schedule, spec, noise_seed=NOISE_SEED, normalize=True,
+        micro_batch=case.micro_batch,
+    )  # fmt: skip
+    sl = batches(case.samples, case.batch)[0]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        default.compute(images[sl], ids[sl])
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    top = ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:8])
+    note = (
+        f"{case.preset}: profile of one featurize batch ({sl.stop - sl.start} samples) with the "
+        f"default (auto → {default.strategy!r}) strategy on normalised features, self CPU time "
+        f"by operator: {top}."
+    )
     return rows, note
+
+
+def strategy_table(rows: list[dict], flops: dict[str, int], gflops: float) -> str:
+    lines = [
+        "| preset | features | strategy | gradient s | time ÷ vmap's | per-sample grads/s "
+        "| gradient FLOP/s ÷ matmul FLOP/s | max|Δ|/max|g| vs vmap |",
+        "|" + "---|" * 8,
+    ]
+    for r in rows:
+        frac = r["rate"] * flops[r["preset"]] / (gflops * 1e9)
+        lines.append(
+            f"| {r['preset']} | {'normalised' if r['normalize'] else 'unnormalised'} "
+            f"| {r['strategy']} | {r['sec']:.3f} | {r['vs_vmap']:.2f} | {r['rate']:.2f} "
+            f"| {100 * frac:.0f}% | {r['maxdiff']:.1e} |"
+        )
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], gflops: float) -> str:
@@ -373,11 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     gflops = matmul_gflops()
     print(f"fp32 matmul 2048x2048: {gflops:.1f} GFLOP/s ({THREADS} threads)", flush=True)
-    rows, notes = [], []
+    rows, srows, notes = [], [], []
     for case in cases:
-        case_rows, note = run_case(case, reps, lambda s: print(s, flush=True))
+        case_rows, case_srows, case_notes = run_case(case, reps, lambda s: print(s, flush=True))
         rows += case_rows
-        notes.append(note)
+        srows += case_srows
+        notes += case_notes
+    flops = {r["preset"].split()[0]: r["flops"] for r in rows}
     elapsed = time.perf_counter() - start
     gflops_end = matmul_gflops()
     print(f"fp32 matmul 2048x2048 at the end: {gflops_end:.1f} GFLOP/s", flush=True)
@@ -394,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
             f"total wall time {elapsed:.0f} s.",
             "",
             table(rows, (gflops + gflops_end) / 2),
+            "",
+            "diffattr's gradient strategies on the same work (unnormalised: the peers' quantity; "
+            "normalised per timestep: diffattr's default features), timed in the same rounds:",
+            "",
+            strategy_table(srows, flops, (gflops + gflops_end) / 2),
             "",
             *[f"- {n}" for n in notes],
             "",
