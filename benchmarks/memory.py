@@ -164,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/memory.md"))
     p.add_argument("--work", type=Path, default=None, help="scratch directory (default: tmp)")
-    p.add_argument("--cases", default=",".join(CASES),
-                   help=f"comma-separated subset of: {', '.join(CASES)} (score needs write-store)")
+    p.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated subset of: {', '.join(CASES)} (score needs write-store)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     mode = "quick" if args.quick else "full"
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode != 0 or not line:
                 sys.stderr.write(proc.stderr[-3000:])
                 raise SystemExit(f"case {case} failed (exit {proc.returncode})")
-            res = json.loads(line[-1][len("RESULT "):])
+            res = json.loads(line[-1][len("RESULT ") :])
             rows.append({"case": case, **res})
             print(f"{case}: peak RSS {res['peak_rss'] / 2**30:.2f} GiB, {res.get('detail', '')}",
                   flush=True)  # fmt: skip

@@ -307,9 +307,7 @@ def train(
         x0 = images[torch.as_tensor(rows)].to(device)
         ts, noises = [], []
         for sid, v in zip(ids[pos], visits, strict=True):
-            t, n = visit_noise(
-                seed, int(sid), int(v), (c, h, w), schedule.num_train_timesteps
-            )
+            t, n = visit_noise(seed, int(sid), int(v), (c, h, w), schedule.num_train_timesteps)
             ts.append(t)
             noises.append(n)
         t = torch.tensor(ts, device=device)

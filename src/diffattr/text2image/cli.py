@@ -68,8 +68,7 @@ def add_finetune_parser(add) -> argparse.ArgumentParser:
     g.add_argument(
         "--lora-targets",
         default=DEFAULT_TARGETS,
-        help="comma-separated UNet module names that get adapters (default: attention "
-        "projections)",
+        help="comma-separated UNet module names that get adapters (default: attention projections)",
     )
     g.add_argument("--steps", type=int, default=500, help="training steps (default: 500)")
     g.add_argument("--batch-size", type=int, default=8)

@@ -81,8 +81,7 @@ class Components:
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         if resolution % self.vae_factor:
             raise ConfigError(
-                f"--resolution {resolution} is not a multiple of the VAE's factor "
-                f"{self.vae_factor}"
+                f"--resolution {resolution} is not a multiple of the VAE's factor {self.vae_factor}"
             )
         side = resolution // self.vae_factor
         return int(self.vae.config.latent_channels), side, side
