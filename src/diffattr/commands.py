@@ -104,11 +104,20 @@ def add_feature_args(p: argparse.ArgumentParser, several_timesteps: bool = False
             "countsketch",
             "sparse-jl",
             "trak-cuda",
+            "logra",
         ],
         help="auto: exact gradients when they fit in 4 GiB, else a sparse sketch; trak-cuda: "
-        "traker's CUDA kernel (fast_jl; k a multiple of 512) on --device cuda, else rademacher",
+        "traker's CUDA kernel (fast_jl; k a multiple of 512) on --device cuda, else rademacher; "
+        "logra: per-layer Kronecker projection from activations and output gradients, never "
+        "forming a full per-sample gradient (fastest; --proj-dim is then the per-layer rank r, "
+        "default 16, giving up to r² dimensions per layer)",
     )
-    g.add_argument("--proj-dim", type=int, default=None, help="projection dimension k")
+    g.add_argument(
+        "--proj-dim",
+        type=int,
+        default=None,
+        help="projection dimension k (logra: the per-layer rank r)",
+    )
     g.add_argument("--proj-seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument(

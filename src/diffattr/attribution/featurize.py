@@ -25,8 +25,14 @@ from diffattr.attribution.gradients import (
     grad_dtype,
     select_parameters,
 )
+from diffattr.attribution.layer_projection import DEFAULT_LOGRA_RANK, LayerProjection
 from diffattr.attribution.measure import parse_measure
-from diffattr.attribution.projection import Projector, make_projector, trak_cuda_available
+from diffattr.attribution.projection import (
+    PassThroughProjector,
+    Projector,
+    make_projector,
+    trak_cuda_available,
+)
 from diffattr.attribution.store import FeatureStore
 from diffattr.diffusion.presets import model_fingerprint
 from diffattr.diffusion.schedule import NoiseSchedule
@@ -87,7 +93,13 @@ def gradient_computer(
     device: str = "cpu",
     micro_batch: int = 64,
 ) -> GradientComputer:
-    """The :class:`GradientComputer` that ``settings`` describe (measure, timesteps, params)."""
+    """The :class:`GradientComputer` that ``settings`` describe (measure, timesteps, params;
+    with ``--projector logra`` it projects per layer itself)."""
+    layer_projection = None
+    if settings.projector == "logra":
+        layer_projection = LayerProjection(
+            rank=settings.proj_dim or DEFAULT_LOGRA_RANK, seed=settings.proj_seed
+        )
     return GradientComputer(
         model,
         parse_measure(settings.measure, image_shape),
@@ -99,6 +111,7 @@ def gradient_computer(
         micro_batch=micro_batch,
         device=device,
         dtype=grad_dtype(settings.grad_dtype),
+        layer_projection=layer_projection,
     )
 
 
@@ -112,9 +125,20 @@ def with_available_projector(settings: FeatureSettings, device: str) -> FeatureS
     return replace(settings, projector="rademacher")
 
 
-def build_projector(settings: FeatureSettings, num_params: int, device: str) -> Projector:
+def build_projector(
+    settings: FeatureSettings,
+    num_params: int,
+    device: str,
+    computer: GradientComputer | None = None,
+) -> Projector:
+    """The projector applied to ``computer``'s gradients (a pass-through that records the
+    per-layer projection when the computer projects them itself: ``logra``)."""
     if settings.projector == "auto":
         raise ConfigError("resolve the 'auto' projector before building it")
+    if settings.projector == "logra":
+        if computer is None or computer.layer_projector is None:
+            raise ConfigError("--projector logra is applied by the gradient computer")
+        return PassThroughProjector(computer.dim, computer.layer_projector.describe())
     return make_projector(
         settings.projector, num_params, settings.proj_dim, seed=settings.proj_seed, device=device
     )
@@ -187,7 +211,7 @@ def featurize(
             )
     computer = gradient_computer(model, settings, schedule, tuple(images.shape[1:]), device)
     measure = computer.measure
-    projector = build_projector(settings, computer.dim, device)
+    projector = build_projector(settings, computer.dim, device, computer)
     store_settings = {
         "features": settings.to_dict(),
         "projector": projector.describe(),
@@ -195,7 +219,7 @@ def featurize(
         "schedule": schedule.to_dict(),
         "model_fingerprint": model_fingerprint(model),
         "data_fingerprint": data_fingerprint,
-        "num_params": computer.dim,
+        "num_params": computer.num_params,
         "ids": ids.tolist(),
     }
     store_dir = Path(store_dir)
@@ -421,6 +445,8 @@ def _same_gradients(source: FeatureStore, wanted: dict[str, Any]) -> bool:
     """Whether ``source`` holds the unprojected rows of the gradients ``wanted`` describes."""
     have = source.settings
     if not source.is_complete() or have["projector"].get("kind") != "identity":
+        return False
+    if wanted["projector"].get("kind") == "logra":  # projected per layer, never from ḡ
         return False
     keys = ("measure", "schedule", "model_fingerprint", "data_fingerprint", "num_params", "ids")
     if any(have.get(k) != wanted.get(k) for k in keys):

@@ -22,6 +22,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from diffattr.attribution.layer_grads import assemble_sample_grads, layer_plan, recording
+from diffattr.attribution.layer_projection import LayerProjection, LayerProjector
 from diffattr.attribution.measure import Measure
 from diffattr.diffusion.presets import use_classic_attention
 from diffattr.diffusion.schedule import ATTRIBUTION_NOISE_KEY, NoiseSchedule, keyed_noise
@@ -162,6 +163,7 @@ class GradientComputer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         strategy: str = "auto",
+        layer_projection: LayerProjection | None = None,
     ) -> None:
         timesteps.validate(schedule.num_train_timesteps)
         if strategy not in GRADIENT_STRATEGIES:
@@ -184,8 +186,19 @@ class GradientComputer:
         self.params = {n: cast(named[n]) for n in names}
         self.fixed = {n: cast(p) for n, p in named.items() if n not in self.params}
         self.fixed.update({n: cast(b) for n, b in model.named_buffers()})
-        self.dim = sum(p.numel() for p in self.params.values())
+        self.num_params = sum(p.numel() for p in self.params.values())
         self._plan = layer_plan(self.model, list(self.params))
+        if layer_projection is not None:
+            if self._plan is None:
+                raise ConfigError(
+                    "--projector logra needs every differentiated parameter to belong to a "
+                    "Linear, Conv2d (zero padding), GroupNorm or LayerNorm layer",
+                    hint="use another --projector, or select parameters with --params",
+                )
+            if strategy not in ("auto", "layers"):
+                raise ConfigError(f"--projector logra needs gradient strategy 'layers', not "
+                                  f"{strategy!r}")  # fmt: skip
+            strategy = "layers"
         if strategy == "layers" and self._plan is None:
             raise ConfigError(
                 "gradient strategy 'layers' needs every differentiated parameter to belong to "
@@ -202,6 +215,19 @@ class GradientComputer:
             else:
                 strategy = "backward" if not normalize and many else "vmap"
         self.strategy = strategy
+        self.layer_projector = (
+            None
+            if layer_projection is None
+            else LayerProjector(self._plan, layer_projection, self.device)
+        )
+        #: Feature columns per parameter (its size, or its projected size under logra).
+        self.out_dims = (
+            {n: p.numel() for n, p in self.params.items()}
+            if self.layer_projector is None
+            else self.layer_projector.out_dims
+        )
+        #: Width of the gradients handed out: p, or the logra projection's dimension.
+        self.dim = sum(self.out_dims.values())
         use_classic_attention(self.model, classic=strategy != "layers")
         self.alphas = schedule.alphas_cumprod().to(self.device)
         self._grad_fn = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0))
@@ -293,14 +319,16 @@ class GradientComputer:
             with torch.enable_grad(), recording(self._plan):
                 out = functional_call(self.model, (self.params, self.fixed), args).sample.float()
                 values = vmap(self.measure)(out, noise, ab)
-                grads = assemble_sample_grads(self._plan, values.sum(), xt.shape[0])
+                grads = assemble_sample_grads(
+                    self._plan, values.sum(), xt.shape[0], self.layer_projector
+                )
         except (RuntimeError, NotImplementedError) as exc:
             self._dtype_error(exc)
             raise
         b = xt.shape[0]
         for n, p in self.params.items():  # a layer the forward pass never reached
             if n not in grads:
-                grads[n] = torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device)
+                grads[n] = torch.zeros(b, self.out_dims[n], dtype=torch.float32, device=p.device)
         diff = (out - noise).detach()
         dims = tuple(range(1, diff.dim()))
         return grads, diff.pow(2).mean(dim=dims), diff.mean(dim=dims)

@@ -165,7 +165,7 @@ def journey_features(
         model, settings, schedule, tuple(samples.images.shape[1:]), device, micro_batch
     )
     measure = computer.measure
-    projector = build_projector(settings, computer.dim, device)
+    projector = build_projector(settings, computer.dim, device, computer)
     num_recorded = samples.num_steps if samples.trajectory is None else samples.trajectory.shape[0]
     chosen = trajectory_steps(num_recorded, steps)
     store = None
@@ -189,7 +189,7 @@ def journey_features(
                     "steps": chosen.tolist(),
                     "seeds": np.asarray(samples.seeds).tolist(),
                 },
-                "num_params": computer.dim,
+                "num_params": computer.num_params,
                 "ids": target_ids.tolist(),
             },
             n,

@@ -154,10 +154,12 @@ def layer_sample_grads(
 
 
 def assemble_sample_grads(
-    plan: list[HookedLayer], total: torch.Tensor, batch: int
+    plan: list[HookedLayer], total: torch.Tensor, batch: int, projector=None
 ) -> dict[str, torch.Tensor]:
     """Backpropagate ``total`` (Σ over the batch of the per-sample measure) to the recorded
-    layer outputs and assemble {parameter name: (``batch``, *shape)} per-sample gradients.
+    layer outputs and assemble {parameter name: (``batch``, *shape)} per-sample gradients,
+    or with ``projector`` (a :class:`~diffattr.attribution.layer_projection.LayerProjector`)
+    their per-layer projections {parameter name: (``batch``, d)}.
 
     Every recorded call must be per sample (leading dimension ``batch``): a layer applied to
     something shared by the batch has no per-sample gradient this way (ConfigError).
@@ -175,13 +177,18 @@ def assemble_sample_grads(
     deltas = torch.autograd.grad(total, outputs, allow_unused=True)
     grads: dict[str, torch.Tensor] = {}
     i = 0
-    for layer in plan:
+    for index, layer in enumerate(plan):
+        which = set(layer.params)
         for a, o in zip(layer.inputs, layer.outputs, strict=True):
             delta = deltas[i]
             i += 1
             if delta is None:
                 delta = torch.zeros_like(o)
-            for local, g in layer_sample_grads(layer.module, a, delta, set(layer.params)).items():
+            if projector is None:
+                parts = layer_sample_grads(layer.module, a, delta, which)
+            else:
+                parts = projector.layer_features(index, layer.module, a, delta, which)
+            for local, g in parts.items():
                 name = layer.params[local]
                 grads[name] = grads[name] + g if name in grads else g
     return grads

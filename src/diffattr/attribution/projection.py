@@ -44,6 +44,7 @@ __all__ = [
     "KINDS",
     "DenseProjector",
     "IdentityProjector",
+    "PassThroughProjector",
     "Projector",
     "SparseProjector",
     "TrakCudaProjector",
@@ -153,6 +154,18 @@ class IdentityProjector(Projector):
             "input_dim": self.input_dim,
             "output_dim": self.output_dim,
         }
+
+
+class PassThroughProjector(IdentityProjector):
+    """Features already projected upstream (``logra``: by the gradient computer, per layer):
+    passed through as float32, described by the upstream projection's settings."""
+
+    def __init__(self, dim: int, description: dict[str, object]) -> None:
+        super().__init__(dim)
+        self.description = dict(description)
+
+    def describe(self) -> dict[str, object]:
+        return {**self.description, "input_dim": self.input_dim, "output_dim": self.output_dim}
 
 
 class DenseProjector(Projector):
