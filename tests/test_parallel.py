@@ -189,3 +189,34 @@ def test_ray_redoes_the_rows_a_dead_worker_left(ray_runtime, trained, reference,
     assert_same(store_arrays(run), reference)
     store = next((run / "features").glob("train-das-*"))
     assert not RowClaims(store / "claims").active()
+
+
+@pytest.mark.parametrize("n,k", [(300, 20), (12, 40)])  # primal and dual kernels
+def test_ray_scoring_tiles_equal_inprocess(ray_runtime, tmp_path, n, k):
+    from diffattr.attribution.kernel import Kernel, inner_products
+
+    rng = np.random.default_rng(0)
+    store = np.lib.format.open_memmap(tmp_path / "features.npy", "w+", np.float32, (n, k))
+    store[:] = rng.standard_normal((n, k))
+    store.flush()
+    targets = rng.standard_normal((5, k))
+    local = Kernel.fit(store, block=64)
+    assert local.form == ("primal" if n > k else "dual")
+    with RayExecutor(progress=False) as ex:
+        remote = Kernel.fit(store, block=64)
+        remote.executor = ex
+        np.testing.assert_allclose(remote.cross(targets), local.cross(targets), rtol=1e-12)
+        by_jobs = inner_products(targets, store, 64, executor=ex)
+    np.testing.assert_allclose(by_jobs, targets @ np.asarray(store, np.float64).T, rtol=1e-12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.npy"]  # scratch removed
+
+
+def test_ray_score_command_equals_inprocess(ray_runtime, trained, tmp_path):
+    scores = {}
+    for name, extra in (("inprocess", []), ("ray", ["--executor", "ray", "--workers", "2"])):
+        run = fresh_run(trained, tmp_path / name)
+        args = ("score", run, "--method", "das", "--targets", "val", *FEATURIZE, *extra)
+        code, err = run_main(*args)
+        assert code == 0, err
+        scores[name] = np.load(next((run / "scores").glob("das-val*")) / "scores.npy")
+    np.testing.assert_allclose(scores["ray"], scores["inprocess"], rtol=1e-10, atol=1e-12)

@@ -259,8 +259,12 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
+    import contextlib
+
     from diffattr.attribution.method_spec import method_label, parse_method_list
+    from diffattr.attribution.shards import featurize_with_executor
     from diffattr.diffusion.sampling import load_samples
+    from diffattr.parallel import executor_from_args
     from diffattr.run import RunDir
 
     if args.k < 1:
@@ -268,25 +272,33 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     run = RunDir(args.run)
     name, images, ids = attribution_targets(run, args.targets)
     out: dict[str, Any] = {}
-    for method, given in parse_method_list(args.method):
-        options: dict[str, Any] = {}
-        if method == "das":
-            options = method_options(args)
-        elif method == "random":
-            options = {"seed": args.noise_seed}
-        elif method in ("tracin", "gas"):
-            options = {"checkpoints": str(run.path)}
-        options.update(given)
-        targets: Any = images
-        if method == "journey-trak":  # needs the recorded seeds, not just the images
-            if args.targets == "val":
-                raise DiffattrError("journey-trak attributes generated images only")
-            path = run.samples_dir / "samples.npz" if args.targets == "samples" else args.targets
-            targets = load_samples(path)
-        att = make_attributor(run, method, args, **options)
-        scores = att.score(targets, ids)
-        label = method_label(method, given)
-        out[label] = str(scores.save(run.scores_dir / f"{label}-{name}", k=args.k))
+    sharded = getattr(args, "executor", "inprocess") != "inprocess"
+    with executor_from_args(args) if sharded else contextlib.nullcontext() as executor:
+        for method, given in parse_method_list(args.method):
+            options: dict[str, Any] = {}
+            if method == "das":
+                options = method_options(args)
+            elif method == "random":
+                options = {"seed": args.noise_seed}
+            elif method in ("tracin", "gas"):
+                options = {"checkpoints": str(run.path)}
+            options.update(given)
+            targets: Any = images
+            if method == "journey-trak":  # needs the recorded seeds, not just the images
+                if args.targets == "val":
+                    raise DiffattrError("journey-trak attributes generated images only")
+                path = args.targets
+                if args.targets == "samples":
+                    path = run.samples_dir / "samples.npz"
+                targets = load_samples(path)
+            att = make_attributor(run, method, args, **options)
+            if executor is not None:
+                att.executor = executor  # the scoring tiles
+                if att.method.measure is not None and not att.method.needs_model:
+                    featurize_with_executor(att, run.path, method, executor, None, options)
+            scores = att.score(targets, ids)
+            label = method_label(method, given)
+            out[label] = str(scores.save(run.scores_dir / f"{label}-{name}", k=args.k))
     return out
 
 
@@ -502,6 +514,7 @@ def register(add) -> None:
         """
         diffattr score runs/digits --method das,dtrak
         diffattr score runs/digits --method das --targets val --leverage --k 20
+        diffattr score runs/big --method das --executor ray --ray-address auto  # tiles on Ray
         """,
         cmd_score,
     )
@@ -522,6 +535,7 @@ def register(add) -> None:
     p.add_argument("--leverage", action="store_true", help="DAS: divide by 1 − hᵢ")
     p.add_argument("--squared", action="store_true", help="DAS: square the scores (KL form)")
     add_feature_args(p)
+    add_executor_args(p, default="inprocess")
 
     p = add(
         "report",

@@ -81,6 +81,7 @@ class Attributor:
         progress: bool = True,
         max_exact_bytes: int = DEFAULT_MAX_EXACT_BYTES,
         on_nonfinite: str = "stop",
+        executor: Any = None,
         **method_options: Any,
     ) -> None:
         self.model = model
@@ -103,6 +104,8 @@ class Attributor:
         )
         self._kernel: Kernel | None = None
         self._train_store: FeatureStore | None = None
+        #: :mod:`diffattr.parallel` executor for the kernel's training-tile products.
+        self.executor = executor
 
     def _store_path(self, role: str, settings: FeatureSettings | None = None) -> Path:
         settings = settings or self.settings
@@ -182,6 +185,7 @@ class Attributor:
             store = self.featurize()
             assert store is not None
             self._kernel = Kernel.fit(store.features, self.lam, self.relative_lambda)
+        self._kernel.executor = self.executor
         return self._kernel
 
     def score(self, targets: Any, target_ids: np.ndarray | None = None) -> Scores:

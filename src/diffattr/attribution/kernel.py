@@ -19,8 +19,12 @@ of ΦᵀΦ, which is unchanged by projection to any k and by the choice of form.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -131,14 +135,55 @@ def dual_gram(
 
 
 def inner_products(
-    targets: np.ndarray, features: np.ndarray, block: int | None = None, dtype=np.float64
+    targets: np.ndarray,
+    features: np.ndarray,
+    block: int | None = None,
+    dtype=np.float64,
+    executor: Any = None,
 ) -> np.ndarray:
-    """(T, N) matrix φ(x)ᵀφᵢ, streamed over tiles of Φ."""
+    """(T, N) matrix φ(x)ᵀφᵢ, streamed over tiles of Φ.
+
+    ``executor`` (:mod:`diffattr.parallel`): the tiles become its jobs when Φ is a
+    memory-mapped ``.npy`` (a feature store): each worker maps the store and a copy of the
+    targets written once next to it, and returns its (T × tile) block. The same products as
+    in process, so the same values.
+    """
     t = np.asarray(targets, dtype=dtype)
+    filename = getattr(features, "filename", None)
+    if executor is not None and filename is not None and str(filename).endswith(".npy"):
+        return _inner_products_by_jobs(t, str(filename), features.shape, block, executor)
     out = np.empty((t.shape[0], features.shape[0]), dtype=dtype)
     for sl, f in read_tiles(features, block, dtype):
         out[:, sl] = t @ f.T
     return out
+
+
+def product_tile(job: tuple[str, str, int, int]) -> tuple[int, int, np.ndarray]:
+    """One scoring job: A Φ[start:stop]ᵀ, with Φ and A mapped from their ``.npy`` files."""
+    features_path, a_path, start, stop = job
+    a = np.load(a_path, mmap_mode="r")
+    features = np.load(features_path, mmap_mode="r")
+    tile = np.array(features[start:stop], dtype=a.dtype, copy=True)
+    release_pages(features)
+    return start, stop, np.asarray(a) @ tile.T
+
+
+def _inner_products_by_jobs(
+    t: np.ndarray, features_path: str, shape: tuple[int, int], block: int | None, executor: Any
+) -> np.ndarray:
+    n, k = shape
+    scratch = Path(tempfile.mkdtemp(prefix=".scoring-", dir=Path(features_path).parent))
+    try:
+        a_path = scratch / "targets.npy"
+        np.save(a_path, t)
+        jobs = [(features_path, str(a_path), sl.start, sl.stop)
+                for sl in _blocks(n, block or tile_rows(k))]  # fmt: skip
+        out = np.empty((t.shape[0], n), dtype=t.dtype)
+        for start, stop, part in executor.map(product_tile, jobs, desc="score tiles"):
+            out[:, start:stop] = part
+        return out
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def row_norms(features: np.ndarray, block: int | None = None) -> np.ndarray:
@@ -158,6 +203,8 @@ class Kernel:
     form: str
     factor: np.ndarray
     block: int = 4096
+    #: Runs the training-tile products of :meth:`cross` as jobs (:mod:`diffattr.parallel`).
+    executor: Any = field(default=None, repr=False, compare=False)
 
     @property
     def dtype(self) -> np.dtype:
@@ -237,16 +284,13 @@ class Kernel:
 
     def cross(self, targets: np.ndarray) -> np.ndarray:
         """(T, N) matrix of φ(x)ᵀ G⁻¹ φᵢ for target features ``targets`` (T, k)."""
-        n = self.features.shape[0]
         dt = self.dtype
         t = np.asarray(targets, dtype=dt)
         if self.form == "primal":
             y = self._solve(t.T)  # (k, T) = G⁻¹ φ(x)
-            out = np.empty((t.shape[0], n), dtype=np.float64)
-            for sl, f in read_tiles(self.features, self.block, dt):
-                out[:, sl] = (f @ y).T
-            return out
-        inner = inner_products(t, self.features, self.block, dt)  # φ(x)ᵀΦᵀ
+            out = inner_products(y.T, self.features, self.block, dt, self.executor)
+            return out.astype(np.float64, copy=False)
+        inner = inner_products(t, self.features, self.block, dt, self.executor)  # φ(x)ᵀΦᵀ
         return self._solve(inner.T).T.astype(np.float64, copy=False)
 
     def leverage(self) -> np.ndarray:
