@@ -9,12 +9,14 @@ what it computed:
 
 - ``model``: the `cifar` preset built and one forward pass — the floor every featurize run pays.
 - ``featurize <projector>``: :func:`diffattr.attribution.featurize.featurize` of synthetic
-  32×32×3 images (the real code path: keyed noise, vmapped per-sample gradients of the DAS
-  measure, projection, crash-safe store writes) with the sparse projectors at k = 32768. The
-  dense Gaussian/Rademacher projectors never hold the p×k matrix either (they generate it in
-  chunks), but at p = 35.7M and k = 32768 each batch would generate 1.2·10¹² entries, which is
-  not a CPU workload; they are measured at k = 256 on one batch of 4 images (each batch
-  regenerates the 35.7M × 256 matrix chunk by chunk) to show their memory stays bounded.
+  32×32×3 images (the real code path: keyed noise, per-sample gradients of the DAS measure by
+  the default strategy, projection, crash-safe store writes) with the sparse projectors at k =
+  32768. The dense Gaussian/Rademacher projectors never hold the p×k matrix either (they
+  generate it in chunks), but at p = 35.7M and k = 32768 each batch would generate 1.2·10¹²
+  entries, which is not a CPU workload; they are measured at k = 256 on one batch of 4 images
+  (each batch regenerates the 35.7M × 256 matrix chunk by chunk) to show their memory stays
+  bounded. ``featurize-logra``: the per-layer projection at rank 16 (k = 32,147), which never
+  forms a per-sample gradient.
 - ``write store``: a FeatureStore of N × k synthetic float32 features written row-tile by
   row-tile (N = 50,000, k = 32768: 6.6 GB on disk).
 - ``score``: the primal kernel G = ΦᵀΦ + λI accumulated from store tiles (float32 above
@@ -87,8 +89,9 @@ def case_featurize(size: dict, work: Path, projector: str, k: int) -> dict:
     seconds = time.perf_counter() - start
     assert store.is_complete()
     pairs = n * size["timesteps"]
+    what = f"r={k} (k={store.dim})" if projector == "logra" else f"k={k}"
     return {
-        "detail": f"{n} images × {size['timesteps']} timestep, {projector} k={k}",
+        "detail": f"{n} images × {size['timesteps']} timestep, {projector} {what}",
         "seconds": seconds,
         "rate": f"{pairs / seconds:.2f} grads/s",
     }
@@ -144,6 +147,7 @@ def child(case: str, mode: str, work: Path) -> None:
     elif case.startswith("featurize-"):
         projector = case.split("-", 1)[1]
         k = size["dense_k"] if projector in ("gaussian", "rademacher") else size["k"]
+        k = LOGRA_RANK if projector == "logra" else k
         out = case_featurize(size, work, projector, k)
     elif case == "write-store":
         out = case_write_store(size, work)
@@ -156,7 +160,9 @@ def child(case: str, mode: str, work: Path) -> None:
 
 
 CASES = ["model", "featurize-countsketch", "featurize-sparse-jl", "featurize-rademacher",
-         "write-store", "score"]  # fmt: skip
+         "featurize-logra", "write-store", "score"]  # fmt: skip
+#: ``featurize-logra``: the per-layer rank (16 gives k = 32,147 on the `cifar` preset).
+LOGRA_RANK = 16
 
 
 def main(argv: list[str] | None = None) -> int:
