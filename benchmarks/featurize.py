@@ -69,7 +69,7 @@ from diffattr.attribution.gradients import GradientComputer, TimestepSpec
 from diffattr.attribution.layer_projection import LayerProjection
 from diffattr.attribution.measure import parse_measure
 from diffattr.attribution.projection import make_projector
-from diffattr.diffusion.presets import build_unet
+from diffattr.diffusion.presets import build_unet, use_classic_attention
 from diffattr.diffusion.schedule import ATTRIBUTION_NOISE_KEY, NoiseSchedule, keyed_noise
 
 THREADS = 2
@@ -216,6 +216,7 @@ def run_case(
     per_call = max(1, case.micro_batch // K)  # samples per vmapped call: same pair count
 
     def traker_grads() -> list[torch.Tensor]:
+        use_classic_attention(model)  # SDPA has no vmap rule on CPU; ours may have set it
         out = []
         for sl in batches(case.samples, case.batch):
             parts = []
@@ -253,6 +254,7 @@ def run_case(
         dattri_grad_fn = task.get_grad_loss_func(in_dims=(None, 0))
 
     def dattri_grads() -> list[torch.Tensor]:
+        use_classic_attention(model)
         out = []
         for sl in batches(case.samples, case.batch):
             parts = []

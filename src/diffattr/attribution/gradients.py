@@ -228,7 +228,7 @@ class GradientComputer:
         )
         #: Width of the gradients handed out: p, or the logra projection's dimension.
         self.dim = sum(self.out_dims.values())
-        use_classic_attention(self.model, classic=strategy != "layers")
+        self._use_attention()
         self.alphas = schedule.alphas_cumprod().to(self.device)
         self._grad_fn = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0))
         self._grad_fn_cond = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0, 0))
@@ -288,6 +288,11 @@ class GradientComputer:
         flat = torch.cat([grads[n].reshape(xt.shape[0], -1).float() for n in self.params], dim=1)
         return flat, err, res
 
+    def _use_attention(self) -> None:
+        """This strategy's attention processor (set again before every pass: another computer
+        on the same model may have switched it)."""
+        use_classic_attention(self.model, classic=self.strategy != "layers")
+
     def pair_grads(
         self, xt, t, noise, ab, cond=None
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -302,6 +307,7 @@ class GradientComputer:
         """Per-pair gradients by parameter name ({name: (B, *shape)}) via vmap, plus the
         per-pair (error, residual)."""
         fn, extra = (self._grad_fn, ()) if cond is None else (self._grad_fn_cond, (cond,))
+        use_classic_attention(self.model)  # vmap has no batching rule for SDPA
         try:
             grads, (err, res) = fn(self.params, xt.to(self.dtype), t, noise, ab, *extra)
         except (RuntimeError, NotImplementedError) as exc:
@@ -315,6 +321,7 @@ class GradientComputer:
         """The same as :meth:`param_grads`, assembled per layer from one batched forward and
         backward pass (:mod:`diffattr.attribution.layer_grads`)."""
         args = (xt.to(self.dtype), t) if cond is None else (xt.to(self.dtype), t, cond)
+        self._use_attention()
         try:
             with torch.enable_grad(), recording(self._plan):
                 out = functional_call(self.model, (self.params, self.fixed), args).sample.float()
@@ -366,6 +373,7 @@ class GradientComputer:
         pass, plus the per-pair (error, residual)."""
         params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
         args = (xt.to(self.dtype), t) if cond is None else (xt.to(self.dtype), t, cond)
+        self._use_attention()
         try:
             with torch.enable_grad():
                 out = functional_call(self.model, (params, self.fixed), args).sample.float()

@@ -88,9 +88,10 @@ def use_classic_attention(model: torch.nn.Module, classic: bool = True) -> None:
     is plain matmul + softmax, which vmaps. Outside vmap, SDPA's fused kernels are faster and
     never hold the (heads × tokens × tokens) attention matrix.
     """
+    kind = AttnProcessor if classic else AttnProcessor2_0
     for module in model.modules():
-        if isinstance(module, Attention):
-            module.set_processor(AttnProcessor() if classic else AttnProcessor2_0())
+        if isinstance(module, Attention) and type(module.processor) is not kind:
+            module.set_processor(kind())
 
 
 def count_parameters(model: torch.nn.Module) -> int:
