@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 SIZES = {
-    "full": {"images": 16, "timesteps": 1, "k": 32768, "dense_k": 256, "n": 50_000, "t": 1000},
+    "full": {"images": 16, "timesteps": 2, "k": 32768, "dense_k": 256, "n": 50_000, "t": 1000},
     "quick": {"images": 4, "timesteps": 1, "k": 4096, "dense_k": 256, "n": 5_000, "t": 100},
 }
 
@@ -84,14 +84,15 @@ def case_featurize(size: dict, work: Path, projector: str, k: int) -> dict:
     start = time.perf_counter()
     store = featurize(
         model, images, np.arange(n), work / f"store-{projector}", settings, NoiseSchedule(),
-        data_fingerprint="synthetic", batch_size=4, progress=False,
+        data_fingerprint="synthetic", progress=False,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     assert store.is_complete()
     pairs = n * size["timesteps"]
     what = f"r={k} (k={store.dim})" if projector == "logra" else f"k={k}"
     return {
-        "detail": f"{n} images × {size['timesteps']} timestep, {projector} {what}",
+        "detail": f"{n} images × {size['timesteps']} timesteps (default batch sizes), "
+        f"{projector} {what}",
         "seconds": seconds,
         "rate": f"{pairs / seconds:.2f} grads/s",
     }

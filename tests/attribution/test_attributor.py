@@ -116,3 +116,17 @@ def test_bf16_gradients_give_their_own_store_and_close_scores(setup):
     assert not np.array_equal(a, b)
     corr = [np.corrcoef(a[i], b[i])[0, 1] for i in range(len(a))]
     assert min(corr) > 0.95, corr
+
+
+def test_large_batches_are_featurized_in_groups(setup, monkeypatch):
+    from diffattr.attribution import featurize as featurize_module
+
+    model, train, _, tmp = setup
+    settings = FeatureSettings(timesteps=1, projector="countsketch", proj_dim=64)
+    whole = Attributor(model, train, tmp / "a", settings=settings, progress=False).featurize()
+    p = sum(q.numel() for q in model.parameters())
+    monkeypatch.setattr(featurize_module, "GRADIENT_BLOCK_BYTES", 4 * p * 5)  # 5 samples
+    grouped = Attributor(model, train, tmp / "b", settings=settings, progress=False).featurize()
+    np.testing.assert_allclose(np.asarray(grouped.features), np.asarray(whole.features),
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(grouped.column("error"), whole.column("error"), rtol=1e-5)

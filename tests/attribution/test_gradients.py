@@ -202,3 +202,17 @@ def test_device_is_checked():
         with pytest.raises(ConfigError, match="no CUDA device") as info:
             resolve_device("cuda")
         assert "--device cpu" in info.value.hint
+
+
+def test_micro_batch_is_capped_by_gradient_bytes(tiny_model, small_set, monkeypatch):
+    from diffattr.attribution import gradients
+
+    x0, ids = small_set.images[:3], small_set.ids[:3].numpy()
+    spec = TimestepSpec(2)
+    big = GradientComputer(tiny_model, make_measure("das"), NoiseSchedule(), spec, micro_batch=64)
+    assert big.micro_batch == 64
+    monkeypatch.setattr(gradients, "MICRO_BATCH_BYTES", 4 * big.num_params * 3)
+    small = GradientComputer(tiny_model, make_measure("das"), NoiseSchedule(), spec, micro_batch=64)
+    assert small.micro_batch == 3 and small.requested_micro_batch == 64
+    torch.testing.assert_close(small.compute(x0, ids)[0], big.compute(x0, ids)[0], rtol=1e-4,
+                               atol=1e-6)  # fmt: skip

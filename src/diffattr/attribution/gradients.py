@@ -116,6 +116,8 @@ def select_parameters(model: torch.nn.Module, pattern: str | None = None) -> lis
     return names
 
 
+#: Bytes of per-pair gradients one gradient call may hold (caps ``micro_batch``).
+MICRO_BATCH_BYTES = 1 << 30
 #: How per-sample gradients are taken (see :class:`GradientComputer`).
 GRADIENT_STRATEGIES = ("auto", "layers", "vmap", "backward")
 #: ``auto`` takes unnormalised averages by backward passes on models this large …
@@ -174,7 +176,7 @@ class GradientComputer:
         self.model = model.to(device).eval()
         self.measure, self.schedule, self.timesteps = measure, schedule, timesteps
         self.noise_seed, self.normalize = noise_seed, normalize
-        self.micro_batch = max(1, micro_batch)
+        self.requested_micro_batch = max(1, micro_batch)
         self.device = torch.device(device)
         self.dtype = dtype
         names = param_names or select_parameters(model)
@@ -187,6 +189,11 @@ class GradientComputer:
         self.fixed = {n: cast(p) for n, p in named.items() if n not in self.params}
         self.fixed.update({n: cast(b) for n, b in model.named_buffers()})
         self.num_params = sum(p.numel() for p in self.params.values())
+        #: Pairs per gradient call, capped so their per-pair gradients (4·p bytes each) fit
+        #: in MICRO_BATCH_BYTES: 64 pairs of a 35.7M-parameter UNet would be 9 GB.
+        self.micro_batch = max(
+            1, min(self.requested_micro_batch, MICRO_BATCH_BYTES // (4 * self.num_params))
+        )
         self._plan = layer_plan(self.model, list(self.params))
         if layer_projection is not None:
             if self._plan is None:

@@ -165,6 +165,7 @@ def journey_features(
         model, settings, schedule, tuple(samples.images.shape[1:]), device, micro_batch
     )
     measure = computer.measure
+    micro_batch = computer.micro_batch  # capped by the model's size
     projector = build_projector(settings, computer.dim, device, computer)
     num_recorded = samples.num_steps if samples.trajectory is None else samples.trajectory.shape[0]
     chosen = trajectory_steps(num_recorded, steps)
