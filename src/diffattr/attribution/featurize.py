@@ -149,7 +149,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 #: batch of 32 samples of a 35.7M-parameter UNet would be 4.6 GB): larger batches are
 #: computed and projected in groups of samples. The groups depend only on the batch, so a
 #: sharded run (shards start at batch boundaries) still matches one process.
-GRADIENT_BLOCK_BYTES = 1 << 30
+GRADIENT_BLOCK_BYTES = 1 << 29
 
 
 def featurize(

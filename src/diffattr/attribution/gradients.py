@@ -117,7 +117,7 @@ def select_parameters(model: torch.nn.Module, pattern: str | None = None) -> lis
 
 
 #: Bytes of per-pair gradients one gradient call may hold (caps ``micro_batch``).
-MICRO_BATCH_BYTES = 1 << 30
+MICRO_BATCH_BYTES = 1 << 29
 #: How per-sample gradients are taken (see :class:`GradientComputer`).
 GRADIENT_STRATEGIES = ("auto", "layers", "vmap", "backward")
 #: ``auto`` takes unnormalised averages by backward passes on models this large …
