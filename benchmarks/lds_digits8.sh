@@ -31,6 +31,11 @@ for k in 256 1024 4096 8192; do
   $D lds eval $BENCH $RUNARG --method das,dtrak --timesteps 10 --projector rademacher \
     --proj-dim $k --batch-size 256 --out $BENCH/sweep-k$k.md
 done
+# Per-layer (logra) projection at ranks 8, 16, 32 (K = 10): k = 3,945 / 14,177 / 53,441 here.
+for r in 8 16 32; do
+  $D lds eval $BENCH $RUNARG --method das,dtrak,trak --timesteps 10 --projector logra \
+    --proj-dim $r --out $BENCH/logra-r$r.md
+done
 # DAS variants (K = 10): residual weighting and the leverage correction.
 $D lds eval $BENCH $RUNARG --method "das,das[residual=none],das[residual=signed],das[leverage=true]" \
   --timesteps 10 --out $BENCH/das-variants.md

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The model-based baselines on the committed digits 8×8 LDS benchmark (needs the full model,
 # runs/lds-digits8, from `benchmarks/lds_digits8.sh --rebuild`).
-# Usage: benchmarks/lds_digits8_baselines.sh [model-k100|ensembles|ekfac]...  (default: all)
+# Usage: benchmarks/lds_digits8_baselines.sh [model-k100|ensembles|ensembles-k100|ekfac]...
+# (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=.venv/bin/diffattr
 RUN=runs/lds-digits8
 BENCH=benchmarks/lds/digits8
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(model-k100 ensembles ekfac)
+[ ${#stages[@]} -eq 0 ] && stages=(model-k100 ensembles ensembles-k100 ekfac)
 
 for stage in "${stages[@]}"; do
   case $stage in
@@ -16,19 +17,21 @@ for stage in "${stages[@]}"; do
       $D lds eval $BENCH --run $RUN --method journey-trak,tracin,gas --timesteps 100 \
         --out $BENCH/baselines-model-K100.md
       ;;
-    ensembles)  # TRAK-style ensembles: the full model and two more trained with seeds 1 and 2
+    ensembles|ensembles-k100)  # TRAK-style: the full model and two more (seeds 1 and 2)
+      K=10 OUT=$BENCH/ensembles.md
+      [ "$stage" = ensembles-k100 ] && K=100 OUT=$BENCH/ensembles-K100.md
       for s in 1 2; do
         [ -d $RUN-seed$s/model ] || $D train --data digits --train-count 500 --val-count 200 \
           --steps 1600 --batch-size 32 --seed $s --out $RUN-seed$s
       done
       M="models=$RUN-seed1/model,$RUN-seed2/model"
-      $D lds eval $BENCH --run $RUN --timesteps 10 --out $BENCH/ensembles.md \
+      $D lds eval $BENCH --run $RUN --timesteps $K --out $OUT \
         --method "das,ensemble[base=das;$M],dtrak,ensemble[base=dtrak;$M],trak,ensemble[base=trak;$M]"
       ;;
     ekfac)  # EK-FAC influence (kronfluence): the diffusion loss as objective, three queries
       $D lds eval $BENCH --run $RUN --timesteps 10 --out $BENCH/ekfac.md \
         --method "ekfac,ekfac[query=das],ekfac[query=dtrak]"
       ;;
-    *) echo "unknown stage: $stage (model-k100|ensembles|ekfac)" >&2; exit 2 ;;
+    *) echo "unknown stage: $stage (model-k100|ensembles|ensembles-k100|ekfac)" >&2; exit 2 ;;
   esac
 done
