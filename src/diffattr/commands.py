@@ -199,10 +199,8 @@ def check_model_fits(model, shape: tuple[int, int, int], where) -> None:
 
 
 def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
-    import contextlib
-
     from diffattr.attribution.shards import featurize_with_executor
-    from diffattr.parallel import executor_from_args
+    from diffattr.parallel import workers_from_args
     from diffattr.run import RunDir
 
     run = RunDir(args.run)
@@ -212,7 +210,7 @@ def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
     plan = args
     if sharded and str(args.device).startswith("cuda") and not torch.cuda.is_available():
         plan = argparse.Namespace(**{**vars(args), "device": "cpu"})  # GPUs on the workers only
-    with executor_from_args(args) if sharded else contextlib.nullcontext() as executor:
+    with workers_from_args(args) as executor:
         for method in args.method.split(","):
             att = make_attributor(run, method, plan)
             rows = None
@@ -259,12 +257,10 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
-    import contextlib
-
     from diffattr.attribution.method_spec import method_label, parse_method_list
     from diffattr.attribution.shards import featurize_with_executor
     from diffattr.diffusion.sampling import load_samples
-    from diffattr.parallel import executor_from_args
+    from diffattr.parallel import workers_from_args
     from diffattr.run import RunDir
 
     if args.k < 1:
@@ -272,8 +268,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     run = RunDir(args.run)
     name, images, ids = attribution_targets(run, args.targets)
     out: dict[str, Any] = {}
-    sharded = getattr(args, "executor", "inprocess") != "inprocess"
-    with executor_from_args(args) if sharded else contextlib.nullcontext() as executor:
+    with workers_from_args(args) as executor:
         for method, given in parse_method_list(args.method):
             options: dict[str, Any] = {}
             if method == "das":

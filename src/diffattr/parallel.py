@@ -15,6 +15,7 @@ retried and reach the caller as themselves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 from abc import ABC, abstractmethod
@@ -282,3 +283,11 @@ def executor_from_args(args: argparse.Namespace) -> Executor:
         cpus_per_task=getattr(args, "ray_cpus_per_task", 1.0),
         gpus_per_task=getattr(args, "ray_gpus_per_task", 0.0),
     )
+
+
+def workers_from_args(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """A context giving the executor the options describe, or None for ``--executor
+    inprocess`` (the caller then does the work itself, in this process)."""
+    if getattr(args, "executor", "inprocess") == "inprocess":
+        return contextlib.nullcontext()
+    return executor_from_args(args)

@@ -21,7 +21,12 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from diffattr.attribution.layer_grads import assemble_sample_grads, layer_plan, recording
+from diffattr.attribution.layer_grads import (
+    SUPPORTED_DESCRIPTION,
+    assemble_sample_grads,
+    layer_plan,
+    recording,
+)
 from diffattr.attribution.layer_projection import LayerProjection, LayerProjector
 from diffattr.attribution.measure import Measure
 from diffattr.diffusion.presets import use_classic_attention
@@ -198,8 +203,8 @@ class GradientComputer:
         if layer_projection is not None:
             if self._plan is None:
                 raise ConfigError(
-                    "--projector logra needs every differentiated parameter to belong to a "
-                    "Linear, Conv2d (zero padding), GroupNorm or LayerNorm layer",
+                    "--projector logra needs every differentiated parameter to belong to "
+                    + SUPPORTED_DESCRIPTION,
                     hint="use another --projector, or select parameters with --params",
                 )
             if strategy not in ("auto", "layers"):
@@ -209,7 +214,7 @@ class GradientComputer:
         if strategy == "layers" and self._plan is None:
             raise ConfigError(
                 "gradient strategy 'layers' needs every differentiated parameter to belong to "
-                "a Linear, Conv2d (zero padding), GroupNorm or LayerNorm layer",
+                + SUPPORTED_DESCRIPTION,
                 hint="use strategy 'vmap' (or 'auto', which falls back to it)",
             )
         if strategy == "auto":
@@ -322,12 +327,23 @@ class GradientComputer:
             raise
         return grads, err, res
 
+    def _model_args(self, xt, t, cond) -> tuple[torch.Tensor, ...]:
+        """The model's inputs for a batch of pairs: (x_t, t) or (x_t, t, conditioning)."""
+        return (xt.to(self.dtype), t) if cond is None else (xt.to(self.dtype), t, cond)
+
+    @staticmethod
+    def _error_residual(out: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-pair training error mean((ε_θ − ε)²) and reduced residual mean(ε_θ − ε)."""
+        diff = (out - noise).detach()
+        dims = tuple(range(1, diff.dim()))
+        return diff.pow(2).mean(dim=dims), diff.mean(dim=dims)
+
     def layer_grads(
         self, xt, t, noise, ab, cond=None
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """The same as :meth:`param_grads`, assembled per layer from one batched forward and
         backward pass (:mod:`diffattr.attribution.layer_grads`)."""
-        args = (xt.to(self.dtype), t) if cond is None else (xt.to(self.dtype), t, cond)
+        args = self._model_args(xt, t, cond)
         self._use_attention()
         try:
             with torch.enable_grad(), recording(self._plan):
@@ -343,9 +359,7 @@ class GradientComputer:
         for n, p in self.params.items():  # a layer the forward pass never reached
             if n not in grads:
                 grads[n] = torch.zeros(b, self.out_dims[n], dtype=torch.float32, device=p.device)
-        diff = (out - noise).detach()
-        dims = tuple(range(1, diff.dim()))
-        return grads, diff.pow(2).mean(dim=dims), diff.mean(dim=dims)
+        return grads, *self._error_residual(out, noise)
 
     def _add_pair_grads(
         self, out: torch.Tensor, rows: torch.Tensor, grads: dict[str, torch.Tensor]
@@ -379,7 +393,7 @@ class GradientComputer:
         """(1, p) gradient of Σ_pairs f over a micro-batch of pairs by one ordinary backward
         pass, plus the per-pair (error, residual)."""
         params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
-        args = (xt.to(self.dtype), t) if cond is None else (xt.to(self.dtype), t, cond)
+        args = self._model_args(xt, t, cond)
         self._use_attention()
         try:
             with torch.enable_grad():
@@ -389,10 +403,8 @@ class GradientComputer:
         except (RuntimeError, NotImplementedError) as exc:
             self._dtype_error(exc)
             raise
-        diff = (out - noise).detach()
-        dims = tuple(range(1, diff.dim()))
         flat = torch.cat([g.reshape(1, -1).float() for g in grads], dim=1)
-        return flat, diff.pow(2).mean(dim=dims), diff.mean(dim=dims)
+        return flat, *self._error_residual(out, noise)
 
     def _dtype_error(self, exc: BaseException) -> None:
         """Raise a ConfigError when ``exc`` says the gradient dtype is unsupported here."""

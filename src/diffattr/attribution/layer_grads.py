@@ -30,6 +30,8 @@ from torch import nn
 from diffattr.errors import ConfigError
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
+#: What :func:`layer_plan` accepts, for error messages.
+SUPPORTED_DESCRIPTION = "a Linear, Conv2d (zero padding), GroupNorm or LayerNorm layer"
 
 
 @dataclass
@@ -97,9 +99,18 @@ def recording(plan: list[HookedLayer]):
             layer.outputs.clear()
 
 
-def _flat_positions(t: torch.Tensor) -> torch.Tensor:
-    """(B, *, d) → (B, S, d)."""
+def flat_positions(t: torch.Tensor) -> torch.Tensor:
+    """(B, *, d) → (B, S, d): a Linear layer's input or output gradient, position by position."""
     return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def conv_patches(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """(B, C_in·k_h·k_w, L): the convolution's input patch at every output position (im2col;
+    a plain reshape for an unstrided, unpadded 1×1 convolution)."""
+    m = module
+    if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0):
+        return a.reshape(a.shape[0], a.shape[1], -1)
+    return F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
 
 
 def _channels_last_positions(t: torch.Tensor) -> torch.Tensor:
@@ -115,19 +126,15 @@ def layer_sample_grads(
     out: dict[str, torch.Tensor] = {}
     B = a.shape[0]
     if isinstance(module, nn.Linear):
-        d = _flat_positions(delta)
+        d = flat_positions(delta)
         if "weight" in which:
-            out["weight"] = torch.bmm(d.transpose(1, 2), _flat_positions(a))
+            out["weight"] = torch.bmm(d.transpose(1, 2), flat_positions(a))
         if "bias" in which:
             out["bias"] = d.sum(dim=1)
     elif isinstance(module, nn.Conv2d):
         d = delta.reshape(B, delta.shape[1], -1)
         if "weight" in which:
-            m = module
-            if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0):
-                cols = a.reshape(B, a.shape[1], -1)
-            else:
-                cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
+            cols = conv_patches(module, a)
             if module.groups == 1:
                 g = torch.bmm(d, cols.transpose(1, 2))
             else:  # block-diagonal: group j's outputs see group j's input channels

@@ -28,7 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffattr.attribution.layer_grads import HookedLayer, layer_sample_grads
+from diffattr.attribution.layer_grads import (
+    HookedLayer,
+    conv_patches,
+    flat_positions,
+    layer_sample_grads,
+)
 from diffattr.errors import ConfigError
 from diffattr.seeding import generator
 
@@ -94,12 +99,11 @@ class LayerProjector:
                 out = m.weight.shape[0]
                 mats["out"] = _gaussian(r, out, seed, index, 0)
                 if "weight" in layer.params:
-                    mats["in"] = _gaussian(r, _weight_in_dim(m), seed, index, 1)
-                k_out = min(r, out)
-                if "weight" in layer.params:
-                    self.out_dims[layer.params["weight"]] = k_out * min(r, _weight_in_dim(m))
+                    cols = _weight_in_dim(m)
+                    mats["in"] = _gaussian(r, cols, seed, index, 1)
+                    self.out_dims[layer.params["weight"]] = min(r, out) * min(r, cols)
                 if "bias" in layer.params:
-                    self.out_dims[layer.params["bias"]] = k_out
+                    self.out_dims[layer.params["bias"]] = min(r, out)
             else:  # GroupNorm / LayerNorm: vectors of C
                 for side, local in enumerate(("weight", "bias"), start=2):
                     if local in layer.params:
@@ -124,10 +128,9 @@ class LayerProjector:
         p_out, p_in = mats["out"], mats.get("in")
         if isinstance(module, nn.Conv2d):
             d = delta.reshape(B, delta.shape[1], -1).float()  # (B, out, L)
-            d = d if p_out is None else torch.matmul(p_out, d)  # (B, k_o, L)
         else:
-            d = delta.reshape(B, -1, delta.shape[-1]).float().transpose(1, 2)  # (B, out, S)
-            d = d if p_out is None else torch.matmul(p_out, d)
+            d = flat_positions(delta).float().transpose(1, 2)  # (B, out, S)
+        d = d if p_out is None else torch.matmul(p_out, d)  # (B, k_o, L)
         out: dict[str, torch.Tensor] = {}
         if "weight" in which:
             cols = self._projected_inputs(module, a, p_in)  # (B, k_i, L)
@@ -141,18 +144,17 @@ class LayerProjector:
         module: nn.Module, a: torch.Tensor, p_in: torch.Tensor | None
     ) -> torch.Tensor:
         """P_in a_s for every position s: (B, k_i, L)."""
-        B = a.shape[0]
         a = a.float()
         if isinstance(module, nn.Linear):
-            x = a.reshape(B, -1, a.shape[-1])  # (B, S, in)
+            x = flat_positions(a)  # (B, S, in)
             x = x if p_in is None else torch.matmul(x, p_in.T)
             return x.transpose(1, 2)
         m = module
         if p_in is None:
-            return F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
+            return conv_patches(m, a)
         filters = p_in.reshape(p_in.shape[0], *m.weight.shape[1:])  # groups == 1 (checked)
         y = F.conv2d(a, filters, None, m.stride, m.padding, m.dilation)
-        return y.reshape(B, y.shape[1], -1)
+        return y.reshape(y.shape[0], y.shape[1], -1)
 
 
 def _right(v: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:

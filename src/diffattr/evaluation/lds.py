@@ -34,7 +34,12 @@ from diffattr.diffusion.sampling import sample
 from diffattr.diffusion.schedule import MEASUREMENT_KEY, NoiseSchedule
 from diffattr.diffusion.training import TrainConfig, train
 from diffattr.errors import DiffattrError
-from diffattr.evaluation.stats import bootstrap_lds_ci, bootstrap_mean_ci, spearman_columns
+from diffattr.evaluation.stats import (
+    bootstrap_lds_ci,
+    bootstrap_mean_ci,
+    finite_mean,
+    spearman_columns,
+)
 from diffattr.fsio import atomic_write, atomic_write_json, read_json
 from diffattr.parallel import Executor
 from diffattr.run import TEXT2IMAGE, DataSpec, RunDir
@@ -647,7 +652,7 @@ def evaluate_benchmark(
                 {
                     "method": "noise ceiling",
                     "timesteps": None,
-                    name: {"lds": _nanmean(ceiling[mask])},
+                    name: {"lds": finite_mean(ceiling[mask])},  # NaN with one seed
                 }  # fmt: skip
             )
     return rows
@@ -716,9 +721,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         g, go = cell(r, "gen")
         lines.append(f"| {method} | {K if K is not None else '–'} | {v} | {vo} | {g} | {go} |")
     return "\n".join(lines)
-
-
-def _nanmean(values: np.ndarray) -> float:
-    """Mean of the finite values; NaN (without a warning) when there are none (one seed)."""
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else float("nan")

@@ -6,6 +6,12 @@ import numpy as np
 from scipy.stats import rankdata
 
 
+def finite_mean(values: np.ndarray) -> float:
+    """Mean of the finite values; NaN (without a warning) when there are none."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman correlation of a[:, j] with b[:, j] for every column j (ties get mean ranks).
 
@@ -52,8 +58,7 @@ def bootstrap_lds_ci(
     for b in range(num):
         rows = rng.integers(0, m, size=m)
         cols = rng.integers(0, t, size=t)
-        rho = spearman_columns(predicted[rows][:, cols], measured[rows][:, cols])
-        finite = rho[np.isfinite(rho)]  # a resample may hold only constant columns
-        means[b] = finite.mean() if finite.size else np.nan
+        # a resample may hold only constant columns: NaN, not a warning
+        means[b] = finite_mean(spearman_columns(predicted[rows][:, cols], measured[rows][:, cols]))
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
