@@ -198,6 +198,19 @@ def check_model_fits(model, shape: tuple[int, int, int], where) -> None:
         )
 
 
+def driver_plan(args: argparse.Namespace) -> argparse.Namespace:
+    """The options this process works under when ``args`` spreads work over an executor.
+
+    ``--device cuda`` with ``--executor local|ray`` on a driver without a GPU means GPUs on the
+    workers only: the driver plans (and scores) on the CPU, the workers featurize on
+    ``args.device``. Otherwise ``args`` itself.
+    """
+    sharded = getattr(args, "executor", "inprocess") != "inprocess"
+    if sharded and str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        return argparse.Namespace(**{**vars(args), "device": "cpu"})
+    return args
+
+
 def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.attribution.shards import featurize_with_executor
     from diffattr.parallel import workers_from_args
@@ -206,10 +219,7 @@ def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
     run = RunDir(args.run)
     bounds = parse_rows(args.rows) if getattr(args, "rows", None) else None
     out: dict[str, Any] = {}
-    sharded = getattr(args, "executor", "inprocess") != "inprocess"
-    plan = args
-    if sharded and str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        plan = argparse.Namespace(**{**vars(args), "device": "cpu"})  # GPUs on the workers only
+    plan = driver_plan(args)
     with workers_from_args(args) as executor:
         for method in args.method.split(","):
             att = make_attributor(run, method, plan)
@@ -268,6 +278,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     run = RunDir(args.run)
     name, images, ids = attribution_targets(run, args.targets)
     out: dict[str, Any] = {}
+    plan = driver_plan(args)
     with workers_from_args(args) as executor:
         for method, given in parse_method_list(args.method):
             options: dict[str, Any] = {}
@@ -286,11 +297,13 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
                 if args.targets == "samples":
                     path = run.samples_dir / "samples.npz"
                 targets = load_samples(path)
-            att = make_attributor(run, method, args, **options)
+            att = make_attributor(run, method, plan, **options)
             if executor is not None:
                 att.executor = executor  # the scoring tiles
                 if att.method.measure is not None and not att.method.needs_model:
-                    featurize_with_executor(att, run.path, method, executor, None, options)
+                    featurize_with_executor(
+                        att, run.path, method, executor, None, options, device=args.device
+                    )
             scores = att.score(targets, ids)
             label = method_label(method, given)
             out[label] = str(scores.save(run.scores_dir / f"{label}-{name}", k=args.k))

@@ -216,3 +216,28 @@ def test_micro_batch_is_capped_by_gradient_bytes(tiny_model, small_set, monkeypa
     assert small.micro_batch == 3 and small.requested_micro_batch == 64
     torch.testing.assert_close(small.compute(x0, ids)[0], big.compute(x0, ids)[0], rtol=1e-4,
                                atol=1e-6)  # fmt: skip
+
+
+def test_gradient_memory_cap_from_environment_and_device(tiny_model, monkeypatch):
+    from types import SimpleNamespace
+
+    from diffattr.attribution import gradients
+
+    spec = TimestepSpec(2)
+    p = GradientComputer(tiny_model, make_measure("das"), NoiseSchedule(), spec).num_params
+    monkeypatch.setattr(gradients, "MICRO_BATCH_BYTES", 4 * p * 3)
+    # a CUDA device raises the cap to 1/16 of its memory, never below the CPU default
+    big_gpu = SimpleNamespace(total_memory=16 * 4 * p * 5)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: big_gpu)
+    assert gradients.gradient_memory(4 * p * 3, "cuda") == 4 * p * 5
+    assert gradients.gradient_memory(4 * p * 7, "cuda:0") == 4 * p * 7
+    assert gradients.gradient_memory(4 * p * 3, "cpu") == 4 * p * 3
+    # the environment variable overrides every cap, in MiB
+    monkeypatch.setenv("DIFFATTR_GRADIENT_MEMORY_MIB", str(4 * p * 10 / 2**20))
+    assert gradients.gradient_memory(4 * p * 3, "cuda") == 4 * p * 10
+    gc = GradientComputer(tiny_model, make_measure("das"), NoiseSchedule(), spec, micro_batch=64)
+    assert gc.micro_batch == 10
+    for bad in ("lots", "0", "-5", "nan"):
+        monkeypatch.setenv("DIFFATTR_GRADIENT_MEMORY_MIB", bad)
+        with pytest.raises(ConfigError, match="DIFFATTR_GRADIENT_MEMORY_MIB"):
+            gradients.gradient_memory(4 * p * 3, "cpu")

@@ -1,16 +1,21 @@
 """Per-layer (logra) projection of per-sample gradients, against explicit projections of the
 exact per-pair gradients."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from diffattr.attribution.attributor import Attributor
-from diffattr.attribution.featurize import FeatureSettings
+from diffattr.attribution.featurize import FeatureSettings, gradient_computer
 from diffattr.attribution.gradients import GradientComputer, TimestepSpec
+from diffattr.attribution.journey import journey_features
 from diffattr.attribution.layer_projection import LayerProjection
 from diffattr.attribution.measure import make_measure
+from diffattr.attribution.store import FeatureStore
+from diffattr.diffusion.sampling import sample
 from diffattr.diffusion.schedule import NoiseSchedule
 from diffattr.errors import ConfigError
 
@@ -22,42 +27,48 @@ def computer(model, **kw):
     return GradientComputer(model, make_measure("das"), NoiseSchedule(), SPEC, **kw)
 
 
-def explicit_logra(model, images, ids, rank, normalize):
-    """Exact per-pair gradients (vmap), each layer's projected by P_out G P_inᵀ (bias P_out b,
-    norm vectors P v) with the logra computer's own matrices, normalised and averaged here."""
-    logra = computer(model, layer_projection=LayerProjection(rank, seed=3), normalize=normalize)
-    exact = computer(model, strategy="vmap")
+def kronecker_project(logra, grads):
+    """Each parameter's per-pair gradients ({name: (B, *shape)}) projected by P_out G P_inᵀ
+    (bias P_out b, norm vectors P v) with the logra computer's own matrices, concatenated."""
     where = {}  # parameter name -> (layer index, local name)
     for index, layer in enumerate(logra._plan):
         for local, name in layer.params.items():
             where[name] = (index, local)
+    parts = []
+    for name in logra.params:
+        g = grads[name].double()
+        index, local = where[name]
+        mats = {
+            k: None if v is None else v.double()
+            for k, v in logra.layer_projector.matrices[index].items()
+        }
+        module = logra._plan[index].module
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            p_out = mats["out"]
+            if local == "weight":
+                G = g.reshape(g.shape[0], g.shape[1], -1)
+                if p_out is not None:
+                    G = p_out @ G
+                if mats["in"] is not None:
+                    G = G @ mats["in"].T
+                parts.append(G.reshape(g.shape[0], -1))
+            else:
+                parts.append(g if p_out is None else g @ p_out.T)
+        else:
+            p = mats[local]
+            parts.append(g if p is None else g @ p.T)
+    return torch.cat(parts, dim=1)
+
+
+def explicit_logra(model, images, ids, rank, normalize):
+    """Exact per-pair gradients (vmap), projected by :func:`kronecker_project`, normalised and
+    averaged here."""
+    logra = computer(model, layer_projection=LayerProjection(rank, seed=3), normalize=normalize)
+    exact = computer(model, strategy="vmap")
     out = torch.zeros(len(ids), logra.dim)
     for rows, xt, t, noise, ab in exact.pairs(images, ids):
         grads, _, _ = exact.param_grads(xt, t, noise, ab)
-        parts = []
-        for name in exact.params:
-            g = grads[name].double()
-            index, local = where[name]
-            mats = {
-                k: None if v is None else v.double()
-                for k, v in logra.layer_projector.matrices[index].items()
-            }
-            module = logra._plan[index].module
-            if isinstance(module, nn.Linear | nn.Conv2d):
-                p_out = mats["out"]
-                if local == "weight":
-                    G = g.reshape(g.shape[0], g.shape[1], -1)
-                    if p_out is not None:
-                        G = p_out @ G
-                    if mats["in"] is not None:
-                        G = G @ mats["in"].T
-                    parts.append(G.reshape(g.shape[0], -1))
-                else:
-                    parts.append(g if p_out is None else g @ p_out.T)
-            else:
-                p = mats[local]
-                parts.append(g if p is None else g @ p.T)
-        phi = torch.cat(parts, dim=1)
+        phi = kronecker_project(logra, grads)
         if normalize:
             phi = phi / phi.norm(dim=1, keepdim=True)
         out.index_add_(0, rows, phi.float())
@@ -148,3 +159,26 @@ def test_logra_store_through_attributor(tiny_model, digits, tmp_path):
     again = Attributor(tiny_model, train, tmp_path / "f", method="das", settings=settings,
                        progress=False).score(targets)  # fmt: skip
     assert np.array_equal(again.values, scores.values)  # the store is reused
+
+
+def test_journey_features_under_logra(tiny_model, tmp_path):
+    """Journey-TRAK with logra: unnormalised, the per-layer projection of the exact journey
+    features (projection is linear); normalised, a store of its own with the logra kind."""
+    samples = sample(tiny_model, [5, 6], num_steps=2, progress=False)
+    exact = FeatureSettings(measure="loss", timesteps=1, projector="identity", normalize=False)
+    logra = replace(exact, projector="logra", proj_dim=4, proj_seed=3)
+    full = journey_features(tiny_model, samples, exact)
+    got = journey_features(tiny_model, samples, logra, store_dir=tmp_path / "a")
+    gc = gradient_computer(tiny_model, logra, NoiseSchedule(), (1, 8, 8))
+    grads, start = {}, 0
+    for name, p in gc.params.items():
+        grads[name] = torch.from_numpy(full[:, start : start + p.numel()]).reshape(2, *p.shape)
+        start += p.numel()
+    want = kronecker_project(gc, grads).numpy()
+    assert got.shape == want.shape == (2, gc.dim) and gc.dim < full.shape[1] / 50
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    normed = replace(logra, normalize=True)
+    phi = journey_features(tiny_model, samples, normed, store_dir=tmp_path / "b")
+    (store,) = (tmp_path / "b").glob("journey-*")
+    assert FeatureStore.load(store).settings["projector"]["kind"] == "logra"
+    assert phi.shape == got.shape and not np.allclose(phi, got)

@@ -152,6 +152,42 @@ def test_local_process_shards_equal_one_worker(tiny_run, tmp_path, clean_store):
     assert not (store_of(run) / "claims").exists()
 
 
+def test_local_process_shards_under_logra_equal_one_worker(tiny_run, tmp_path):
+    """The per-layer projection is rebuilt by each worker from the seed: same store."""
+    logra = [*ARGS, "--projector", "logra", "--proj-dim", "4"]
+    one, two = copy_run(tiny_run, tmp_path / "one"), copy_run(tiny_run, tmp_path / "two")
+    assert run_main("featurize", one, *logra)[0] == 0
+    code, _, err = run_main("featurize", two, *logra, "--executor", "local", "--workers", "2")
+    assert code == 0, err
+    assert FeatureStore.load(store_of(two)).settings["projector"]["kind"] == "logra"
+    assert_same_store(store_of(two), store_of(one))
+
+
+def test_score_with_gpu_workers_scores_on_the_driver_cpu(tiny_run, tmp_path, monkeypatch):
+    """``score --executor local --device cuda`` on a driver without a GPU: the workers are
+    asked for ``cuda``, the driver featurizes the targets and scores on the CPU."""
+    import torch
+
+    import diffattr.attribution.shards as shards
+
+    asked: list[str | None] = []
+    real = shards.featurize_with_executor
+
+    def on_cpu_workers(*args, device=None, **kwargs):
+        asked.append(device)
+        return real(*args, device="cpu", **kwargs)  # no GPU here: run the shards on the CPU
+
+    monkeypatch.setattr(shards, "featurize_with_executor", on_cpu_workers)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = copy_run(tiny_run, tmp_path / "run")
+    options = ["--executor", "local", "--workers", "2", "--device", "cuda"]
+    code, _, err = run_main("score", run, "--targets", "val", *ARGS, *options)
+    assert code == 0, err
+    assert asked == ["cuda"]
+    scores = np.load(next((run / "scores").glob("das-*")) / "scores.npy")
+    assert np.isfinite(scores).all() and scores.shape[1] == 24
+
+
 def test_shards_redo_only_what_a_dead_worker_left(tiny_run, tmp_path, clean_store):
     """Rows done before a worker died are kept; its abandoned claims are taken over."""
     run = copy_run(tiny_run, tmp_path / "run")

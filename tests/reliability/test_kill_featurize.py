@@ -68,10 +68,11 @@ def test_killed_featurize_resumes_bit_identical(tiny_run, tmp_path):
         check_done_rows(run, clean_store)
     assert kills >= 2, "the runs finished before they could be killed"
 
-    stale = sorted(claims.glob("train-*/claims/row-*"))
+    done = np.load(store_of(run) / "done.npy") if store_of(run) else np.zeros(0)
+    stale = [int(p.name[4:]) for p in claims.glob("train-*/claims/row-*")]
     code, _, err = run_main("featurize", run, *ARGS)
     assert code == 0, err
-    if stale:  # a claim left by a killed process is taken over, and said so
+    if any(r >= done.size or done[r] == 0 for r in stale):  # taken over, and said so
         assert "no longer running" in err
     assert not list(claims.glob("train-*/claims/row-*"))
     assert_same_store(store_of(run), clean_store)
@@ -88,3 +89,23 @@ def test_store_creation_killed_midway_is_redone(tiny_run, tmp_path):
     shutil.copy(clean_store / "done.npy", half / "done.npy")  # all flags set, no meta.json
     assert run_main("featurize", run, *ARGS)[0] == 0
     assert_same_store(store_of(run), clean_store)
+
+
+def test_claims_left_on_finished_rows_are_cleared(tiny_run, tmp_path):
+    """A process killed between a row's done flag and releasing its claim leaves a claim on a
+    finished row: the next featurize removes it, silently (nothing was taken over)."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    assert run_main("featurize", run, *ARGS, "--rows", "0:4")[0] == 0
+    claims = store_of(run) / "claims"
+    claims.mkdir()
+    (claims / "row-2").write_text("999999999 deadhost\n")  # done row, unlocked: owner gone
+    code, _, err = run_main("featurize", run, *ARGS, "--rows", "0:4")  # nothing left to do
+    assert code == 0, err
+    assert not claims.exists() and "no longer running" not in err
+    (claims).mkdir()
+    (claims / "row-1").write_text("999999999 deadhost\n")
+    (claims / "row-6").write_text("999999999 deadhost\n")  # not done: taken over
+    code, _, err = run_main("featurize", run, *ARGS)
+    assert code == 0, err
+    assert not claims.exists()
+    assert "took over rows 6 " in err and "no longer running" in err

@@ -23,6 +23,7 @@ from diffattr.attribution.gradients import (
     GradientComputer,
     TimestepSpec,
     grad_dtype,
+    gradient_memory,
     select_parameters,
 )
 from diffattr.attribution.layer_projection import DEFAULT_LOGRA_RANK, LayerProjection
@@ -148,7 +149,9 @@ NONFINITE_POLICIES = ("stop", "skip")
 #: Bytes of unprojected per-sample gradients held at once while featurizing (a featurize
 #: batch of 32 samples of a 35.7M-parameter UNet would be 4.6 GB): larger batches are
 #: computed and projected in groups of samples. The groups depend only on the batch, so a
-#: sharded run (shards start at batch boundaries) still matches one process.
+#: sharded run (shards start at batch boundaries) still matches one process as long as both
+#: see the same cap. On the CPU by default; see :func:`gradient_memory` for CUDA and the
+#: ``DIFFATTR_GRADIENT_MEMORY_MIB`` override.
 GRADIENT_BLOCK_BYTES = 1 << 29
 
 
@@ -240,6 +243,7 @@ def featurize(
     if rows is not None:
         todo = np.intersect1d(todo, rows)
     if todo.size == 0:
+        store.claims().clear_finished(store.done)
         return store
     run = _Filler(store, computer, projector, images, ids, source, on_nonfinite, batch_size)
     run.conditioning = conditioning
@@ -253,6 +257,7 @@ def featurize(
             _remove_empty_dirs(store_dir.parent, new_parent)
         raise
     run.claims.release_all()
+    run.claims.clear_finished(store.done)
     run.report()
     return store
 
@@ -387,8 +392,9 @@ class _Filler:
     # ------------------------------------------------------------------ computing
     def _features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Projected features, error and residual of ``batch``'s rows, computed in groups of
-        samples whose (group × p) float32 gradients fit in GRADIENT_BLOCK_BYTES."""
-        per = max(1, GRADIENT_BLOCK_BYTES // (4 * self.computer.dim))
+        samples whose (group × p) float32 gradients fit in the gradient memory cap."""
+        budget = gradient_memory(GRADIENT_BLOCK_BYTES, self.computer.device)
+        per = max(1, budget // (4 * self.computer.dim))
         parts = [self._group_features(batch[s : s + per]) for s in range(0, batch.size, per)]
         return tuple(np.concatenate(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 

@@ -13,6 +13,7 @@ reduced residual r = mean_t mean(ε_θ − ε), which DAS uses to weight its sco
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -121,14 +122,41 @@ def select_parameters(model: torch.nn.Module, pattern: str | None = None) -> lis
     return names
 
 
-#: Bytes of per-pair gradients one gradient call may hold (caps ``micro_batch``).
+#: Bytes of per-pair gradients one gradient call may hold on the CPU (caps ``micro_batch``;
+#: see :func:`gradient_memory`).
 MICRO_BATCH_BYTES = 1 << 29
+#: Environment variable overriding every gradient memory cap (MiB), e.g. on a large machine.
+GRADIENT_MEMORY_ENV = "DIFFATTR_GRADIENT_MEMORY_MIB"
+#: On a CUDA device each cap is at least this fraction of the device's memory.
+CUDA_GRADIENT_MEMORY_FRACTION = 1 / 16
 #: How per-sample gradients are taken (see :class:`GradientComputer`).
 GRADIENT_STRATEGIES = ("auto", "layers", "vmap", "backward")
 #: ``auto`` takes unnormalised averages by backward passes on models this large …
 BACKWARD_MIN_PARAMS = 4_000_000
 #: … and, where ``layers`` cannot be used, from this many timesteps on.
 BACKWARD_MIN_TIMESTEPS = 8
+
+
+def gradient_memory(default: int, device: str | torch.device) -> int:
+    """Bytes a block of gradients may hold: ``$DIFFATTR_GRADIENT_MEMORY_MIB`` × 2²⁰ when set,
+    else on a CUDA device max(``default``, its memory / 16), else ``default``."""
+    text = os.environ.get(GRADIENT_MEMORY_ENV, "").strip()
+    if text:
+        try:
+            mib = float(text)
+        except ValueError:
+            mib = float("nan")
+        if not mib > 0:
+            raise ConfigError(
+                f"{GRADIENT_MEMORY_ENV}={text!r} is not a positive number of MiB",
+                hint=f"e.g. {GRADIENT_MEMORY_ENV}=4096, or unset it for the default",
+            )
+        return int(mib * (1 << 20))
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(default, int(total * CUDA_GRADIENT_MEMORY_FRACTION))
+    return default
 
 
 class GradientComputer:
@@ -195,10 +223,10 @@ class GradientComputer:
         self.fixed.update({n: cast(b) for n, b in model.named_buffers()})
         self.num_params = sum(p.numel() for p in self.params.values())
         #: Pairs per gradient call, capped so their per-pair gradients (4·p bytes each) fit
-        #: in MICRO_BATCH_BYTES: 64 pairs of a 35.7M-parameter UNet would be 9 GB.
-        self.micro_batch = max(
-            1, min(self.requested_micro_batch, MICRO_BATCH_BYTES // (4 * self.num_params))
-        )
+        #: in gradient_memory(MICRO_BATCH_BYTES): 64 pairs of a 35.7M-parameter UNet would be
+        #: 9 GB.
+        budget = gradient_memory(MICRO_BATCH_BYTES, self.device)
+        self.micro_batch = max(1, min(self.requested_micro_batch, budget // (4 * self.num_params)))
         self._plan = layer_plan(self.model, list(self.params))
         if layer_projection is not None:
             if self._plan is None:

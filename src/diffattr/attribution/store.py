@@ -433,6 +433,26 @@ class RowClaims:
             os.unlink(self._path(row))  # unlinked while still locked: no one inherits it
         os.close(fd)
 
+    def clear_finished(self, done: np.ndarray) -> int:
+        """Remove claims that dead processes left on rows already ``done`` (a process killed
+        between writing a row's done flag and releasing its claim); returns how many."""
+        if not self.dir.is_dir():
+            return 0
+        cleared = 0
+        for path in self.dir.glob("row-*"):
+            try:
+                row = int(path.name[4:])
+            except ValueError:
+                continue
+            if row in self.held or not 0 <= row < len(done) or done[row] == 0:
+                continue
+            if self.try_claim(row).acquired:  # not held by a live process
+                self.release(row)
+                cleared += 1
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()  # only when empty
+        return cleared
+
     def release_all(self) -> None:
         for row in list(self.held):
             self.release(row)
