@@ -49,6 +49,28 @@ def test_identity_strategy_is_the_gradient_product(data, tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
 
 
+@pytest.mark.parametrize(
+    "strategy, query, damping",
+    [("ekfac", "loss", None), ("ekfac", "das", 1e-3), ("kfac", "dtrak", None),
+     ("diagonal", "loss", None), ("identity", "das", None)],
+)  # fmt: skip
+def test_sample_pairing_equals_kronfluence_item_pairing(data, tmp_path, strategy, query, damping):
+    """Averaged gradients preconditioned by the fitted factors give kronfluence's own pairwise
+    scores of every (sample, timestep) item pair, averaged in K × K blocks."""
+    pytest.importorskip("kronfluence")
+    model, train, targets = data
+    ids, tids = train.ids.numpy(), np.arange(2)
+    kw = dict(timesteps=SPEC, strategy=strategy, query=query, damping=damping, batch_size=4)
+    items = ekfac_scores(model, train.images, ids, targets, tids, tmp_path, pairing="items", **kw)
+    samples = ekfac_scores(model, train.images, ids, targets, tids, tmp_path, **kw)
+    assert samples.shape == items.shape == (2, 10)
+    np.testing.assert_allclose(samples, items, rtol=1e-3, atol=1e-4 * np.abs(items).max())
+    # cached next to kronfluence's results
+    assert len(list((tmp_path / "kronfluence").glob("*/scores_*-samples.npy"))) == 1
+    again = ekfac_scores(model, train.images, ids, targets, tids, tmp_path, **kw)
+    assert np.array_equal(again, samples)
+
+
 def test_query_batches_do_not_change_scores(data, tmp_path, monkeypatch):
     pytest.importorskip("kronfluence")
     assert query_batch_size(1000, 10, budget=4000 * 3) == 3

@@ -19,8 +19,18 @@ positive τ = upweighting zᵢ lowers x's loss = helps, the sign convention of T
 mean of ε_θ (DAS's output measure); ``dtrak`` ‖ε_θ‖² (D-TRAK's). For the last two the sign
 follows kronfluence's convention (positive = upweighting zᵢ *lowers* f(x)).
 
-kronfluence's pairwise scores are linear in each gradient, so each sample is expanded into its
-K (sample, t) items, scored item by item, and the (T·K) × (N·K) matrix averaged in K×K blocks.
+kronfluence fits the factors on the K (sample, t) items of every training sample. Scores are
+bilinear in the two gradients, so the mean over the K × K item pairs of a (target, sample) is
+the pairing of their timestep-averaged gradients:
+
+    τ(x, zᵢ) = (1/K² Σ_{t,t'} ∇f(x,t)ᵀ (F+λI)⁻¹ ∇L(zᵢ,t')) = ḡ_f(x)ᵀ (F+λI)⁻¹ ḡ_L(zᵢ)
+
+``pairing="samples"`` (default) computes it that way: one averaged (unnormalised) gradient per
+target and per training sample (:class:`GradientComputer`), each target's preconditioned by
+kronfluence's own factor code module by module (gradients laid out as kronfluence's
+out × (in·kh·kw [+ 1 for the bias]) matrices), then one product per training batch — K² fewer
+pairings than ``pairing="items"``, kronfluence's own pairwise scoring of the (T·K) × (N·K) items
+averaged in K × K blocks (kept as the reference the other is tested against).
 Factors and scores are cached under ``out_dir/kronfluence`` by model, data and settings.
 
 kronfluence is optional: ``pip install --no-deps kronfluence accelerate einops einconv
@@ -41,7 +51,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffattr.attribution.gradients import TimestepSpec
+from diffattr.attribution.gradients import GradientComputer, TimestepSpec
+from diffattr.attribution.measure import make_measure
 from diffattr.diffusion.schedule import ATTRIBUTION_NOISE_KEY, NoiseSchedule, keyed_noise
 from diffattr.errors import ConfigError
 from diffattr.seeding import generator
@@ -49,6 +60,7 @@ from diffattr.seeding import generator
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 QUERIES = ("loss", "das", "dtrak")
 FISHERS = ("true", "empirical")
+PAIRINGS = ("samples", "items")
 #: Key namespace of the sampled-Fisher targets.
 FISHER_KEY = 0x4B464331
 #: Bytes of per-item query gradients kronfluence holds for one query batch (4 per parameter
@@ -188,8 +200,13 @@ def ekfac_scores(
     fisher: str = "true",
     batch_size: int = 32,
     progress: bool = False,
+    pairing: str = "samples",
+    device: str = "cpu",
 ) -> np.ndarray:
-    """(T, N) influence scores (module docstring); cached under ``out_dir/kronfluence``."""
+    """(T, N) influence scores (module docstring); cached under ``out_dir/kronfluence``.
+
+    ``device``: where ``pairing="samples"`` takes its gradients (kronfluence itself runs on
+    the CPU here)."""
     from diffattr.diffusion.presets import model_fingerprint
 
     Analyzer, prepare_model, FactorArguments, ScoreArguments, Task, DataLoaderKwargs = (
@@ -199,6 +216,7 @@ def ekfac_scores(
         (strategy, STRATEGIES, "strategy"),
         (query, QUERIES, "query"),
         (fisher, FISHERS, "fisher"),
+        (pairing, PAIRINGS, "pairing"),
     ):
         if value not in allowed:
             raise ConfigError(f"unknown ekfac {what} {value!r}", hint=f"choose from {allowed}")
@@ -238,6 +256,23 @@ def ekfac_scores(
             per_device_batch_size=batch_size,
             factor_args=factor_args,
         )
+        if pairing == "samples":
+            return _sample_pairing_scores(
+                analyzer,
+                factors_name,
+                Path(out_dir) / "kronfluence" / f"unet-{fp}" / f"scores_{scores_name}-samples.npy",
+                model,
+                (train_images, train_ids),
+                (target_images, target_ids),
+                schedule,
+                spec,
+                noise_seed,
+                query,
+                ScoreArguments(damping_factor=damping),
+                batch_size,
+                device,
+                progress,
+            )
         scores = analyzer.compute_pairwise_scores(
             scores_name=scores_name,
             factors_name=factors_name,
@@ -256,12 +291,137 @@ def ekfac_scores(
     return s.reshape(T, K, N, K).mean(axis=(1, 3))
 
 
+def _sample_pairing_scores(
+    analyzer,
+    factors_name: str,
+    cache: Path,
+    model: nn.Module,
+    train: tuple[torch.Tensor, np.ndarray],
+    targets: tuple[torch.Tensor, np.ndarray],
+    schedule: NoiseSchedule,
+    spec: TimestepSpec,
+    noise_seed: int,
+    query: str,
+    score_args: Any,
+    batch_size: int,
+    device: str,
+    progress: bool,
+) -> np.ndarray:
+    """ḡ_f(x)ᵀ (F+λI)⁻¹ ḡ_L(zᵢ) for every target x and training sample zᵢ (module docstring),
+    from kronfluence's fitted factors; cached in the .npy file ``cache``."""
+    from tqdm.auto import tqdm
+
+    from diffattr.fsio import atomic_write
+
+    if cache.is_file():
+        return np.load(cache)
+    names = tracked_parameter_names(model)
+    layout = _module_layout(model, names)
+    strategy = str(analyzer.load_factor_args(factors_name).strategy)
+    factors = prepared_factors(
+        analyzer.load_all_factors(factors_name), layout, strategy, score_args
+    )
+
+    def averaged(measure: str, images: torch.Tensor, ids: np.ndarray):
+        """(rows, ḡ) per batch: timestep-averaged unnormalised gradients of ``measure``."""
+        gc = GradientComputer(
+            model, make_measure(measure), schedule, spec, noise_seed=noise_seed,
+            normalize=False, param_names=names, device=device,
+        )  # fmt: skip
+        for s in range(0, len(ids), batch_size):
+            yield (
+                slice(s, s + batch_size),
+                gc.compute(images[s : s + batch_size], ids[s : s + batch_size])[0].cpu(),
+            )
+
+    (train_images, train_ids), (target_images, target_ids) = train, targets
+    out = np.zeros((len(target_ids), len(train_ids)))
+    # preconditioned target gradients held at once: QUERY_BATCH_BYTES' worth
+    chunk = query_batch_size(sum(int(p.numel()) for p in model.parameters()), len(target_ids))
+    chunks = range(0, len(target_ids), chunk)
+    bar = tqdm(total=len(train_ids) * len(chunks), desc="ekfac", unit="img", disable=not progress)
+    for c in chunks:
+        rows = slice(c, c + chunk)
+        q = torch.cat(
+            [
+                precondition(g, layout, factors)
+                for _, g in averaged(query, target_images[rows], target_ids[rows])
+            ]
+        )
+        for cols, g in averaged("loss", train_images, train_ids):
+            out[rows, cols] = (q @ g.T).double().numpy()
+            bar.update(g.shape[0])
+    bar.close()
+    atomic_write(cache, lambda f: np.save(f, out))
+    return out
+
+
+def _module_layout(model: nn.Module, names: list[str]) -> list[tuple[str, int, int, bool]]:
+    """(module name, out, in·kh·kw, has bias) of each tracked module, in the order of ``names``
+    (a module's weight, then its bias)."""
+    layout = []
+    for mname, module in model.named_modules():
+        if type(module) in (nn.Linear, nn.Conv2d):
+            w = module.weight
+            layout.append((mname, w.shape[0], w[0].numel(), module.bias is not None))
+    want = [n for m, _, _, b in layout for n in ([f"{m}.weight"] + [f"{m}.bias"] * b)]
+    if want != names:
+        raise ConfigError("ekfac: the model's tracked parameters are not in module order")
+    return layout
+
+
+def prepared_factors(
+    factors: dict[str, dict[str, torch.Tensor]],
+    layout: list[tuple[str, int, int, bool]],
+    strategy: str,
+    score_args: Any,
+) -> list[tuple[Any, dict[str, Any]]]:
+    """Per tracked module, kronfluence's factor config for ``strategy`` and its storage made
+    ready for preconditioning (damping added, eigenvalues inverted) by kronfluence's own
+    ``prepare`` — on copies, so ``factors`` is left as loaded."""
+    from kronfluence.factor.config import FactorConfig, FactorStrategy
+    from kronfluence.utils.constants import LAMBDA_MATRIX_NAME
+
+    config = FactorConfig.CONFIGS[FactorStrategy(strategy)]
+    out = []
+    for mname, _, _, _ in layout:
+        storage: dict[str, Any] = {LAMBDA_MATRIX_NAME: None}
+        storage.update({name: values[mname].clone() for name, values in factors.items()})
+        config.prepare(storage, score_args, torch.device("cpu"))
+        out.append((config, storage))
+    return out
+
+
+def precondition(
+    grads: torch.Tensor,
+    layout: list[tuple[str, int, int, bool]],
+    factors: list[tuple[Any, dict[str, Any]]],
+) -> torch.Tensor:
+    """(B, p) flat gradients → (F+λI)⁻¹ g, module by module by kronfluence's own code.
+
+    Each module's slice is kronfluence's per-sample gradient matrix out × (in·kh·kw + bias),
+    the bias gradient as its last column; the result is flattened back in the same order."""
+    out, start, B = [], 0, grads.shape[0]
+    for (_, n_out, n_in, has_bias), (config, storage) in zip(layout, factors, strict=True):
+        w = grads[:, start : start + n_out * n_in].reshape(B, n_out, n_in)
+        start += n_out * n_in
+        if has_bias:
+            w = torch.cat([w, grads[:, start : start + n_out, None]], dim=2)
+            start += n_out
+        p = config.precondition_gradient(w.float(), storage)
+        out.append(p[:, :, :n_in].reshape(B, -1))
+        if has_bias:
+            out.append(p[:, :, n_in])
+    return torch.cat(out, dim=1)
+
+
 def ekfac_from_inputs(
     inputs: Any,
     strategy: str = "ekfac",
     query: str = "loss",
     damping: float | None = None,
     fisher: str = "true",
+    pairing: str = "samples",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The registered ``ekfac`` method from its ScoreInputs (model, settings, store_dir, …)."""
     missing = [
@@ -293,6 +453,13 @@ def ekfac_from_inputs(
         fisher=fisher,
         batch_size=inputs.batch_size,
         progress=inputs.progress,
+        pairing=pairing,
+        device=inputs.device,
     )
-    meta = {"influence": f"kronfluence {strategy}", "query": query, "fisher": fisher}
+    meta = {
+        "influence": f"kronfluence {strategy}",
+        "query": query,
+        "fisher": fisher,
+        "pairing": pairing,
+    }
     return values, meta

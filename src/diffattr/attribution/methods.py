@@ -377,7 +377,9 @@ class EKFAC(Method):
     Training objective the diffusion loss; the query ``query`` = ``loss`` (default; positive =
     helps, as TRAK), ``das`` (mean of ε_θ) or ``dtrak`` (‖ε_θ‖²). Options: ``strategy``
     (ekfac, kfac, diagonal, identity), ``damping`` (None: kronfluence's heuristic), ``fisher``
-    (true: sampled, seeded — the GGN; or empirical). Needs ``pip install kronfluence``.
+    (true: sampled, seeded — the GGN; or empirical), ``pairing`` (samples: timestep-averaged
+    gradients, default; items: kronfluence's own pairwise scoring of every (sample, timestep)
+    pair, K² times the products, same scores). Needs ``pip install kronfluence``.
     """
 
     name = "ekfac"
