@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The model-based baselines on the committed digits 8×8 LDS benchmark (needs the full model,
 # runs/lds-digits8, from `benchmarks/lds_digits8.sh --rebuild`).
-# Usage: benchmarks/lds_digits8_baselines.sh [model-k100|ensembles|ensembles-k100|ekfac]...
+# Usage: benchmarks/lds_digits8_baselines.sh [model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100]...
 # (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ D=.venv/bin/diffattr
 RUN=runs/lds-digits8
 BENCH=benchmarks/lds/digits8
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(model-k100 ensembles ensembles-k100 ekfac)
+[ ${#stages[@]} -eq 0 ] && stages=(model-k100 ensembles ensembles-k100 ekfac ekfac-k100)
 
 for stage in "${stages[@]}"; do
   case $stage in
@@ -28,10 +28,12 @@ for stage in "${stages[@]}"; do
       $D lds eval $BENCH --run $RUN --timesteps $K --out $OUT \
         --method "das,ensemble[base=das;$M],dtrak,ensemble[base=dtrak;$M],trak,ensemble[base=trak;$M]"
       ;;
-    ekfac)  # EK-FAC influence (kronfluence): the diffusion loss as objective, three queries
-      $D lds eval $BENCH --run $RUN --timesteps 10 --out $BENCH/ekfac.md \
+    ekfac|ekfac-k100)  # EK-FAC influence (kronfluence): the diffusion loss as objective, three queries
+      K=10 OUT=$BENCH/ekfac.md
+      [ "$stage" = ekfac-k100 ] && K=100 OUT=$BENCH/ekfac-K100.md
+      $D lds eval $BENCH --run $RUN --timesteps $K --out $OUT \
         --method "ekfac,ekfac[query=das],ekfac[query=dtrak]"
       ;;
-    *) echo "unknown stage: $stage (model-k100|ensembles|ensembles-k100|ekfac)" >&2; exit 2 ;;
+    *) echo "unknown stage: $stage (model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100)" >&2; exit 2 ;;
   esac
 done

@@ -87,13 +87,24 @@ def _kronfluence():
     return Analyzer, prepare_model, FactorArguments, ScoreArguments, Task, DataLoaderKwargs
 
 
+def module_layout(model: nn.Module) -> list[tuple[str, int, int, bool]]:
+    """The modules kronfluence tracks (Linear and Conv2d), in ``named_modules`` order: (name,
+    out, in·kh·kw, has bias) — the shape of its per-sample gradient matrix without the bias
+    column."""
+    return [
+        (name, m.weight.shape[0], m.weight[0].numel(), m.bias is not None)
+        for name, m in model.named_modules()
+        if type(m) in (nn.Linear, nn.Conv2d)
+    ]
+
+
 def tracked_parameter_names(model: nn.Module) -> list[str]:
-    """Parameters kronfluence differentiates: weights and biases of Linear and Conv2d layers."""
-    names = []
-    for mname, module in model.named_modules():
-        if type(module) in (nn.Linear, nn.Conv2d):
-            names += [f"{mname}.{p}" for p, _ in module.named_parameters(recurse=False)]
-    return names
+    """Parameters kronfluence differentiates: weight and bias of each tracked module."""
+    return [
+        f"{name}.{p}"
+        for name, _, _, has_bias in module_layout(model)
+        for p in ("weight", "bias")[: 1 + has_bias]
+    ]
 
 
 class _Items(torch.utils.data.Dataset):
@@ -228,7 +239,6 @@ def ekfac_scores(
     train_ids = np.asarray(train_ids, dtype=np.int64)
     target_ids = np.asarray(target_ids, dtype=np.int64)
     train_items = _Items(train_images, train_ids, spec, schedule, noise_seed)
-    query_items = _Items(target_images, target_ids, spec, schedule, noise_seed)
     K = spec.num
 
     fp = model_fingerprint(model)[:12]
@@ -273,6 +283,7 @@ def ekfac_scores(
                 device,
                 progress,
             )
+        query_items = _Items(target_images, target_ids, spec, schedule, noise_seed)
         scores = analyzer.compute_pairwise_scores(
             scores_name=scores_name,
             factors_name=factors_name,
@@ -315,8 +326,7 @@ def _sample_pairing_scores(
 
     if cache.is_file():
         return np.load(cache)
-    names = tracked_parameter_names(model)
-    layout = _module_layout(model, names)
+    names, layout = tracked_parameter_names(model), module_layout(model)
     strategy = str(analyzer.load_factor_args(factors_name).strategy)
     factors = prepared_factors(
         analyzer.load_all_factors(factors_name), layout, strategy, score_args
@@ -354,20 +364,6 @@ def _sample_pairing_scores(
     bar.close()
     atomic_write(cache, lambda f: np.save(f, out))
     return out
-
-
-def _module_layout(model: nn.Module, names: list[str]) -> list[tuple[str, int, int, bool]]:
-    """(module name, out, in·kh·kw, has bias) of each tracked module, in the order of ``names``
-    (a module's weight, then its bias)."""
-    layout = []
-    for mname, module in model.named_modules():
-        if type(module) in (nn.Linear, nn.Conv2d):
-            w = module.weight
-            layout.append((mname, w.shape[0], w[0].numel(), module.bias is not None))
-    want = [n for m, _, _, b in layout for n in ([f"{m}.weight"] + [f"{m}.bias"] * b)]
-    if want != names:
-        raise ConfigError("ekfac: the model's tracked parameters are not in module order")
-    return layout
 
 
 def prepared_factors(
