@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The model-based baselines on the committed digits 8×8 LDS benchmark (needs the full model,
 # runs/lds-digits8, from `benchmarks/lds_digits8.sh --rebuild`).
-# Usage: benchmarks/lds_digits8_baselines.sh [model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100]...
+# Usage: benchmarks/lds_digits8_baselines.sh [model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100]...
 # (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ D=.venv/bin/diffattr
 RUN=runs/lds-digits8
 BENCH=benchmarks/lds/digits8
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(model-k100 ensembles ensembles-k100 ekfac ekfac-k100)
+[ ${#stages[@]} -eq 0 ] && stages=(model-k100 ensembles ensembles-k100 ekfac ekfac-k100 unnormalised-k100)
 
 for stage in "${stages[@]}"; do
   case $stage in
@@ -34,6 +34,10 @@ for stage in "${stages[@]}"; do
       $D lds eval $BENCH --run $RUN --timesteps $K --out $OUT \
         --method "ekfac,ekfac[query=das],ekfac[query=dtrak]"
       ;;
-    *) echo "unknown stage: $stage (model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100)" >&2; exit 2 ;;
+    unnormalised-k100)  # TRAK and DAS without per-timestep normalisation, as EK-FAC's gradients
+      $D lds eval $BENCH --run $RUN --timesteps 100 --no-normalize --method trak,das \
+        --out $BENCH/unnormalised-K100.md
+      ;;
+    *) echo "unknown stage: $stage (model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100)" >&2; exit 2 ;;
   esac
 done
