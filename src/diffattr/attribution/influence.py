@@ -349,15 +349,15 @@ def _sample_pairing_scores(
     # preconditioned target gradients held at once: QUERY_BATCH_BYTES' worth
     chunk = query_batch_size(sum(int(p.numel()) for p in model.parameters()), len(target_ids))
     chunks = range(0, len(target_ids), chunk)
-    bar = tqdm(total=len(train_ids) * len(chunks), desc="ekfac", unit="img", disable=not progress)
+    total = len(target_ids) + len(train_ids) * len(chunks)  # targets, then the training set
+    bar = tqdm(total=total, desc=f"ekfac ({query} query)", unit="img", disable=not progress)
     for c in chunks:
         rows = slice(c, c + chunk)
-        q = torch.cat(
-            [
-                precondition(g, layout, factors)
-                for _, g in averaged(query, target_images[rows], target_ids[rows])
-            ]
-        )
+        parts = []
+        for _, g in averaged(query, target_images[rows], target_ids[rows]):
+            parts.append(precondition(g, layout, factors))
+            bar.update(g.shape[0])
+        q = torch.cat(parts)
         for cols, g in averaged("loss", train_images, train_ids):
             out[rows, cols] = (q @ g.T).double().numpy()
             bar.update(g.shape[0])
