@@ -442,3 +442,36 @@ def test_cuda_device_without_a_gpu_is_one_line(tiny_run, tmp_path):
     code, _, err = run_main("lds", "build", run, "--out", tmp_path / "b", "--device", "cuda:0")
     assert_clean_error(code, err, "no CUDA device")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "method, needle",
+    [
+        ("das[residul=none]", "method 'das' has no option 'residul'"),
+        ("tracin[foo=1]", "method 'tracin' has no option 'foo'"),
+        ("ekfac[pairng=items]", "method 'ekfac' has no option 'pairng'"),
+        ("trak[seed=1]", "method 'trak' has no option 'seed'"),
+    ],
+)
+def test_unknown_method_option_is_named(tiny_run, method, needle):
+    """A misspelt method option is an error naming it (not ignored, not a traceback)."""
+    code, _, err = run_main("score", tiny_run, "--method", method, "--targets", "val", *QUIET)
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err
+
+
+def test_method_options_match_what_each_method_reads():
+    from diffattr.attribution.methods import METHODS, get_method
+    from diffattr.errors import ConfigError
+
+    assert {"pairing", "query", "strategy", "damping", "fisher"} <= METHODS[
+        "ekfac"
+    ].accepted_options()
+    assert METHODS["tracin"].accepted_options() == {"checkpoints", "learning_rates", "measure"}
+    assert {"base", "models"} <= METHODS["ensemble"].accepted_options()
+    assert {"encoder", "cache_dir", "dim"} <= METHODS["embedding-cos"].accepted_options()
+    get_method("das", residual="none", leverage=True, squared=False)
+    get_method("ekfac", pairing="items")
+    with pytest.raises(ConfigError, match="has no option 'k'") as info:
+        get_method("pixel-cos", k=3)
+    assert info.value.hint == "it takes no options"

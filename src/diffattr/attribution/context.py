@@ -70,8 +70,8 @@ def benchmark_scores(
     )
     if method in ("tracin", "gas"):
         options.setdefault("checkpoints", None if run_dir is None else str(run_dir))
+    m = get_method(method, **options)  # also checks the options
     if method != "journey-trak":
-        m = get_method(method, **options)
         base = options.get("base", "trak")
         if method == "ensemble" and METHODS[base].uses_kernel:
             out = []

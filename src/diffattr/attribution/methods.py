@@ -83,7 +83,13 @@ class Method(ABC):
     measure: ClassVar[str | None] = None  # feature measure needed; None for image methods
     uses_kernel: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False  # computes its own features from models (context fields)
+    option_names: ClassVar[tuple[str, ...]] = ()  # the options it reads (``das[residual=…]``)
     options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def accepted_options(cls) -> set[str]:
+        """Names of the options this method takes."""
+        return set(cls.option_names)
 
     @abstractmethod
     def score(self, inputs: ScoreInputs) -> np.ndarray:
@@ -104,6 +110,7 @@ class KernelMethod(Method):
 class DAS(KernelMethod):
     name = "das"
     measure = "das"
+    option_names = ("residual", "leverage", "squared")
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         k = super().score(inputs)
@@ -191,6 +198,7 @@ class PixelCos(Method):
 
 class RandomScores(Method):
     name = "random"
+    option_names = ("seed",)
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         rng = np.random.default_rng(derive_seed(int(self.options.get("seed", 0)), 31337))
@@ -203,10 +211,25 @@ METHODS: dict[str, type[Method]] = {
 
 
 def get_method(name: str, **options: Any) -> Method:
-    """Instantiate a registered method by name."""
+    """Instantiate a registered method by name; an option it does not take is an error."""
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}", hint=f"choose from {sorted(METHODS)}")
-    return METHODS[name](options=options)
+    cls = METHODS[name]
+    unknown = sorted(set(options) - cls.accepted_options())
+    if unknown:
+        known = sorted(cls.accepted_options())
+        raise ConfigError(
+            f"method {name!r} has no option {unknown[0]!r}",
+            hint=f"its options: {', '.join(known)}" if known else "it takes no options",
+        )
+    return cls(options=options)
+
+
+def _keyword_names(fn: Any, skip: int) -> set[str]:
+    """Parameter names of ``fn`` after its first ``skip`` (a method's forwarded options)."""
+    import inspect
+
+    return set(list(inspect.signature(fn).parameters)[skip:])
 
 
 # ---------------------------------------------------------------------------- baselines (#5)
@@ -268,11 +291,19 @@ class EmbeddingCos(Method):
 
     name = "embedding-cos"
 
+    @classmethod
+    def accepted_options(cls) -> set[str]:
+        from dataclasses import fields
+
+        from diffattr.attribution.embedding import EncoderSettings
+
+        return {"encoder", "cache_dir"} | {f.name for f in fields(EncoderSettings)}
+
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         from diffattr.attribution.embedding import EncoderSettings, embedding_scores
 
         _require(inputs, self.name, "train_images", "target_images")
-        opts = dict(self.options)
+        opts = dict(self.options)  # encoder, cache_dir, and EncoderSettings' fields
         encoder = opts.pop("encoder", None)
         cache_dir = opts.pop("cache_dir", None) or inputs.store_dir
         values, meta = embedding_scores(
@@ -300,6 +331,12 @@ class TracIn(Method):
     name = "tracin"
     needs_model = True
     kind: ClassVar[str] = "dot"
+
+    @classmethod
+    def accepted_options(cls) -> set[str]:
+        from diffattr.attribution.tracin import tracin_from_inputs
+
+        return _keyword_names(tracin_from_inputs, skip=3)
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         from diffattr.attribution.tracin import tracin_from_inputs
@@ -335,6 +372,8 @@ class JourneyTRAK(KernelMethod):
     name = "journey-trak"
     measure = "loss"
     needs_model = True
+    # sampler / num_steps: how ``lds eval`` describes the generated targets' sampling
+    option_names = ("steps", "generation_batch_size", "sampler", "num_steps")
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         from diffattr.attribution.journey import journey_from_inputs
@@ -363,6 +402,12 @@ class Ensemble(Method):
     name = "ensemble"
     needs_model = True
 
+    @classmethod
+    def accepted_options(cls) -> set[str]:
+        from diffattr.attribution.ensemble import ensemble_from_inputs
+
+        return _keyword_names(ensemble_from_inputs, skip=1)
+
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         from diffattr.attribution.ensemble import ensemble_from_inputs
 
@@ -384,6 +429,12 @@ class EKFAC(Method):
 
     name = "ekfac"
     needs_model = True
+
+    @classmethod
+    def accepted_options(cls) -> set[str]:
+        from diffattr.attribution.influence import ekfac_from_inputs
+
+        return _keyword_names(ekfac_from_inputs, skip=1)
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         from diffattr.attribution.influence import ekfac_from_inputs
