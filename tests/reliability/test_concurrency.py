@@ -165,10 +165,13 @@ def test_local_process_shards_under_logra_equal_one_worker(tiny_run, tmp_path):
 
 def test_score_with_gpu_workers_scores_on_the_driver_cpu(tiny_run, tmp_path, monkeypatch):
     """``score --executor local --device cuda`` on a driver without a GPU: the workers are
-    asked for ``cuda``, the driver featurizes the targets and scores on the CPU."""
+    asked for ``cuda``, the driver featurizes the targets and scores on the CPU. (The two
+    "workers" run in this process: what is tested is the plan; real local workers are tested
+    above.)"""
     import torch
 
     import diffattr.attribution.shards as shards
+    import diffattr.parallel as parallel
 
     asked: list[str | None] = []
     real = shards.featurize_with_executor
@@ -177,7 +180,14 @@ def test_score_with_gpu_workers_scores_on_the_driver_cpu(tiny_run, tmp_path, mon
         asked.append(device)
         return real(*args, device="cpu", **kwargs)  # no GPU here: run the shards on the CPU
 
+    class TwoInProcess(parallel.InProcessExecutor):
+        parallelism = 2
+
+        def __init__(self, workers, threads, progress):
+            super().__init__(progress)
+
     monkeypatch.setattr(shards, "featurize_with_executor", on_cpu_workers)
+    monkeypatch.setattr(parallel, "LocalProcessExecutor", TwoInProcess)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     run = copy_run(tiny_run, tmp_path / "run")
     options = ["--executor", "local", "--workers", "2", "--device", "cuda"]
