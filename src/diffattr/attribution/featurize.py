@@ -306,6 +306,9 @@ class _Filler:
         self.images, self.ids, self.source = images, ids, source
         self.on_nonfinite, self.batch_size = on_nonfinite, batch
         self.claims = store.claims()
+        #: Samples whose (group × p) float32 gradients fit in the gradient memory cap.
+        budget = gradient_memory(GRADIENT_BLOCK_BYTES, computer.device)
+        self.group = max(1, budget // (4 * computer.dim))
         self.by_others: dict[int | None, list[int]] = {}  # pid -> rows they finished
         self.taken_over: dict[int | None, list[int]] = {}  # dead pid -> rows we took over
         self.skipped: list[int] = []
@@ -392,10 +395,9 @@ class _Filler:
     # ------------------------------------------------------------------ computing
     def _features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Projected features, error and residual of ``batch``'s rows, computed in groups of
-        samples whose (group × p) float32 gradients fit in the gradient memory cap."""
-        budget = gradient_memory(GRADIENT_BLOCK_BYTES, self.computer.device)
-        per = max(1, budget // (4 * self.computer.dim))
-        parts = [self._group_features(batch[s : s + per]) for s in range(0, batch.size, per)]
+        ``self.group`` samples."""
+        step = self.group
+        parts = [self._group_features(batch[s : s + step]) for s in range(0, batch.size, step)]
         return tuple(np.concatenate(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
     def _group_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -242,6 +242,7 @@ def ekfac_scores(
     K = spec.num
 
     fp = model_fingerprint(model)[:12]
+    analysis_dir = Path(out_dir) / "kronfluence" / f"unet-{fp}"  # kronfluence's, and our cache
     data = _hash(train_images, train_ids, spec.to_dict(), noise_seed, schedule.to_dict())
     factors_name = f"{strategy}-{fisher}-{data}"
     scores_name = f"{factors_name}-{query}-{damping}-{_hash(target_images, target_ids)}"
@@ -250,13 +251,13 @@ def ekfac_scores(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         analyzer = Analyzer(
-            analysis_name=f"unet-{fp}",
+            analysis_name=analysis_dir.name,
             model=prepared,
             task=task,
             cpu=True,
             disable_tqdm=not progress,
             log_level=logging.WARNING,
-            output_dir=str(Path(out_dir) / "kronfluence"),
+            output_dir=str(analysis_dir.parent),
         )
         analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
         factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=fisher == "empirical")
@@ -270,7 +271,7 @@ def ekfac_scores(
             return _sample_pairing_scores(
                 analyzer,
                 factors_name,
-                Path(out_dir) / "kronfluence" / f"unet-{fp}" / f"scores_{scores_name}-samples.npy",
+                analysis_dir / f"scores_{scores_name}-samples.npy",
                 model,
                 (train_images, train_ids),
                 (target_images, target_ids),
@@ -332,12 +333,22 @@ def _sample_pairing_scores(
         analyzer.load_all_factors(factors_name), layout, strategy, score_args
     )
 
-    def averaged(measure: str, images: torch.Tensor, ids: np.ndarray):
-        """(rows, ḡ) per batch: timestep-averaged unnormalised gradients of ``measure``."""
-        gc = GradientComputer(
-            model, make_measure(measure), schedule, spec, noise_seed=noise_seed,
-            normalize=False, param_names=names, device=device,
+    query_gc, train_gc = (
+        GradientComputer(
+            model,
+            make_measure(measure),
+            schedule,
+            spec,
+            noise_seed=noise_seed,
+            normalize=False,
+            param_names=names,
+            device=device,
         )  # fmt: skip
+        for measure in (query, "loss")
+    )
+
+    def averaged(gc: GradientComputer, images: torch.Tensor, ids: np.ndarray):
+        """(rows, ḡ) per batch: timestep-averaged unnormalised gradients of ``gc``'s measure."""
         for s in range(0, len(ids), batch_size):
             yield (
                 slice(s, s + batch_size),
@@ -354,11 +365,11 @@ def _sample_pairing_scores(
     for c in chunks:
         rows = slice(c, c + chunk)
         parts = []
-        for _, g in averaged(query, target_images[rows], target_ids[rows]):
+        for _, g in averaged(query_gc, target_images[rows], target_ids[rows]):
             parts.append(precondition(g, layout, factors))
             bar.update(g.shape[0])
         q = torch.cat(parts)
-        for cols, g in averaged("loss", train_images, train_ids):
+        for cols, g in averaged(train_gc, train_images, train_ids):
             out[rows, cols] = (q @ g.T).double().numpy()
             bar.update(g.shape[0])
     bar.close()
