@@ -24,7 +24,15 @@ def cell(d: dict | None) -> str:
     if "ci_targets" not in d:
         return f"{d['lds']:.3f}"
     lo, hi = d["ci_targets"]
-    return f"{d['lds']:.3f} [{lo:.3f}, {hi:.3f}]"
+    edge = " †" if d.get("lambda_at_edge") else ""
+    return f"{d['lds']:.3f} [{lo:.3f}, {hi:.3f}]{edge}"
+
+
+def default_cell(d: dict | None) -> str:
+    """LDS with the method's default λ rule (what `diffattr score` gives); – if not recorded."""
+    if not d or d.get("default_lds") is None:
+        return "–"
+    return f"{d['default_lds']:.3f}"
 
 
 def gather(bench: Path, names: list[str]) -> tuple[list[dict], dict]:
@@ -53,19 +61,22 @@ def table(rows: list[dict], ceiling: dict) -> str:
         return (k if isinstance(k, int) else -1, -(val if val is not None else -math.inf))
 
     lines = [
-        "| method | K | val LDS (cross-fit λ) [CI targets] | gen LDS (cross-fit λ) [CI targets] "
-        "| table |",
-        "|---|---|---|---|---|",
+        "| method | K | val LDS (cross-fit λ) [CI targets] | val default λ "
+        "| gen LDS (cross-fit λ) [CI targets] | gen default λ | table |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=order):
         k = r.get("timesteps")
         lines.append(
             f"| {r['method']} | {k if isinstance(k, int) else '–'} | {cell(r.get('val'))} "
-            f"| {cell(r.get('gen'))} | {r['source']} |"
+            f"| {default_cell(r.get('val'))} | {cell(r.get('gen'))} "
+            f"| {default_cell(r.get('gen'))} | {r['source']} |"
         )
     if ceiling:
         val, gen = ceiling.get("val"), ceiling.get("gen")
-        lines.append(f"| noise ceiling | – | {cell(val)} | {cell(gen)} | |")
+        lines.append(f"| noise ceiling | – | {cell(val)} | | {cell(gen)} | | |")
+    if any((r.get(k) or {}).get("lambda_at_edge") for r in rows for k in ("val", "gen")):
+        lines += ["", "† λ chosen at an end of its grid."]
     return "\n".join(lines)
 
 

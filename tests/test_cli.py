@@ -90,3 +90,31 @@ def test_score_baselines_from_cli(tmp_path):
         assert s.shape == (2, 12) and np.isfinite(s).all(), label
     meta = json.loads((tmp_path / "run" / "scores" / "tracin-samples" / "meta.json").read_text())
     assert meta["method"] == "tracin"
+
+
+def test_score_lambda_options(tmp_path, capsys):
+    """Without a λ option a kernel method uses its default rule (recorded with the scores);
+    --effective-dim / --relative-lambda / --lambda override it; two at once or a fraction
+    outside (0, 1) is an error naming the option."""
+    run = str(tmp_path / "run")
+    common = ["--quiet", "--threads", "1"]
+    assert main(["train", "--out", run, "--train-count", "12", "--val-count", "4",
+                 "--steps", "2", "--batch-size", "4", *common]) == 0  # fmt: skip
+    assert main(["generate", run, "--num", "2", "--steps", "2", *common]) == 0
+
+    def meta(*extra):
+        assert main(["score", run, "--method", "trak", "--timesteps", "1", *extra, *common]) == 0
+        return json.loads((tmp_path / "run" / "scores" / "trak-samples" / "meta.json").read_text())
+
+    default = meta()
+    assert default["lambda_rule"] == "effective-dim:0.4"
+    looser = meta("--effective-dim", "0.2")
+    assert looser["lambda_rule"] == "effective-dim:0.2" and looser["lambda"] > default["lambda"]
+    assert meta("--relative-lambda", "0.5")["lambda_rule"] == "relative:0.5"
+    assert meta("--lambda", "3")["lambda"] == 3.0
+    capsys.readouterr()
+    assert main(["score", run, "--effective-dim", "1.5", *common]) == 2
+    assert "--effective-dim" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["score", run, "--lambda", "1", "--relative-lambda", "0.1", *common])
+    assert info.value.code == 2

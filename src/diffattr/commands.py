@@ -152,6 +152,45 @@ def feature_settings(args: argparse.Namespace, measure: str = "das"):
     )
 
 
+def add_lambda_args(p: argparse.ArgumentParser) -> None:
+    """The λ of kernel methods: one of three rules (default: each method's own, see README)."""
+    from diffattr.attribution.ridge import DEFAULT_RIDGE
+
+    g = p.add_argument_group(
+        "λ of kernel methods (one of; default: each method's own rule, "
+        f"{DEFAULT_RIDGE} for das, dtrak, trak and the other kernel methods)"
+    ).add_mutually_exclusive_group()
+    g.add_argument("--lambda", dest="lam", type=float, default=None, help="absolute λ")
+    g.add_argument(
+        "--relative-lambda", type=float, default=None, help="λ = c · mean eigenvalue of ΦᵀΦ"
+    )
+    g.add_argument(
+        "--effective-dim",
+        type=float,
+        default=None,
+        metavar="F",
+        help="λ such that the ridge's effective dimension Σσ/(σ+λ) is F·min(N, k), 0 < F < 1",
+    )
+
+
+def lambda_from_args(args: argparse.Namespace):
+    """Absolute λ, a :class:`Ridge` rule, or None (the method's default) from the λ options."""
+    from diffattr.attribution.ridge import Ridge
+
+    if getattr(args, "lam", None) is not None:
+        if not args.lam > 0:
+            raise ConfigError(f"--lambda must be positive, got {args.lam}")
+        return float(args.lam)
+    for option, rule in (("relative_lambda", "relative"), ("effective_dim", "effective-dim")):
+        value = getattr(args, option, None)
+        if value is not None:
+            try:
+                return Ridge(rule, value)
+            except ConfigError as exc:
+                raise ConfigError(f"--{option.replace('_', '-')}: {exc}") from None
+    return None
+
+
 def make_attributor(run, method: str, args: argparse.Namespace, **options: Any):
     from diffattr.attribution.attributor import Attributor
     from diffattr.diffusion.presets import load_unet
@@ -174,8 +213,7 @@ def make_attributor(run, method: str, args: argparse.Namespace, **options: Any):
         method=method,
         schedule=run.train_config().schedule,
         settings=settings,
-        lam=getattr(args, "lam", None),
-        relative_lambda=getattr(args, "relative_lambda", 0.1),
+        lam=lambda_from_args(args),
         batch_size=args.batch_size,
         device=getattr(args, "device", "cpu"),
         progress=not args.quiet,
@@ -472,7 +510,7 @@ def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_json(out.with_suffix(".json"), rows)
     if not args.quiet and not args.json:
         print(table)
-    return {"table": str(out)}
+    return {"table": str(out), "rows": rows}
 
 
 def _lds_without_step(args: argparse.Namespace) -> dict[str, Any]:
@@ -535,10 +573,7 @@ def register(add) -> None:
     )
     p.add_argument("--targets", default="samples", help=TARGETS_HELP)
     p.add_argument("--k", type=int, default=10, help="top-k written to topk.csv/json")
-    p.add_argument("--lambda", dest="lam", type=float, default=None, help="absolute λ")
-    p.add_argument(
-        "--relative-lambda", type=float, default=0.1, help="λ = c·mean eigenvalue (default 0.1)"
-    )
+    add_lambda_args(p)
     p.add_argument("--residual", choices=["error", "signed", "raw", "none"], default="error")
     p.add_argument("--leverage", action="store_true", help="DAS: divide by 1 − hᵢ")
     p.add_argument("--squared", action="store_true", help="DAS: square the scores (KL form)")

@@ -407,13 +407,14 @@ def _lds_table(rows: list[dict[str, Any]]) -> str:
         top.append(_th(label, col, first, span=" rowspan='2'"))
         col += 1
     for k in kinds:
-        top.append(f"<th scope='colgroup' colspan='3'>{_e(names[k])}</th>")
+        top.append(f"<th scope='colgroup' colspan='4'>{_e(names[k])}</th>")
         sub += [
             _th("LDS", col, "descending", "cross-fitted λ"),
             "<th scope='col'>95% CI: targets; subsets×targets</th>",
             _th("oracle λ", col + 2, "descending", "LDS at the best λ on all targets (optimistic)"),
+            _th("default λ", col + 3, "descending", "LDS with the λ rule diffattr score uses"),
         ]
-        col += 3
+        col += 4
 
     def opt(v: Any) -> str:
         return (
@@ -429,6 +430,7 @@ def _lds_table(rows: list[dict[str, Any]]) -> str:
         for k in kinds:
             d = r.get(k) if isinstance(r.get(k), dict) else {}
             lds, oracle = _float(d.get("lds")), _float(d.get("oracle_lds"))
+            default = _float(d.get("default_lds"))
             cis = []
             for key in ("ci_targets", "ci_subsets_targets"):
                 ci = d.get(key)
@@ -441,6 +443,7 @@ def _lds_table(rows: list[dict[str, Any]]) -> str:
                 f"<td class='num' data-sort='{_sort_attr(lds)}'>{_fmt(lds, '{:.3f}')}</td>",
                 f"<td class='num ci'>{'<br>'.join(cis) or DASH}</td>",
                 f"<td class='num' data-sort='{_sort_attr(oracle)}'>{_fmt(oracle, '{:.3f}')}</td>",
+                f"<td class='num' data-sort='{_sort_attr(default)}'>{_fmt(default, '{:.3f}')}</td>",
             ]
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (
@@ -572,7 +575,8 @@ def render_report(
             "<section id='lds'><h2>LDS results</h2><p class='note'>As written by "
             "<code>diffattr lds eval</code>. λ is cross-fitted (chosen on one half of the "
             "targets, reported on the other); the oracle column picks λ on all targets and is "
-            "optimistic.</p>" + _lds_table(lds_rows) + "</section>"
+            "optimistic; the default column uses the λ rule that <code>diffattr score</code> "
+            "applies, chosen without ground truth.</p>" + _lds_table(lds_rows) + "</section>"
         )
 
     # --- per target ---------------------------------------------------------------------

@@ -2,6 +2,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import scipy.optimize
 import torch
 
 from diffattr.attribution.attributor import Attributor
@@ -36,7 +37,13 @@ def test_das_from_store_equals_direct_computation(setup):
     phi, err, _ = gc.compute(train.images, train.ids.numpy())
     tphi, _, _ = gc.compute(targets, np.arange(3))
     phi, tphi, err = phi.double().numpy(), tphi.double().numpy(), err.double().numpy()
-    lam = 0.1 * (phi**2).sum() / min(phi.shape)
+    # the default λ: the ridge keeps 40% of the min(N, k) dimensions, Σ σ/(σ+λ) = 0.4·min(N, k)
+    sigma = np.linalg.eigvalsh(phi.T @ phi)
+    lam = scipy.optimize.brentq(
+        lambda x: np.sum(sigma / (sigma + x)) - 0.4 * min(phi.shape), 1e-12, 1e6
+    )
+    assert scores.meta["lambda"] == pytest.approx(lam, rel=1e-6)
+    assert scores.meta["lambda_rule"] == "effective-dim:0.4"
     G = phi.T @ phi + lam * np.eye(phi.shape[1])
     direct = tphi @ np.linalg.solve(G, phi.T) * (err / err.mean())
     np.testing.assert_allclose(scores.values, direct, rtol=1e-4, atol=1e-6 * np.abs(direct).max())

@@ -22,14 +22,15 @@ def data(tiny_model, digits):
     return tiny_model, digits.subset(np.arange(10)), digits.images[100:102]
 
 
-def raw_grads(model, measure, images, ids):
-    """Timestep-averaged, unnormalised gradients over kronfluence's Linear/Conv2d parameters."""
+def raw_grads(model, measure, images, ids, normalize=False):
+    """Timestep-averaged gradients over kronfluence's Linear/Conv2d parameters (unnormalised
+    unless ``normalize``)."""
     gc = GradientComputer(
         model,
         make_measure(measure),
         NoiseSchedule(),
         SPEC,
-        normalize=False,
+        normalize=normalize,
         param_names=tracked_parameter_names(model),
     )
     return gc.compute(images, ids)[0].double().numpy()
@@ -47,6 +48,31 @@ def test_identity_strategy_is_the_gradient_product(data, tmp_path):
         )  # fmt: skip
         want = raw_grads(model, measure, targets, tids) @ g_train.T
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(
+    "train_measure, normalize", [("das", False), ("loss", True), ("das", True)]
+)
+def test_train_measure_and_normalisation_options(data, tmp_path, train_measure, normalize):
+    """``train=das`` pairs DAS's training gradients and ``normalize=true`` averages per-timestep
+    normalised gradients on both sides: with the identity strategy, those gradients' product."""
+    pytest.importorskip("kronfluence")
+    model, train, targets = data
+    ids, tids = train.ids.numpy(), np.arange(2)
+    got = ekfac_scores(
+        model, train.images, ids, targets, tids, tmp_path, timesteps=SPEC, strategy="identity",
+        query="das", train=train_measure, normalize=normalize,
+    )  # fmt: skip
+    want = (
+        raw_grads(model, "das", targets, tids, normalize)
+        @ raw_grads(model, train_measure, train.images, ids, normalize).T
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    with pytest.raises(ConfigError, match="pairing=samples"):
+        ekfac_scores(
+            model, train.images, ids, targets, tids, tmp_path, timesteps=SPEC,
+            train=train_measure, normalize=normalize, pairing="items",
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(

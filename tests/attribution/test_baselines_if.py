@@ -10,6 +10,7 @@ from diffattr.attribution.kernel import Kernel, row_norms
 from diffattr.attribution.measure import make_measure
 from diffattr.attribution.methods import METHODS, ScoreInputs, get_method
 from diffattr.attribution.relative_if import inverse_norms
+from diffattr.attribution.ridge import Ridge
 from diffattr.diffusion.schedule import NoiseSchedule
 
 
@@ -88,7 +89,13 @@ def test_attributor_end_to_end(tiny_model, digits, tmp_path):
     settings = FeatureSettings(timesteps=1, params="^conv_out")
     scores = {
         m: Attributor(
-            tiny_model, train, tmp_path, method=m, settings=settings, progress=False
+            tiny_model,
+            train,
+            tmp_path,
+            method=m,
+            settings=settings,
+            progress=False,
+            lam=Ridge("relative", 0.1),
         ).score(targets)
         for m in ("relative-if", "renormalized-if")
     }

@@ -13,6 +13,7 @@ from diffattr.attribution.journey import JOURNEY_KEY, journey_features, regenera
 from diffattr.attribution.kernel import Kernel
 from diffattr.attribution.measure import make_measure
 from diffattr.attribution.methods import ScoreInputs, get_method
+from diffattr.attribution.ridge import Ridge
 from diffattr.diffusion.sampling import sample
 from diffattr.diffusion.schedule import NoiseSchedule, keyed_noise
 from diffattr.errors import DataError, DiffattrError
@@ -128,7 +129,7 @@ def test_benchmark_scores_journey_on_generated_trak_on_real(setup, tmp_path):
     model, train, samples = setup
     images = torch.cat([samples.images, train.images[5:6]])
     ids, seeds = np.array([100, 101, 7]), np.array([5, 6, -1])
-    lambdas = [0.1, 1.0]
+    lambdas = [Ridge("relative", 0.1), Ridge("relative", 1.0), None]  # None: the default rule
     got = benchmark_scores(
         "journey-trak", {"num_steps": 2}, lambdas, model=model, train=train,
         target_images=images, target_ids=ids, target_seeds=seeds, schedule=NoiseSchedule(),
@@ -137,7 +138,7 @@ def test_benchmark_scores_journey_on_generated_trak_on_real(setup, tmp_path):
     feats = explicit_features(model, samples)
     for c, scores in zip(lambdas, got, strict=True):
         att = Attributor(
-            model, train, tmp_path, method="trak", settings=SETTINGS, relative_lambda=c,
+            model, train, tmp_path, method="trak", settings=SETTINGS, lam=c,
             progress=False,
         )  # fmt: skip
         want_gen = att.kernel().cross(feats)

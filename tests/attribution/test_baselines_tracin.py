@@ -11,6 +11,7 @@ from diffattr.attribution.featurize import FeatureSettings
 from diffattr.attribution.gradients import GradientComputer, TimestepSpec
 from diffattr.attribution.measure import make_measure
 from diffattr.attribution.methods import ScoreInputs, get_method
+from diffattr.attribution.ridge import Ridge
 from diffattr.attribution.tracin import resolve_checkpoints, tracin_scores
 from diffattr.diffusion.presets import build_unet
 from diffattr.diffusion.schedule import NoiseSchedule
@@ -111,7 +112,8 @@ def test_benchmark_scores_default_to_the_run_checkpoints(data, tmp_path):
         m.save_pretrained(run / "checkpoints" / f"step-{step:07d}" / "ema")
         (run / "checkpoints" / f"step-{step:07d}" / "state.json").write_text("{}")
     got = benchmark_scores(
-        "gas", {}, [0.1, 1.0], model=models[1], train=train, target_images=targets,
+        "gas", {}, [Ridge("relative", 0.1), None], model=models[1], train=train,
+        target_images=targets,
         target_ids=np.arange(3), target_seeds=None, schedule=NoiseSchedule(),
         settings=SETTINGS, store_dir=tmp_path / "f", run_dir=run,
     )  # fmt: skip

@@ -101,6 +101,49 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
             "0.1,1.0", "--bootstrap", "20", "--quiet", "--json"]  # fmt: skip
     assert main(argv) == 0
     assert "| das | 1 |" in (bench / "results.md").read_text()
+    # The default λ rule's LDS is reported next to the cross-fit: it is the LDS of the scores
+    # that the default Attributor gives, and a λ-free method's default is its one LDS.
+    from diffattr.evaluation.lds import kernel_cache as load_cache
+    from diffattr.evaluation.lds import method_scores
+
+    cache = load_cache(None, bench, gt, FeatureSettings(timesteps=1))
+    train_images = RunDir(tiny_run).data_spec().load()[0].images
+    (default,) = method_scores("das", cache, [None], train_images, gt.images)
+    per_target = lds_per_target(gt, default)
+    assert rows2[0]["val"]["default_lds"] == pytest.approx(np.nanmean(per_target[:3]))
+    assert rows2[0]["val"]["default_lambda"] == "effective-dim:0.4"
+    assert rows[1]["val"]["default_lds"] == rows[1]["val"]["lds"]  # pixel-cos: no λ
+    # A combination is scored from its members' default-λ scores (from the cache: no run).
+    from diffattr.attribution.combination import combine_scores
+
+    (pixel,) = method_scores("pixel-cos", None, [None], train_images, gt.images)
+    (row, _, _) = evaluate_benchmark(
+        bench, None, [("combine", {"methods": "das+pixel-cos"})], [1], progress=False,
+        bootstrap=20,
+    )  # fmt: skip
+    want = lds_per_target(gt, combine_scores([default, pixel]))
+    assert row["method"] == "combine[methods=das+pixel-cos]"
+    assert row["val"]["lds"] == pytest.approx(np.nanmean(want[:3]))
+
+
+def test_summary_flags_a_lambda_at_the_grid_edge():
+    """A λ chosen at either end of the grid is flagged; an interior one is not."""
+    from diffattr.evaluation.lds import format_table, summarize
+
+    rng = np.random.default_rng(0)
+    M, N, T = 12, 10, 8
+    subsets = np.stack([rng.choice(N, N // 2, replace=False) for _ in range(M)])
+    truth = rng.standard_normal((T, N))
+    membership = np.zeros((M, N))
+    np.put_along_axis(membership, subsets, 1.0, axis=1)
+    F = -(membership @ truth.T)[None]  # (1 seed, M, T): -F = Σ truth over the subset
+    gt = GroundTruth(subsets, F, np.zeros(T, int), torch.zeros(T, 1, 2, 2), np.arange(T))
+    noisy = [truth + s * rng.standard_normal((T, N)) for s in (3.0, 0.0, 3.0)]
+    assert not summarize(gt, noisy, [1, 2, 3], bootstrap=10)["val"]["lambda_at_edge"]
+    summary = summarize(gt, noisy[1:], [2, 3], bootstrap=10)
+    assert summary["val"]["lambda_at_edge"]
+    row = {"method": "x", "timesteps": 1, **summary}
+    assert "†" in format_table([row]) and "widen" in format_table([row])
 
 
 def test_killed_build_resumes_without_retraining(tiny_run, tmp_path):

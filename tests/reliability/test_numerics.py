@@ -10,6 +10,7 @@ import pytest
 from reliability_helpers import QUIET, assert_clean_error, copy_run, run_main
 
 from diffattr.attribution.kernel import Kernel
+from diffattr.attribution.ridge import Ridge
 from diffattr.errors import NumericalError
 
 
@@ -30,7 +31,7 @@ def test_singular_kernel_error_suggests_a_lambda_that_works(form):
     suggested = float(re.search(r"--lambda ([0-9.e+-]+)", hint).group(1))
     relative = float(re.search(r"--relative-lambda ([0-9.e+-]+)", hint).group(1))
     assert Kernel.fit(phi, lam=suggested, form=form).lam == suggested
-    fitted = Kernel.fit(phi, relative_lambda=relative, form=form)
+    fitted = Kernel.fit(phi, Ridge("relative", relative), form=form)
     assert fitted.lam == pytest.approx(suggested, rel=1e-2)
 
 
@@ -42,7 +43,7 @@ def test_singular_kernel_from_the_cli(tiny_run, tmp_path, monkeypatch):
     from diffattr.attribution.attributor import Attributor
 
     def singular_kernel(self):
-        return Kernel.fit(duplicated_features(), self.lam, self.relative_lambda)
+        return Kernel.fit(duplicated_features(), self.lam)
 
     monkeypatch.setattr(Attributor, "kernel", singular_kernel)
     run = copy_run(tiny_run, tmp_path / "run", parts=("run.json", "train.json", "model", "samples"))

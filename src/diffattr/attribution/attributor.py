@@ -24,7 +24,7 @@ from diffattr.attribution.featurize import (
     with_available_projector,
 )
 from diffattr.attribution.gradients import resolve_device, select_parameters
-from diffattr.attribution.kernel import DEFAULT_RELATIVE_LAMBDA, Kernel
+from diffattr.attribution.kernel import Kernel
 from diffattr.attribution.methods import (
     Method,
     ScoreInputs,
@@ -32,6 +32,7 @@ from diffattr.attribution.methods import (
     get_method,
     method_meta,
 )
+from diffattr.attribution.ridge import Ridge
 from diffattr.attribution.scores import Scores
 from diffattr.attribution.store import FeatureStore
 from diffattr.data import ImageDataset
@@ -74,8 +75,7 @@ class Attributor:
         method: str = "das",
         schedule: NoiseSchedule | None = None,
         settings: FeatureSettings | None = None,
-        lam: float | None = None,
-        relative_lambda: float = DEFAULT_RELATIVE_LAMBDA,
+        lam: float | Ridge | None = None,
         batch_size: int = 32,
         device: str = "cpu",
         progress: bool = True,
@@ -89,7 +89,9 @@ class Attributor:
         self.store_dir = Path(store_dir)
         self.method: Method = get_method(method, **method_options)
         self.schedule = schedule or NoiseSchedule()
-        self.lam, self.relative_lambda = lam, relative_lambda
+        #: λ of kernel methods: absolute, a :class:`Ridge` rule, or None for the method's
+        #: own default (``Method.default_ridge``).
+        self.lam = lam
         self.batch_size, self.progress = batch_size, progress
         self.device = resolve_device(device)
         self.on_nonfinite = on_nonfinite
@@ -184,7 +186,8 @@ class Attributor:
         if self._kernel is None:
             store = self.featurize()
             assert store is not None
-            self._kernel = Kernel.fit(store.features, self.lam, self.relative_lambda)
+            lam = self.lam if self.lam is not None else self.method.default_ridge
+            self._kernel = Kernel.fit(store.features, lam)
         self._kernel.executor = self.executor
         return self._kernel
 
@@ -225,6 +228,7 @@ class Attributor:
             if self.method.uses_kernel:
                 inputs.kernel = self.kernel()
                 meta["lambda"] = inputs.kernel.lam
+                meta["lambda_rule"] = describe_lambda(self.lam, self.method)
                 meta["kernel_form"] = inputs.kernel.form
         values = self.method.score(inputs)
         if skipped_train.size or skipped_targets.size:
@@ -233,6 +237,13 @@ class Attributor:
             meta["skipped_target_ids"] = np.asarray(ids)[skipped_targets].tolist()
         meta.update(method_meta(self.method))
         return Scores(values, self.train.ids.numpy(), ids, self.method.name, meta)
+
+
+def describe_lambda(lam: float | Ridge | None, method: Method) -> str:
+    """How λ was chosen, as the scores' metadata records it (``effective-dim:0.4``, …)."""
+    if lam is None:
+        lam = method.default_ridge
+    return str(lam) if isinstance(lam, Ridge) else f"absolute:{float(lam):g}"
 
 
 def _zero_skipped(values, train_rows, target_rows, train: ImageDataset, target_ids) -> np.ndarray:

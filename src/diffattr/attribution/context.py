@@ -3,7 +3,7 @@
 The model-based baselines (``tracin``, ``gas``, ``journey-trak``, ``ensemble``, ``ekfac``;
 ``Method.needs_model``) read the context fields of :class:`ScoreInputs` (model, schedule,
 settings, store directory, ids, the targets as given), which :class:`Attributor` fills.
-:func:`benchmark_scores` scores them on LDS benchmark targets, per relative λ.
+:func:`benchmark_scores` scores them on LDS benchmark targets, per λ rule.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 def benchmark_scores(
     method: str,
     options: dict[str, Any],
-    lambdas: list[float],
+    ridges: list[Any],
     *,
     model: Any,
     train: Any,
@@ -32,8 +32,9 @@ def benchmark_scores(
     progress: bool = False,
     device: str = "cpu",
 ) -> list[np.ndarray]:
-    """(T, N) scores per relative λ (one entry for λ-free methods) of a model-based method on
-    LDS benchmark targets (``Method.needs_model``), for ``evaluation.lds.evaluate_benchmark``.
+    """(T, N) scores per λ rule in ``ridges`` (a :class:`Ridge`, or None for the method's
+    default; one entry for λ-free methods) of a model-based method on LDS benchmark targets
+    (``Method.needs_model``), for ``evaluation.lds.evaluate_benchmark``.
 
     ``target_seeds``: generation seeds per target, < 0 for real images. ``run_dir`` is the
     default ``checkpoints`` of tracin/gas. journey-trak: generated targets (seed ≥ 0; the whole
@@ -75,8 +76,8 @@ def benchmark_scores(
         base = options.get("base", "trak")
         if method == "ensemble" and METHODS[base].uses_kernel:
             out = []
-            for c in lambdas:
-                inputs.relative_lambda = c
+            for ridge in ridges:
+                inputs.lam = ridge
                 out.append(m.score(inputs))
             return out
         return [m.score(inputs)]
@@ -120,5 +121,8 @@ def benchmark_scores(
     if gram is None:
         gram = dual_gram(phi)
     gram = np.asarray(gram, dtype=np.float64)
-    scale = float(np.trace(gram)) / min(n, phi.shape[1])
-    return [Kernel.from_gram(gram, c * scale).solve_inner(inner) for c in lambdas]
+    rank = min(n, phi.shape[1])
+    return [
+        Kernel.from_gram(gram, (r or m.default_ridge).resolve(gram, rank)).solve_inner(inner)
+        for r in ridges
+    ]

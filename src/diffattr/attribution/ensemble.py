@@ -1,7 +1,7 @@
 """Ensembles: the mean of a method's scores over several models (TRAK-style).
 
 TRAK averages φ_m(x)ᵀ(Φ_mᵀΦ_m + λ_mI)⁻¹φ_{m,i} over M independently trained models (or
-checkpoints) m; each member keeps its own features, kernel and λ (relative λ is shared, so
+checkpoints) m; each member keeps its own features, kernel and λ (the λ rule is shared, so
 each λ_m scales with its own features). :func:`ensemble_scores` averages any parts — Scores,
 (T, N) arrays, or attributors together with the targets to score; the registered ``ensemble``
 method builds one :class:`Attributor` per model, with stores in ``STORE/ensemble/<model>``.
@@ -118,7 +118,6 @@ def ensemble_from_inputs(
                 schedule=inputs.schedule,
                 settings=settings,
                 lam=inputs.lam,
-                relative_lambda=inputs.relative_lambda,
                 batch_size=inputs.batch_size,
                 device=inputs.device,
                 progress=inputs.progress,

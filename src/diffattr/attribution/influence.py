@@ -213,8 +213,17 @@ def ekfac_scores(
     progress: bool = False,
     pairing: str = "samples",
     device: str = "cpu",
+    normalize: bool = False,
+    train: str = "loss",
 ) -> np.ndarray:
     """(T, N) influence scores (module docstring); cached under ``out_dir/kronfluence``.
+
+    ``train``: the measure whose gradients the training side pairs (``loss``, the influence
+    function's; ``das`` / ``dtrak`` give DAS's / D-TRAK's feature pairing preconditioned by
+    the loss curvature instead of their feature Gram; ``pairing="samples"`` only).
+
+    ``normalize``: average per-timestep L2-normalised gradients on both sides, as the kernel
+    methods' features are (``pairing="samples"`` only; the factors are fitted as without it).
 
     ``device``: where ``pairing="samples"`` takes its gradients (kronfluence itself runs on
     the CPU here)."""
@@ -228,11 +237,17 @@ def ekfac_scores(
         (query, QUERIES, "query"),
         (fisher, FISHERS, "fisher"),
         (pairing, PAIRINGS, "pairing"),
+        (train, QUERIES, "train"),
     ):
         if value not in allowed:
             raise ConfigError(f"unknown ekfac {what} {value!r}", hint=f"choose from {allowed}")
     if damping is not None and not damping > 0:
         raise ConfigError(f"ekfac damping must be positive, got {damping}")
+    if (normalize or train != "loss") and pairing != "samples":
+        raise ConfigError(
+            "ekfac normalize=true and train=das|dtrak need pairing=samples",
+            hint="kronfluence's item pairing scores unnormalised per-item loss gradients",
+        )
     schedule = schedule or NoiseSchedule()
     spec = timesteps or TimestepSpec()
     spec.validate(schedule.num_train_timesteps)
@@ -268,10 +283,13 @@ def ekfac_scores(
             factor_args=factor_args,
         )
         if pairing == "samples":
+            sample_suffix = ("-norm" if normalize else "") + (
+                "" if train == "loss" else f"-{train}"
+            )
             return _sample_pairing_scores(
                 analyzer,
                 factors_name,
-                analysis_dir / f"scores_{scores_name}-samples.npy",
+                analysis_dir / f"scores_{scores_name}-samples{sample_suffix}.npy",
                 model,
                 (train_images, train_ids),
                 (target_images, target_ids),
@@ -283,6 +301,8 @@ def ekfac_scores(
                 batch_size,
                 device,
                 progress,
+                normalize,
+                train,
             )
         query_items = _Items(target_images, target_ids, spec, schedule, noise_seed)
         scores = analyzer.compute_pairwise_scores(
@@ -318,6 +338,8 @@ def _sample_pairing_scores(
     batch_size: int,
     device: str,
     progress: bool,
+    normalize: bool = False,
+    train_measure: str = "loss",
 ) -> np.ndarray:
     """ḡ_f(x)ᵀ (F+λI)⁻¹ ḡ_L(zᵢ) for every target x and training sample zᵢ (module docstring),
     from kronfluence's fitted factors; cached in the .npy file ``cache``."""
@@ -340,11 +362,11 @@ def _sample_pairing_scores(
             schedule,
             spec,
             noise_seed=noise_seed,
-            normalize=False,
+            normalize=normalize,
             param_names=names,
             device=device,
         )  # fmt: skip
-        for measure in (query, "loss")
+        for measure in (query, train_measure)
     )
 
     def averaged(gc: GradientComputer, images: torch.Tensor, ids: np.ndarray):
@@ -429,6 +451,8 @@ def ekfac_from_inputs(
     damping: float | None = None,
     fisher: str = "true",
     pairing: str = "samples",
+    normalize: bool = False,
+    train: str = "loss",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The registered ``ekfac`` method from its ScoreInputs (model, settings, store_dir, …)."""
     missing = [
@@ -462,11 +486,15 @@ def ekfac_from_inputs(
         progress=inputs.progress,
         pairing=pairing,
         device=inputs.device,
+        normalize=normalize,
+        train=train,
     )
     meta = {
         "influence": f"kronfluence {strategy}",
         "query": query,
         "fisher": fisher,
         "pairing": pairing,
+        "normalize": normalize,
+        "train": train,
     }
     return values, meta

@@ -13,8 +13,9 @@ Memory: Φ stays where it is (a memmap of the feature store) and is read in row 
 It is float64 while it fits in ``MAX_FLOAT64_KERNEL_BYTES`` and float32 above that (k = 32768:
 4.3 GB instead of 8.6 GB); products with it are taken in the same precision.
 
-λ is relative by default: λ = c · ‖Φ‖²_F / min(N, k), i.e. c times the mean non-zero eigenvalue
-of ΦᵀΦ, which is unchanged by projection to any k and by the choice of form.
+λ follows a :class:`~diffattr.attribution.ridge.Ridge` rule read from the Gram before it is
+factorised (default: the effective-dimension rule, df(λ) = 0.4 · min(N, k)); the spectrum of
+ΦᵀΦ and ΦΦᵀ is the same, so the rule gives one λ whichever form is used.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
 
+from diffattr.attribution.ridge import DEFAULT_RIDGE, Ridge
 from diffattr.attribution.store import release_pages
 from diffattr.errors import ConfigError, NumericalError
 
-DEFAULT_RELATIVE_LAMBDA = 0.1
 #: Bytes of training features read from the store per tile (rows = TILE_BYTES / (8 k)).
 TILE_BYTES = 256 << 20
 #: Largest Gram matrix kept in float64; a larger one is float32.
@@ -215,13 +216,13 @@ class Kernel:
     def fit(
         cls,
         features: np.ndarray,
-        lam: float | None = None,
-        relative_lambda: float = DEFAULT_RELATIVE_LAMBDA,
+        lam: float | Ridge | None = None,
         form: str = "auto",
         block: int | None = None,
         dtype: str = "auto",
     ) -> Kernel:
-        """Factorise G (primal) or ΦΦᵀ + λI (dual); ``lam`` absolute, else relative.
+        """Factorise G (primal) or ΦΦᵀ + λI (dual); ``lam`` absolute or a :class:`Ridge` rule
+        (default :data:`DEFAULT_RIDGE`), resolved on the Gram.
 
         ``block``: training rows per tile (default: about TILE_BYTES); ``dtype``: the Gram's
         precision (``auto``: see :func:`kernel_dtype`).
@@ -232,17 +233,16 @@ class Kernel:
             form = "dual" if n < k else "primal"
         if form not in ("primal", "dual"):
             raise ConfigError(f"unknown kernel form {form!r}", hint="use auto, primal or dual")
-        if lam is None:
-            if relative_lambda <= 0:
-                raise ConfigError("the relative λ must be positive")
-            lam = relative_lambda * gram_scale(features, block)
-        if not lam > 0:
+        ridge = lam if isinstance(lam, Ridge) else DEFAULT_RIDGE
+        if lam is not None and not isinstance(lam, Ridge) and not lam > 0:
             raise ConfigError(f"λ must be positive, got {lam}")
         dt = kernel_dtype(k if form == "primal" else n, dtype)
         if form == "primal":
             gram = primal_gram(features, block, dt)
         else:
             gram = dual_gram(features, block, dt)
+        if lam is None or isinstance(lam, Ridge):
+            lam = ridge.resolve(gram, min(n, k))
         diag = float(np.mean(np.diag(gram)))
         gram[np.diag_indices_from(gram)] += lam
         try:  # in place: the Gram is the one large resident matrix

@@ -24,20 +24,27 @@ def _value(text: str) -> Any:
     return text
 
 
-def parse_method_list(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """Split a comma-separated method list; options in brackets, ``;``-separated."""
+def split_top_level(text: str, sep: str) -> list[str]:
+    """``text`` split at each ``sep`` outside brackets (``a[x;y];b`` → ``a[x;y]``, ``b``)."""
     items, depth, current = [], 0, ""
     for ch in text:
         if ch == "[":
             depth += 1
         elif ch == "]":
             depth -= 1
-        if ch == "," and depth == 0:
+        if ch == sep and depth == 0:
             items.append(current)
             current = ""
         else:
             current += ch
     items.append(current)
+    return items
+
+
+def parse_method_list(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """Split a comma-separated method list; options in brackets, ``;``-separated (a value may
+    hold a bracketed method of its own: ``combine[methods=das+ekfac[normalize=true]]``)."""
+    items = split_top_level(text, ",")
     out = []
     for item in (i.strip() for i in items):
         m = _ITEM.match(item)
@@ -47,7 +54,7 @@ def parse_method_list(text: str) -> list[tuple[str, dict[str, Any]]]:
                 hint="write NAME or NAME[key=value;key=value], e.g. das[residual=none]",
             )
         options: dict[str, Any] = {}
-        for pair in filter(None, (m.group(2) or "").split(";")):
+        for pair in filter(None, split_top_level(m.group(2) or "", ";")):
             key, sep, value = pair.partition("=")
             if not sep:
                 raise ConfigError(f"method option {pair!r} in {item!r} needs key=value")

@@ -20,6 +20,7 @@ Further baselines (appended at the end of this module):
 - ``journey-trak`` K(x, i) with φ(x) taken along x's own sampling trajectory (generated x).
 - ``ensemble`` the mean of a method's scores over several models.
 - ``ekfac`` K-FAC / EK-FAC influence through ``kronfluence`` (optional dependency).
+- ``combine`` the mean of several methods' per-target standardised scores.
 Model-based baselines (``needs_model``) read the context fields of :class:`ScoreInputs`.
 """
 
@@ -33,12 +34,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from diffattr.attribution.kernel import (
-    DEFAULT_RELATIVE_LAMBDA,
-    Kernel,
-    inner_products,
-    row_norms,
-)
+from diffattr.attribution.kernel import Kernel, inner_products, row_norms
+from diffattr.attribution.ridge import DEFAULT_RIDGE, Ridge
 from diffattr.errors import ConfigError
 from diffattr.seeding import derive_seed
 
@@ -68,8 +65,7 @@ class ScoreInputs:
     schedule: Any = None  # its NoiseSchedule
     settings: Any = None  # the caller's resolved FeatureSettings
     store_dir: Path | None = None  # where model-based methods keep feature stores and caches
-    lam: float | None = None  # absolute λ, else relative_lambda (methods that fit kernels)
-    relative_lambda: float = DEFAULT_RELATIVE_LAMBDA
+    lam: float | Ridge | None = None  # absolute λ or a rule; None: the method's default_ridge
     batch_size: int = 32
     device: str = "cpu"
     progress: bool = False
@@ -84,12 +80,18 @@ class Method(ABC):
     uses_kernel: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False  # computes its own features from models (context fields)
     option_names: ClassVar[tuple[str, ...]] = ()  # the options it reads (``das[residual=…]``)
+    #: How λ is chosen when the user does not say (kernel methods; None: no kernel).
+    default_ridge: ClassVar[Ridge | None] = None
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def accepted_options(cls) -> set[str]:
         """Names of the options this method takes."""
         return set(cls.option_names)
+
+    def components(self) -> list[tuple[str, dict[str, Any]]]:
+        """The (method, options) a combination is made of; [] for a method of its own."""
+        return []
 
     @abstractmethod
     def score(self, inputs: ScoreInputs) -> np.ndarray:
@@ -98,6 +100,7 @@ class Method(ABC):
 
 class KernelMethod(Method):
     uses_kernel = True
+    default_ridge = DEFAULT_RIDGE
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         assert inputs.kernel is not None
@@ -386,7 +389,8 @@ class JourneyTRAK(KernelMethod):
         kernel = inputs.kernel
         if kernel is None:
             _require(inputs, self.name, "train_features")
-            kernel = Kernel.fit(inputs.train_features, inputs.lam, inputs.relative_lambda)
+            lam = inputs.lam if inputs.lam is not None else self.default_ridge
+            kernel = Kernel.fit(inputs.train_features, lam)
         self.score_meta = {**meta, "lambda": kernel.lam, "kernel_form": kernel.form}
         return kernel.cross(features)
 
@@ -444,6 +448,31 @@ class EKFAC(Method):
         return values
 
 
+class Combine(Method):
+    """The mean of several methods' per-target standardised scores (``combination``).
+
+    Option ``methods``: two or more members joined by ``+``, each with its own options in
+    brackets, e.g. ``combine[methods=das+trak]`` or ``combine[methods=das+ekfac[normalize=true]]``.
+    Each member uses its own features and default λ (or the λ given to the command).
+    """
+
+    name = "combine"
+    needs_model = True
+    option_names = ("methods",)
+
+    def components(self) -> list[tuple[str, dict[str, Any]]]:
+        from diffattr.attribution.combination import parse_members
+
+        return parse_members(self.options.get("methods"))
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        from diffattr.attribution.combination import combination_from_inputs
+
+        values, meta = combination_from_inputs(inputs, **self.options)
+        self.score_meta = meta
+        return values
+
+
 _BASELINES: tuple[type[Method], ...] = (
     RelativeIF,
     RenormalizedIF,
@@ -453,6 +482,7 @@ _BASELINES: tuple[type[Method], ...] = (
     JourneyTRAK,
     Ensemble,
     EKFAC,
+    Combine,
 )
 METHODS.update({m.name: m for m in _BASELINES})
 
@@ -484,6 +514,6 @@ def fill_context(inputs: ScoreInputs, attributor: Any, targets: Any, target_ids:
     inputs.schedule = attributor.schedule
     inputs.settings = attributor.settings
     inputs.store_dir = attributor.store_dir
-    inputs.lam, inputs.relative_lambda = attributor.lam, attributor.relative_lambda
+    inputs.lam = attributor.lam
     inputs.batch_size, inputs.device = attributor.batch_size, attributor.device
     inputs.progress = attributor.progress

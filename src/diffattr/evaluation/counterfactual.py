@@ -763,7 +763,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_counterfactual_parser(add) -> argparse.ArgumentParser:
     """Register ``diffattr counterfactual`` with the CLI's ``add(name, help, examples, fn)``."""
-    from diffattr.commands import add_feature_args
+    from diffattr.commands import add_feature_args, add_lambda_args
     from diffattr.parallel import add_executor_args
 
     p = add(
@@ -805,10 +805,7 @@ def add_counterfactual_parser(add) -> argparse.ArgumentParser:
     p.add_argument("--picture-targets", type=int, default=6, help="rows of counterfactual.png")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--rescore", action="store_true", help="recompute scores, ignoring RUN/scores")
-    p.add_argument("--lambda", dest="lam", type=float, default=None, help="absolute λ")
-    p.add_argument(
-        "--relative-lambda", type=float, default=0.1, help="λ = c·mean eigenvalue (default 0.1)"
-    )
+    add_lambda_args(p)
     add_executor_args(p)
     add_feature_args(p)
     return p

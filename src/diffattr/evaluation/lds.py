@@ -12,7 +12,9 @@ every subset model and independent of the attribution noise. F is averaged over 
 Evaluate (``diffattr lds eval``): LDS(x) = Spearman over subsets of Σ_{i∈Sⱼ} τ(x, zᵢ) and
 −F(x; θ_Sⱼ) (positive τ = helps produce x = lowers its loss). λ of kernel methods is cross-fitted:
 chosen on one half of the targets, reported on the other, and swapped; the oracle λ (best on
-the reported targets, as in the literature) is a separate column.
+the reported targets, as in the literature) is a separate column, and so is the LDS of the
+method's default λ rule (what ``diffattr score`` gives a user, chosen without ground truth).
+A λ chosen at either end of the grid is flagged: the optimum may lie outside it.
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ from diffattr.seeding import generator
 
 VAL, GEN = 0, 1
 KIND_NAMES = {VAL: "val", GEN: "gen"}
-DEFAULT_LAMBDAS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+#: Relative λ grid of the cross-fit: half-decade steps from 1e-7 to 10 (the best λ of the
+#: committed benchmarks lies between 1e-5 and 0.1 relative; a choice at an end is flagged).
+DEFAULT_LAMBDAS = (
+    1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0
+)  # fmt: skip
 
 
 @dataclass
@@ -385,9 +391,18 @@ def summarize(
     lambdas: list[float],
     seed: int = 0,
     bootstrap: int = 1000,
+    default_scores: np.ndarray | None = None,
+    default_lambda: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per target kind: cross-fitted LDS with CIs (targets; subsets × targets), oracle LDS."""
+    """Per target kind: cross-fitted LDS with CIs (targets; subsets × targets), oracle LDS,
+    and the LDS of ``default_scores`` (the method's default λ rule, named ``default_lambda``;
+    λ-free methods: their one score). ``lambda_at_edge``: a cross-fitted or oracle λ is the
+    first or last of a grid of more than one."""
     lds = np.stack([lds_per_target(gt, s) for s in scores_by_lambda])  # (L, T)
+    if default_scores is None:
+        default_lds, default_lambda = (lds[0], None) if len(lambdas) == 1 else (None, None)
+    else:
+        default_lds = lds_per_target(gt, default_scores)
     out: dict[str, dict[str, Any]] = {}
     for kind, name in KIND_NAMES.items():
         mask = gt.kinds == kind
@@ -410,6 +425,14 @@ def summarize(
             "oracle_lambda": lambdas[oracle_idx],
             "num_targets": int(mask.sum()),
         }
+        if len(lambdas) > 1:
+            edges = {0, len(lambdas) - 1}
+            out[name]["lambda_at_edge"] = bool(edges & {*chosen, oracle_idx})
+        if default_lds is not None:
+            out[name]["default_lds"] = float(np.nanmean(default_lds[mask]))
+            out[name]["default_ci_targets"] = bootstrap_mean_ci(default_lds[mask], seed=seed)
+            if default_lambda is not None:
+                out[name]["default_lambda"] = default_lambda
     return out
 
 
@@ -546,10 +569,11 @@ def kernel_cache(
 
 
 def method_scores(
-    method: str, cache: KernelCache | None, lambdas: list[float], train_images, target_images,
+    method: str, cache: KernelCache | None, ridges: list[Any], train_images, target_images,
     **options: Any,
 ) -> list[np.ndarray]:  # fmt: skip
-    """Scores (T, N) per relative λ (one entry for kernel-free methods)."""
+    """Scores (T, N) per λ rule in ``ridges`` (a :class:`Ridge`, or None for the method's
+    default); one entry for kernel-free methods."""
     from diffattr.attribution.kernel import Kernel
     from diffattr.attribution.methods import ScoreInputs, get_method
 
@@ -570,10 +594,34 @@ def method_scores(
     if not m.uses_kernel:
         return [m.score(inputs)]
     out = []
-    for c in lambdas:
-        inputs.kernel = Kernel.from_gram(cache.gram, c * cache.scale())
+    rank = min(cache.gram.shape[0], cache.dim)
+    for ridge in ridges:
+        lam = (ridge or m.default_ridge).resolve(cache.gram, rank)
+        inputs.kernel = Kernel.from_gram(cache.gram, lam)
         out.append(m.score(inputs))
     return out
+
+
+def lambda_grid(lambdas: list[float]) -> list[Any]:
+    """The relative-λ grid as rules, then None: the method's default rule (last entry)."""
+    from diffattr.attribution.ridge import Ridge
+
+    return [Ridge("relative", c) for c in lambdas] + [None]
+
+
+def summarize_grid(
+    gt: GroundTruth, scores: list[np.ndarray], lambdas: list[float], method: str, bootstrap: int
+) -> dict[str, dict[str, Any]]:
+    """:func:`summarize` of scores over :func:`lambda_grid` (one entry: a λ-free method)."""
+    from diffattr.attribution.methods import get_method
+
+    if len(scores) == 1:
+        return summarize(gt, scores, [None], bootstrap=bootstrap)
+    ridge = get_method(method).default_ridge
+    return summarize(
+        gt, scores[:-1], lambdas, bootstrap=bootstrap, default_scores=scores[-1],
+        default_lambda=str(ridge) if ridge is not None else "the base method's default",
+    )  # fmt: skip
 
 
 def evaluate_benchmark(
@@ -608,42 +656,22 @@ def evaluate_benchmark(
     else:
         train_set, _ = DataSpec(**manifest["data"]).load()
     lambdas = list(lambdas or DEFAULT_LAMBDAS)
-    base = base_settings or FeatureSettings()
+    ctx = _EvalContext(
+        run, bench, gt, train_set, base_settings or FeatureSettings(), lambdas, progress, device
+    )
     rows: list[dict[str, Any]] = []
     ceiling = noise_ceiling(gt)
     for method, options in methods:
         if method not in METHODS:
             get_method(method)  # raises the standard unknown-method error
-        if METHODS[method].needs_model:
-            rows.extend(
-                _model_based_rows(
-                    method,
-                    options,
-                    run,
-                    bench,
-                    gt,
-                    train_set,
-                    base,
-                    timesteps,
-                    lambdas,
-                    progress,
-                    bootstrap,
-                    device,
-                )  # fmt: skip
-            )
-            continue
-        measure = METHODS[method].measure
-        for K in timesteps if measure is not None else [None]:
-            cache = None
-            if measure is not None:
-                settings = replace(base, measure=measure, timesteps=K)
-                cache = kernel_cache(run, bench, gt, settings, progress, device)
-            opts = {"seed": 0, **options} if method == "random" else options
-            scores = method_scores(method, cache, lambdas, train_set.images, gt.images, **opts)
-            summary = summarize(gt, scores, lambdas, bootstrap=bootstrap)
+        m = get_method(method, **options)  # also checks the options
+        feature_free = m.measure is None and not m.needs_model
+        for K in [None] if feature_free else timesteps:
+            scores = _scores_at(ctx, method, options, K)
+            summary = summarize_grid(gt, scores, lambdas, method, bootstrap)
             row = {"method": method_label(method, options), "timesteps": K, **summary}
-            if measure is not None and settings.projector not in ("identity", "auto"):
-                row.update(projector=settings.projector, proj_dim=settings.proj_dim)
+            if m.measure is not None and ctx.base.projector not in ("identity", "auto"):
+                row.update(projector=ctx.base.projector, proj_dim=ctx.base.proj_dim)
             rows.append(row)
     for name, kind in (("val", VAL), ("gen", GEN)):
         mask = gt.kinds == kind
@@ -658,66 +686,107 @@ def evaluate_benchmark(
     return rows
 
 
-def _model_based_rows(
-    method, options, run, bench, gt, train_set, base, timesteps, lambdas, progress, bootstrap,
-    device="cpu",
-) -> list[dict[str, Any]]:  # fmt: skip
-    """LDS rows of a method that computes its own features from the model (``needs_model``)."""
-    from diffattr.attribution.context import benchmark_scores
-    from diffattr.attribution.method_spec import method_label
+@dataclass
+class _EvalContext:
+    """What scoring a method on a benchmark needs besides the method."""
 
+    run: RunDir | None
+    bench: Path
+    gt: GroundTruth
+    train_set: Any
+    base: Any  # FeatureSettings
+    lambdas: list[float]
+    progress: bool
+    device: str
+
+
+def _scores_at(ctx: _EvalContext, method: str, options: dict[str, Any], K: int | None):
+    """Scores (T, N) of a method at K: one per relative λ of the grid then the default rule
+    (kernel methods), or a single entry. A combination (``Method.components``) is combined
+    from its members' default-λ scores, each computed as it would be alone (and cached so)."""
+    from diffattr.attribution.combination import combine_scores
+    from diffattr.attribution.methods import get_method
+
+    m = get_method(method, **options)
+    members = m.components()
+    if members:
+        return [combine_scores([_scores_at(ctx, n, o, K)[-1] for n, o in members])]
+    if m.needs_model:
+        return _model_based_scores(ctx, method, options, K)
+    cache = None
+    if m.measure is not None:
+        settings = replace(ctx.base, measure=m.measure, timesteps=K)
+        cache = kernel_cache(ctx.run, ctx.bench, ctx.gt, settings, ctx.progress, ctx.device)
+    opts = {"seed": 0, **options} if method == "random" else options
+    return method_scores(
+        method, cache, lambda_grid(ctx.lambdas), ctx.train_set.images, ctx.gt.images, **opts
+    )
+
+
+def _model_based_scores(ctx: _EvalContext, method: str, options: dict[str, Any], K: int):
+    """Scores of a method that computes its own features from the model (``needs_model``)."""
+    from diffattr.attribution.context import benchmark_scores
+
+    run = ctx.run
     if run is None:
         raise DiffattrError(f"{method} computes features from the model", hint="pass --run RUN")
     if run.family == TEXT2IMAGE:
         from diffattr.text2image.family import check_method
 
         check_method(method)
-    rows = []
-    for K in timesteps:
-        settings = replace(base, timesteps=K)
-        extra: dict[str, Any] = {}
-        if method == "journey-trak":
-            loss = replace(settings, measure="loss")
-            c = kernel_cache(run, bench, gt, loss, progress, device)
-            extra = {"gram": c.gram, "trak_inner": c.inner}
-        scores = benchmark_scores(
-            method, options, lambdas, model=load_unet(run.model_dir), train=train_set,
-            target_images=gt.images, target_ids=gt.keys, target_seeds=gt.seeds,
-            schedule=run.train_config().schedule, settings=settings,
-            store_dir=run.features_dir, run_dir=run.path, progress=progress, device=device,
-            **extra,
-        )  # fmt: skip
-        summary = summarize(gt, scores, lambdas, bootstrap=bootstrap)
-        rows.append({"method": method_label(method, options), "timesteps": K, **summary})
-    return rows
+    settings = replace(ctx.base, timesteps=K)
+    extra: dict[str, Any] = {}
+    if method == "journey-trak":
+        loss = replace(settings, measure="loss")
+        c = kernel_cache(run, ctx.bench, ctx.gt, loss, ctx.progress, ctx.device)
+        extra = {"gram": c.gram, "trak_inner": c.inner}
+    return benchmark_scores(
+        method, options, lambda_grid(ctx.lambdas), model=load_unet(run.model_dir),
+        train=ctx.train_set, target_images=ctx.gt.images, target_ids=ctx.gt.keys,
+        target_seeds=ctx.gt.seeds, schedule=run.train_config().schedule, settings=settings,
+        store_dir=run.features_dir, run_dir=run.path, progress=ctx.progress, device=ctx.device,
+        **extra,
+    )  # fmt: skip
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: method, K, then per target kind cross-fitted LDS [CIs] and oracle."""
+    """Markdown table: method, K, then per target kind the cross-fitted LDS [CIs], the oracle
+    and the default λ rule's LDS. † marks a λ chosen at an end of the grid (footnote)."""
 
-    def cell(r: dict[str, Any], kind: str) -> tuple[str, str]:
+    def cell(r: dict[str, Any], kind: str) -> tuple[str, str, str]:
         d = r.get(kind)
         if not d:
-            return "", ""
+            return "", "", ""
         if "ci_targets" not in d:
-            return ("n/a (one seed)" if np.isnan(d["lds"]) else f"{d['lds']:.3f}"), ""
+            return ("n/a (one seed)" if np.isnan(d["lds"]) else f"{d['lds']:.3f}"), "", ""
         lo, hi = d["ci_targets"]
         slo, shi = d["ci_subsets_targets"]
+        edge = " †" if d.get("lambda_at_edge") else ""
+        default = f"{d['default_lds']:.3f}" if "default_lds" in d else ""
         return (
-            f"{d['lds']:.3f} [{lo:.3f}, {hi:.3f}] [{slo:.3f}, {shi:.3f}]",
+            f"{d['lds']:.3f} [{lo:.3f}, {hi:.3f}] [{slo:.3f}, {shi:.3f}]{edge}",
             f"{d['oracle_lds']:.3f}",
+            default,
         )
 
     lines = [
         "| method | K | val LDS (cross-fit λ) [CI targets] [CI subsets×targets] | val oracle λ "
-        "| gen LDS (cross-fit λ) [CI targets] [CI subsets×targets] | gen oracle λ |",
-        "|---|---|---|---|---|---|",
+        "| val default λ | gen LDS (cross-fit λ) [CI targets] [CI subsets×targets] "
+        "| gen oracle λ | gen default λ |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     merged: dict[tuple[str, Any], dict[str, Any]] = {}
     for r in rows:
         merged.setdefault((r["method"], r["timesteps"]), {}).update(r)
+    edge = False
     for (method, K), r in merged.items():
-        v, vo = cell(r, "val")
-        g, go = cell(r, "gen")
-        lines.append(f"| {method} | {K if K is not None else '–'} | {v} | {vo} | {g} | {go} |")
+        v, vo, vd = cell(r, "val")
+        g, go, gd = cell(r, "gen")
+        edge = edge or any(r.get(k, {}).get("lambda_at_edge") for k in ("val", "gen"))
+        lines.append(
+            f"| {method} | {K if K is not None else '–'} | {v} | {vo} | {vd} | {g} | {go} | {gd} |"
+        )
+    if edge:
+        lines.append("")
+        lines.append("† λ chosen at an end of the grid: widen `--lambdas` past it.")
     return "\n".join(lines)

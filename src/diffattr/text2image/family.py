@@ -27,7 +27,7 @@ from diffattr.text2image.lora import LORA_PARAMS
 from diffattr.text2image.pipeline import Components, encode_prompts, load_components
 
 #: Methods that need more than the run's final model and its features.
-UNSUPPORTED = ("tracin", "gas", "journey-trak", "ensemble", "ekfac")
+UNSUPPORTED = ("tracin", "gas", "journey-trak", "ensemble", "ekfac", "combine")
 
 
 def components(run: RunDir, unet: bool = False) -> Components:
