@@ -17,8 +17,9 @@ fi
 RUNARG=""
 [ -d $RUN/model ] && RUNARG="--run $RUN"
 
-# Main table: cross-fitted λ, K = 10 and 100 feature timesteps, F over 100 timesteps, 2 seeds.
-$D lds eval $BENCH $RUNARG --method $METHODS --timesteps 10,100 --out $BENCH/results.md
+# Main table: cross-fitted λ and the default rule, K = 10, 32 and 100 feature timesteps, F over
+# 100 timesteps, 2 seeds.
+$D lds eval $BENCH $RUNARG --method $METHODS --timesteps 10,32,100 --out $BENCH/results.md
 # Ablation: F over 10 timesteps; one seed; both.
 $D lds eval $BENCH $RUNARG --method das,dtrak,trak,pixel-cos,random --timesteps 10 \
   --measure-timesteps 10 --out $BENCH/ablation-F10.md

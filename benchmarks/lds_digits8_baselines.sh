@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The model-based baselines on the committed digits 8×8 LDS benchmark (needs the full model,
 # runs/lds-digits8, from `benchmarks/lds_digits8.sh --rebuild`).
-# Usage: benchmarks/lds_digits8_baselines.sh [model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100]...
+# Usage: benchmarks/lds_digits8_baselines.sh [model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100|combinations|combinations-ekfac]...
 # (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ D=.venv/bin/diffattr
 RUN=runs/lds-digits8
 BENCH=benchmarks/lds/digits8
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(model-k100 ensembles ensembles-k100 ekfac ekfac-k100 unnormalised-k100)
+[ ${#stages[@]} -eq 0 ] && stages=(model-k100 ensembles ensembles-k100 ekfac ekfac-k100 unnormalised-k100 combinations combinations-ekfac)
 
 for stage in "${stages[@]}"; do
   case $stage in
@@ -38,6 +38,16 @@ for stage in "${stages[@]}"; do
       $D lds eval $BENCH --run $RUN --timesteps 100 --no-normalize --method trak,das \
         --out $BENCH/unnormalised-K100.md
       ;;
-    *) echo "unknown stage: $stage (model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100)" >&2; exit 2 ;;
+    combinations)  # DAS and TRAK combined (per-target standardised scores, equal weights), from
+      # the cached kernels
+      $D lds eval $BENCH --run $RUN --timesteps 10,32,100 --out $BENCH/combinations.md \
+        --method "combine[methods=das+trak]"
+      ;;
+    combinations-ekfac)  # attempts to beat EK-FAC that need its factors (≈ 20 min at K = 100):
+      # normalised EK-FAC and DAS combined with EK-FAC
+      $D lds eval $BENCH --run $RUN --timesteps 100 --out $BENCH/combinations-K100.md \
+        --method "ekfac,ekfac[normalize=true],combine[methods=das+ekfac],combine[methods=das+ekfac[normalize=true]]"
+      ;;
+    *) echo "unknown stage: $stage (model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100|combinations|combinations-ekfac)" >&2; exit 2 ;;
   esac
 done

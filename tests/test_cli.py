@@ -107,7 +107,7 @@ def test_score_lambda_options(tmp_path, capsys):
         return json.loads((tmp_path / "run" / "scores" / "trak-samples" / "meta.json").read_text())
 
     default = meta()
-    assert default["lambda_rule"] == "effective-dim:0.4"
+    assert default["lambda_rule"] == "effective-dim:200"
     looser = meta("--effective-dim", "0.2")
     assert looser["lambda_rule"] == "effective-dim:0.2" and looser["lambda"] > default["lambda"]
     assert meta("--relative-lambda", "0.5")["lambda_rule"] == "relative:0.5"

@@ -169,7 +169,8 @@ def add_lambda_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="F",
-        help="λ such that the ridge's effective dimension Σσ/(σ+λ) is F·min(N, k), 0 < F < 1",
+        help="λ such that the ridge's effective dimension Σσ/(σ+λ) is F·min(N, k) for 0 < F < 1, "
+        "or F dimensions (at most half of min(N, k)) for a whole number F",
     )
 
 

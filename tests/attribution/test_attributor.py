@@ -37,13 +37,13 @@ def test_das_from_store_equals_direct_computation(setup):
     phi, err, _ = gc.compute(train.images, train.ids.numpy())
     tphi, _, _ = gc.compute(targets, np.arange(3))
     phi, tphi, err = phi.double().numpy(), tphi.double().numpy(), err.double().numpy()
-    # the default λ: the ridge keeps 40% of the min(N, k) dimensions, Σ σ/(σ+λ) = 0.4·min(N, k)
+    # the default λ: the ridge keeps 200 effective dimensions, at most half of min(N, k) (8 of
+    # 16 here): Σ σ/(σ+λ) = min(200, min(N, k) / 2)
     sigma = np.linalg.eigvalsh(phi.T @ phi)
-    lam = scipy.optimize.brentq(
-        lambda x: np.sum(sigma / (sigma + x)) - 0.4 * min(phi.shape), 1e-12, 1e6
-    )
+    target = min(200, min(phi.shape) / 2)
+    lam = scipy.optimize.brentq(lambda x: np.sum(sigma / (sigma + x)) - target, 1e-12, 1e6)
     assert scores.meta["lambda"] == pytest.approx(lam, rel=1e-6)
-    assert scores.meta["lambda_rule"] == "effective-dim:0.4"
+    assert scores.meta["lambda_rule"] == "effective-dim:200"
     G = phi.T @ phi + lam * np.eye(phi.shape[1])
     direct = tphi @ np.linalg.solve(G, phi.T) * (err / err.mean())
     np.testing.assert_allclose(scores.values, direct, rtol=1e-4, atol=1e-6 * np.abs(direct).max())

@@ -44,7 +44,10 @@ def test_relative_and_absolute_rules():
     assert Kernel.fit(phi, Ridge("relative", 0.3)).lam == pytest.approx(0.3 * mean_eig)
     assert Kernel.fit(phi, Ridge("absolute", 0.7)).lam == 0.7
     assert Kernel.fit(phi, 0.7).lam == 0.7  # a float is an absolute λ
-    assert Kernel.fit(phi).lam == pytest.approx(df_lambda(phi, DEFAULT_RIDGE.value), rel=1e-6)
+    # the default keeps 200 dimensions, at most half of min(N, k): here 15 of 30
+    assert Kernel.fit(phi).lam == pytest.approx(df_lambda(phi, 0.5), rel=1e-6)
+    big = features(450, 600)
+    assert Kernel.fit(big, form="dual").lam == pytest.approx(df_lambda(big, 200 / 450), rel=1e-6)
 
 
 def test_rule_adapts_to_the_spectrum_where_a_relative_lambda_does_not():
@@ -66,13 +69,14 @@ def test_lanczos_estimate_agrees_with_the_exact_spectrum(monkeypatch):
 
 
 def test_parse_and_bad_rules():
-    assert Ridge.parse("effective-dim:0.4") == DEFAULT_RIDGE
+    assert Ridge.parse("effective-dim:200") == DEFAULT_RIDGE
+    assert Ridge.parse("effective-dim:0.4") == Ridge("effective-dim", 0.4)
     assert Ridge.parse("relative:1e-3") == Ridge("relative", 0.001)
     assert str(Ridge("relative", 0.001)) == "relative:0.001"
     for bad in ("effective-dim", "effective-dim:x", "spectral:0.4"):
         with pytest.raises(ConfigError):
             Ridge.parse(bad)
-    for rule, value in (("effective-dim", 1.0), ("effective-dim", 0), ("relative", -1)):
+    for rule, value in (("effective-dim", 1.5), ("effective-dim", 0), ("relative", -1)):
         with pytest.raises(ConfigError):
             Ridge(rule, value)
 
@@ -86,4 +90,4 @@ def test_each_method_default_is_the_one_the_readme_documents():
     assert sorted(documented) == kernel_methods
     for name in kernel_methods:
         assert get_method(name).default_ridge == Ridge.parse(documented[name]), name
-    assert Ridge("effective-dim", 0.4) == DEFAULT_RIDGE
+    assert Ridge("effective-dim", 200) == DEFAULT_RIDGE

@@ -111,7 +111,7 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
     (default,) = method_scores("das", cache, [None], train_images, gt.images)
     per_target = lds_per_target(gt, default)
     assert rows2[0]["val"]["default_lds"] == pytest.approx(np.nanmean(per_target[:3]))
-    assert rows2[0]["val"]["default_lambda"] == "effective-dim:0.4"
+    assert rows2[0]["val"]["default_lambda"] == "effective-dim:200"
     assert rows[1]["val"]["default_lds"] == rows[1]["val"]["lds"]  # pixel-cos: no λ
     # A combination is scored from its members' default-λ scores (from the cache: no run).
     from diffattr.attribution.combination import combine_scores
@@ -127,7 +127,8 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
 
 
 def test_summary_flags_a_lambda_at_the_grid_edge():
-    """A λ chosen at either end of the grid is flagged; an interior one is not."""
+    """A λ chosen at either end of the grid where LDS still rises towards it is flagged; an
+    interior one is not, nor an end on a plateau (λ too small to change the kernel)."""
     from diffattr.evaluation.lds import format_table, summarize
 
     rng = np.random.default_rng(0)
@@ -144,6 +145,8 @@ def test_summary_flags_a_lambda_at_the_grid_edge():
     assert summary["val"]["lambda_at_edge"]
     row = {"method": "x", "timesteps": 1, **summary}
     assert "†" in format_table([row]) and "widen" in format_table([row])
+    plateau = [noisy[1], noisy[1], noisy[0]]  # the best score twice at the low end
+    assert not summarize(gt, plateau, [1, 2, 3], bootstrap=10)["val"]["lambda_at_edge"]
 
 
 def test_killed_build_resumes_without_retraining(tiny_run, tmp_path):

@@ -14,7 +14,7 @@ It is float64 while it fits in ``MAX_FLOAT64_KERNEL_BYTES`` and float32 above th
 4.3 GB instead of 8.6 GB); products with it are taken in the same precision.
 
 λ follows a :class:`~diffattr.attribution.ridge.Ridge` rule read from the Gram before it is
-factorised (default: the effective-dimension rule, df(λ) = 0.4 · min(N, k)); the spectrum of
+factorised (default: the effective-dimension rule, df(λ) = min(200, min(N, k) / 2)); the spectrum of
 ΦᵀΦ and ΦΦᵀ is the same, so the rule gives one λ whichever form is used.
 """
 

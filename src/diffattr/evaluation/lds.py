@@ -426,14 +426,30 @@ def summarize(
             "num_targets": int(mask.sum()),
         }
         if len(lambdas) > 1:
-            edges = {0, len(lambdas) - 1}
-            out[name]["lambda_at_edge"] = bool(edges & {*chosen, oracle_idx})
+            out[name]["lambda_at_edge"] = _at_edge(lds[:, mask], {*chosen, oracle_idx})
         if default_lds is not None:
             out[name]["default_lds"] = float(np.nanmean(default_lds[mask]))
             out[name]["default_ci_targets"] = bootstrap_mean_ci(default_lds[mask], seed=seed)
             if default_lambda is not None:
                 out[name]["default_lambda"] = default_lambda
     return out
+
+
+#: LDS by which an end of the λ grid must beat its neighbour to count as a choice at the edge.
+EDGE_TOLERANCE = 1e-3
+
+
+def _at_edge(lds: np.ndarray, chosen: set[int]) -> bool:
+    """Whether a chosen λ index is an end of the grid where the mean LDS (over ``lds``'s
+    targets) still rises towards that end — the optimum may lie beyond it. A plateau (a λ so
+    small that the kernel no longer changes, or so large that it only scales) is not flagged."""
+    means = np.nanmean(lds, axis=1)
+    last = len(means) - 1
+    return any(
+        (i == 0 and means[0] > means[1] + EDGE_TOLERANCE)
+        or (i == last and means[last] > means[last - 1] + EDGE_TOLERANCE)
+        for i in chosen
+    )
 
 
 def fingerprint_array(a: np.ndarray) -> str:
