@@ -62,25 +62,15 @@ def parse_members(methods: Any) -> list[tuple[str, dict[str, Any]]]:
 
 def combination_from_inputs(inputs: Any, methods: Any = None) -> tuple[np.ndarray, dict]:
     """The registered ``combine`` method from its ScoreInputs' context (model, store, …)."""
-    import torch
-
     from diffattr.attribution.attributor import Attributor
     from diffattr.attribution.method_spec import method_label
-    from diffattr.attribution.methods import get_method
-    from diffattr.data import ImageDataset
+    from diffattr.attribution.methods import _require, get_method, training_set
 
     members = parse_members(methods)
     for name, options in members:
         get_method(name, **options)  # unknown methods and options fail before any work
-    missing = [f for f in ("model", "train_images", "store_dir") if getattr(inputs, f) is None]
-    if missing:
-        raise ConfigError(
-            f"method 'combine' needs {', '.join(missing)} in its ScoreInputs",
-            hint="score it through Attributor",
-        )
-    n = inputs.train_images.shape[0]
-    train_ids = inputs.train_ids if inputs.train_ids is not None else np.arange(n)
-    train = ImageDataset(inputs.train_images, torch.as_tensor(np.asarray(train_ids)))
+    _require(inputs, "combine", "model", "train_images", "store_dir")
+    train = training_set(inputs)
     targets = inputs.targets if inputs.targets is not None else inputs.target_images
     parts, labels = [], []
     for name, options in members:

@@ -241,6 +241,15 @@ def _keyword_names(fn: Any, skip: int) -> set[str]:
 # targets) and compute their own feature stores; the kernel-free image ones read images only.
 
 
+def training_set(inputs: ScoreInputs) -> Any:
+    """The training images of ``inputs`` with their ids (0…N−1 if none) as an ImageDataset."""
+    from diffattr.data import ImageDataset
+
+    n = inputs.train_images.shape[0]
+    ids = inputs.train_ids if inputs.train_ids is not None else np.arange(n)
+    return ImageDataset(inputs.train_images, torch.as_tensor(np.asarray(ids)))
+
+
 def _require(inputs: ScoreInputs, method: str, *fields: str) -> None:
     missing = [f for f in fields if getattr(inputs, f) is None]
     if missing:

@@ -214,9 +214,9 @@ def tracin_from_inputs(
             f"method {method!r} needs {', '.join(missing)} in its ScoreInputs",
             hint="score it through Attributor, or call diffattr.attribution.tracin.tracin_scores",
         )
-    n = inputs.train_images.shape[0]
-    train_ids = inputs.train_ids if inputs.train_ids is not None else np.arange(n)
-    train = ImageDataset(inputs.train_images, torch.as_tensor(np.asarray(train_ids)))
+    from diffattr.attribution.methods import training_set
+
+    train = training_set(inputs)
     ckpts = resolve_checkpoints(checkpoints)
     values = tracin_scores(
         [item for _, item in ckpts],
