@@ -186,8 +186,7 @@ class Attributor:
         if self._kernel is None:
             store = self.featurize()
             assert store is not None
-            lam = self.lam if self.lam is not None else self.method.default_ridge
-            self._kernel = Kernel.fit(store.features, lam)
+            self._kernel = Kernel.fit(store.features, self.method.lambda_rule(self.lam))
         self._kernel.executor = self.executor
         return self._kernel
 
@@ -240,9 +239,8 @@ class Attributor:
 
 
 def describe_lambda(lam: float | Ridge | None, method: Method) -> str:
-    """How λ was chosen, as the scores' metadata records it (``effective-dim:0.4``, …)."""
-    if lam is None:
-        lam = method.default_ridge
+    """How λ was chosen, as the scores' metadata records it (``effective-dim:200``, …)."""
+    lam = method.lambda_rule(lam)
     return str(lam) if isinstance(lam, Ridge) else f"absolute:{float(lam):g}"
 
 

@@ -123,6 +123,6 @@ def benchmark_scores(
     gram = np.asarray(gram, dtype=np.float64)
     rank = min(n, phi.shape[1])
     return [
-        Kernel.from_gram(gram, (r or m.default_ridge).resolve(gram, rank)).solve_inner(inner)
+        Kernel.from_gram(gram, m.lambda_rule(r).resolve(gram, rank)).solve_inner(inner)
         for r in ridges
     ]

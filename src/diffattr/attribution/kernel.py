@@ -233,16 +233,16 @@ class Kernel:
             form = "dual" if n < k else "primal"
         if form not in ("primal", "dual"):
             raise ConfigError(f"unknown kernel form {form!r}", hint="use auto, primal or dual")
-        ridge = lam if isinstance(lam, Ridge) else DEFAULT_RIDGE
-        if lam is not None and not isinstance(lam, Ridge) and not lam > 0:
+        lam = DEFAULT_RIDGE if lam is None else lam
+        if not isinstance(lam, Ridge) and not lam > 0:
             raise ConfigError(f"λ must be positive, got {lam}")
         dt = kernel_dtype(k if form == "primal" else n, dtype)
         if form == "primal":
             gram = primal_gram(features, block, dt)
         else:
             gram = dual_gram(features, block, dt)
-        if lam is None or isinstance(lam, Ridge):
-            lam = ridge.resolve(gram, min(n, k))
+        if isinstance(lam, Ridge):
+            lam = lam.resolve(gram, min(n, k))
         diag = float(np.mean(np.diag(gram)))
         gram[np.diag_indices_from(gram)] += lam
         try:  # in place: the Gram is the one large resident matrix

@@ -93,6 +93,10 @@ class Method(ABC):
         """The (method, options) a combination is made of; [] for a method of its own."""
         return []
 
+    def lambda_rule(self, lam: float | Ridge | None) -> float | Ridge | None:
+        """``lam`` as given (absolute λ or a rule), or this method's default rule for None."""
+        return self.default_ridge if lam is None else lam
+
     @abstractmethod
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         """(T, N) float64 scores."""
@@ -398,8 +402,7 @@ class JourneyTRAK(KernelMethod):
         kernel = inputs.kernel
         if kernel is None:
             _require(inputs, self.name, "train_features")
-            lam = inputs.lam if inputs.lam is not None else self.default_ridge
-            kernel = Kernel.fit(inputs.train_features, lam)
+            kernel = Kernel.fit(inputs.train_features, self.lambda_rule(inputs.lam))
         self.score_meta = {**meta, "lambda": kernel.lam, "kernel_form": kernel.form}
         return kernel.cross(features)
 

@@ -612,7 +612,7 @@ def method_scores(
     out = []
     rank = min(cache.gram.shape[0], cache.dim)
     for ridge in ridges:
-        lam = (ridge or m.default_ridge).resolve(cache.gram, rank)
+        lam = m.lambda_rule(ridge).resolve(cache.gram, rank)
         inputs.kernel = Kernel.from_gram(cache.gram, lam)
         out.append(m.score(inputs))
     return out
