@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The model-based baselines on the committed digits 8×8 LDS benchmark (needs the full model,
 # runs/lds-digits8, from `benchmarks/lds_digits8.sh --rebuild`).
-# Usage: benchmarks/lds_digits8_baselines.sh [model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100|combinations|combinations-ekfac]...
+# Usage: benchmarks/lds_digits8_baselines.sh [baselines|model|model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100|combinations|combinations-ekfac]...
 # (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,10 +9,18 @@ D=.venv/bin/diffattr
 RUN=runs/lds-digits8
 BENCH=benchmarks/lds/digits8
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(model-k100 ensembles ensembles-k100 ekfac ekfac-k100 unnormalised-k100 combinations combinations-ekfac)
+[ ${#stages[@]} -eq 0 ] && stages=(baselines model model-k100 ensembles ensembles-k100 ekfac ekfac-k100 unnormalised-k100 combinations combinations-ekfac)
 
 for stage in "${stages[@]}"; do
   case $stage in
+    baselines)  # influence-function variants (cached loss kernels), gradient dot, image baselines
+      $D lds eval $BENCH --run $RUN --method relative-if,renormalized-if,grad-dot,embedding-cos,pixel-dot \
+        --timesteps 10,100 --out $BENCH/baselines.md
+      ;;
+    model)  # Journey-TRAK, TracIn and GAS at K = 10
+      $D lds eval $BENCH --run $RUN --method journey-trak,tracin,gas --timesteps 10 \
+        --out $BENCH/baselines-model.md
+      ;;
     model-k100)  # Journey-TRAK, TracIn and GAS at K = 100 (K = 10: baselines-model.md)
       $D lds eval $BENCH --run $RUN --method journey-trak,tracin,gas --timesteps 100 \
         --out $BENCH/baselines-model-K100.md
@@ -43,11 +51,11 @@ for stage in "${stages[@]}"; do
       $D lds eval $BENCH --run $RUN --timesteps 10,32,100 --out $BENCH/combinations.md \
         --method "combine[methods=das+trak]"
       ;;
-    combinations-ekfac)  # attempts to beat EK-FAC that need its factors (≈ 20 min at K = 100):
-      # normalised EK-FAC and DAS combined with EK-FAC
+    combinations-ekfac)  # attempts to beat EK-FAC that need its factors (≈ 25 min at K = 100):
+      # normalised EK-FAC, DAS's features with EK-FAC's curvature, DAS combined with EK-FAC
       $D lds eval $BENCH --run $RUN --timesteps 100 --out $BENCH/combinations-K100.md \
-        --method "ekfac,ekfac[normalize=true],combine[methods=das+ekfac],combine[methods=das+ekfac[normalize=true]]"
+        --method "ekfac,ekfac[normalize=true],ekfac[query=das;train=das],combine[methods=das+ekfac],combine[methods=das+ekfac[normalize=true]],combine[methods=das+trak+ekfac]"
       ;;
-    *) echo "unknown stage: $stage (model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100|combinations|combinations-ekfac)" >&2; exit 2 ;;
+    *) echo "unknown stage: $stage (baselines|model|model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100|combinations|combinations-ekfac)" >&2; exit 2 ;;
   esac
 done

@@ -28,3 +28,6 @@ $D lds eval $BENCH $RUNARG --method das,dtrak,trak,ekfac,pixel-cos,random --time
 # EK-FAC scores.
 $D lds eval $BENCH $RUNARG --timesteps 100 --out $BENCH/combinations-K100.md \
   --method "combine[methods=das+trak],combine[methods=das+ekfac]"
+# The default K (32) for the kernel methods: checks the cost–LDS knee chosen on digits8.
+$D lds eval $BENCH $RUNARG --method "das,dtrak,trak,combine[methods=das+trak]" --timesteps 32 \
+  --out $BENCH/results-K32.md

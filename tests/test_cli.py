@@ -31,6 +31,9 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     assert main(["report", run, "--method", "das,dtrak", "--json", *common]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["methods"] == ["das", "dtrak"]
+    # Without --method the report shows every method that has scores of the targets.
+    assert main(["report", run, "--json", "--out", str(tmp_path / "all.html"), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["methods"] == ["das", "dtrak", "pixel-cos", "random"]
     html = (tmp_path / "run" / "report.html").read_text()
     sections = html.split("<section class='target'")[1:]
     assert len(sections) == 3
@@ -118,3 +121,26 @@ def test_score_lambda_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["score", run, "--lambda", "1", "--relative-lambda", "0.1", *common])
     assert info.value.code == 2
+
+
+def test_score_with_a_screen_from_cli(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    common = ["--quiet", "--threads", "1"]
+    assert main(["train", "--out", run, "--train-count", "20", "--val-count", "6",
+                 "--steps", "3", "--batch-size", "8", *common]) == 0  # fmt: skip
+    assert main(["generate", run, "--num", "2", "--steps", "4", *common]) == 0
+    assert main(["score", run, "--method", "das", "--timesteps", "2", "--k", "8",
+                 "--screen", "pixel-cos:6", *common]) == 0  # fmt: skip
+    out = tmp_path / "run" / "scores" / "das-samples"
+    scores = np.load(out / "scores.npy")
+    assert (np.isfinite(scores).sum(axis=1) == 6).all()
+    top = json.loads((out / "topk.json").read_text())
+    assert [len(t["proponents"]) for t in top] == [6, 6]
+    assert json.loads((out / "meta.json").read_text())["screen"]["size"] == 6
+    assert main(["report", run, *common]) == 0
+    assert (
+        "screened: each target scored on its 6 most similar"
+        in (tmp_path / "run" / "report.html").read_text()
+    )
+    assert main(["score", run, "--screen", "pixel-cos", *common]) == 2
+    assert "--screen 'pixel-cos' is not SIMILARITY:M" in capsys.readouterr().err

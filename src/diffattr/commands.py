@@ -79,11 +79,22 @@ def attribution_targets(run, spec: str) -> tuple[str, Any, np.ndarray]:
 
 
 def add_feature_args(p: argparse.ArgumentParser, several_timesteps: bool = False) -> None:
+    from diffattr.attribution.defaults import DEFAULT_TIMESTEPS
+
     g = p.add_argument_group("features")
     if several_timesteps:
-        g.add_argument("--timesteps", default="10", help="comma-separated K values (default: 10)")
+        g.add_argument(
+            "--timesteps",
+            default=str(DEFAULT_TIMESTEPS),
+            help=f"comma-separated K values (default: {DEFAULT_TIMESTEPS})",
+        )
     else:
-        g.add_argument("--timesteps", type=int, default=10, help="timesteps K (default: 10)")
+        g.add_argument(
+            "--timesteps",
+            type=int,
+            default=DEFAULT_TIMESTEPS,
+            help=f"timesteps K (default: {DEFAULT_TIMESTEPS})",
+        )
     g.add_argument("--timestep-strategy", choices=["uniform", "first", "random"], default="uniform")
     g.add_argument("--no-normalize", action="store_true", help="no per-timestep L2 normalisation")
     g.add_argument("--noise-seed", type=int, default=0)
@@ -315,6 +326,11 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     if args.k < 1:
         raise ConfigError(f"--k must be at least 1, got {args.k}")
     run = RunDir(args.run)
+    screen = None
+    if getattr(args, "screen", None):
+        from diffattr.attribution.screening import Screen
+
+        screen = Screen.parse(args.screen, args.screen_kernel)
     name, images, ids = attribution_targets(run, args.targets)
     out: dict[str, Any] = {}
     plan = driver_plan(args)
@@ -339,11 +355,12 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             att = make_attributor(run, method, plan, **options)
             if executor is not None:
                 att.executor = executor  # the scoring tiles
-                if att.method.measure is not None and not att.method.needs_model:
+                featurize_all = screen is None  # a screen featurizes its candidates only
+                if featurize_all and att.method.measure is not None and not att.method.needs_model:
                     featurize_with_executor(
                         att, run.path, method, executor, None, options, device=args.device
                     )
-            scores = att.score(targets, ids)
+            scores = att.score(targets, ids, screen=screen)
             label = method_label(method, given)
             out[label] = str(scores.save(run.scores_dir / f"{label}-{name}", k=args.k))
     return out
@@ -357,6 +374,18 @@ def counterfactual_figures(results: str | None) -> list[tuple[str, Path]]:
     return [(caption, Path(results).parent / "counterfactual.png")]
 
 
+def scored_methods(run: Any, targets: str) -> list[str]:
+    """The methods with scores of ``targets`` in ``run`` (``RUN/scores/METHOD-TARGETS``), sorted."""
+    suffix = f"-{targets}"
+    if not run.scores_dir.is_dir():
+        return []
+    return sorted(
+        d.name[: -len(suffix)]
+        for d in run.scores_dir.iterdir()
+        if d.name.endswith(suffix) and (d / "scores.npy").is_file()
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.attribution.scores import Scores
     from diffattr.fsio import read_json
@@ -368,7 +397,7 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     train_set, _ = run.data_spec().load()
     scores = {}
     train_ids = train_set.ids.numpy()
-    for method in args.method.split(","):
+    for method in args.method.split(",") if args.method else scored_methods(run, name):
         d = run.scores_dir / f"{method}-{name}"
         if (d / "scores.npy").is_file():
             try:
@@ -485,6 +514,16 @@ def check_benchmark_files(bench: Path) -> None:
             raise DiffattrError(f"{path} has no {missing[0]!r} array", hint="rerun `lds build`")
 
 
+def lds_screens(args: argparse.Namespace) -> list[Any] | None:
+    """``lds eval --screen A:M,B:M2``: screens applied as masks (the kernel on all N)."""
+    from diffattr.attribution.method_spec import split_top_level
+    from diffattr.attribution.screening import Screen
+
+    if not getattr(args, "screen", None):
+        return None
+    return [Screen.parse(text, "all") for text in split_top_level(args.screen, ",")]
+
+
 def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.attribution.method_spec import parse_method_list
     from diffattr.evaluation.lds import evaluate_benchmark, format_table
@@ -504,6 +543,7 @@ def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
         measure_timesteps=args.measure_timesteps,
         seeds=parse_list(args.seed_index, int, "--seed-index") if args.seed_index else None,
         device=args.device,
+        screens=lds_screens(args),
     )
     table = format_table(rows)
     out = Path(args.out) if args.out else Path(args.bench) / "results.md"
@@ -578,6 +618,22 @@ def register(add) -> None:
     p.add_argument("--residual", choices=["error", "signed", "raw", "none"], default="error")
     p.add_argument("--leverage", action="store_true", help="DAS: divide by 1 − hᵢ")
     p.add_argument("--squared", action="store_true", help="DAS: square the scores (KL form)")
+    p.add_argument(
+        "--screen",
+        default=None,
+        metavar="SIMILARITY:M",
+        help="score each target on its M most similar training images only (pixel-cos, "
+        "pixel-dot or embedding-cos; e.g. pixel-cos:200): only their union is featurized, the "
+        "others get no score (NaN in scores.npy, absent from the top-k tables)",
+    )
+    p.add_argument(
+        "--screen-kernel",
+        choices=["union", "candidates", "all"],
+        default="union",
+        help="with --screen: fit the kernel once on the union of all targets' candidates "
+        "(default), on each target's own candidates (the DAS paper's form), or on all training "
+        "images (no saving: the screen only restricts which images are scored)",
+    )
     add_feature_args(p)
     add_executor_args(p, default="inprocess")
 
@@ -591,7 +647,11 @@ def register(add) -> None:
         cmd_report,
     )
     p.add_argument("run", help="run directory")
-    p.add_argument("--method", default="das,dtrak", help="methods to show (default: das,dtrak)")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="comma-separated methods to show (default: every method with scores of the targets)",
+    )
     p.add_argument("--targets", default="samples", help=TARGETS_HELP)
     p.add_argument("--out", default=None, help="output file (default: RUN/report.html)")
     p.add_argument(
@@ -670,6 +730,13 @@ def register(add) -> None:
         "--measure-timesteps", type=int, default=None, help="F over fewer timesteps (ablation)"
     )
     e.add_argument("--seed-index", default=None, help="use only these seed indices (ablation)")
+    e.add_argument(
+        "--screen",
+        default=None,
+        metavar="SIMILARITY:M[,…]",
+        help="evaluate each method's scores kept on each target's M most similar training "
+        "images only (the kernel on all N; unscored images add 0), one row per screen",
+    )
     e.add_argument("--out", default=None, help="table file (default: BENCH/results.md)")
     add_feature_args(e, several_timesteps=True)
     for q in (b, e):

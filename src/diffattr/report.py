@@ -503,6 +503,7 @@ def render_report(
             "row": {int(t): r for r, t in enumerate(s.target_ids.tolist())},
             "pro": s.top_k(max(k_pro, k_summary, overlap_k)),
             "opp": s.top_k(k_opp, opponents=True),
+            "screen": screen_note(s),
         }
 
     missing: list[str] = []
@@ -597,6 +598,8 @@ def render_report(
             pid, pval = (a[:, :k_pro] for a in top["pro"])
             oid, oval = top["opp"]
             parts.append(f"<div class='method'><h4>{_e(name)}</h4>")
+            if top["screen"]:
+                parts.append(f"<div class='label'>{_e(top['screen'])}</div>")
             for label, ids, vals, cls in (
                 ("proponents", pid, pval, ""),
                 ("opponents", oid, oval, "opp"),
@@ -604,6 +607,8 @@ def render_report(
                 parts.append(f"<div class='label'>top {ids.shape[1]} {label}</div>")
                 parts.append("<div class='grid'>")
                 for i, v in zip(ids[row], vals[row], strict=True):
+                    if not np.isfinite(v):  # outside a screened target's candidates
+                        continue
                     parts.append(
                         _figure(
                             train_uri(int(i)),
@@ -644,7 +649,12 @@ def _summary_table(
     ]
     head = [_th("target", 0)]
     head += [
-        _th(f"{m} top-{k_summary}", c + 1, "descending", f"sort by {m}'s top-1 score")
+        _th(
+            f"{m}{' (screened)' if tops[m]['screen'] else ''} top-{k_summary}",
+            c + 1,
+            "descending",
+            f"sort by {m}'s top-1 score",
+        )
         for c, m in enumerate(methods)
     ]
     if several:
@@ -667,7 +677,8 @@ def _summary_table(
                 cells.append(f"<td data-sort='' data-label='{_e(m)}'>{DASH}</td>")
                 continue
             ids, vals = tops[m]["pro"]
-            sets.append({int(i) for i in ids[row, :overlap_k]})
+            scored = np.isfinite(vals[row])
+            sets.append({int(i) for i in ids[row, :overlap_k][scored[:overlap_k]]})
             figs = "".join(
                 _figure(
                     train_uri(int(i)),
@@ -676,6 +687,7 @@ def _summary_table(
                     f"training image {int(i)}, score {v:+.3g}",
                 )
                 for i, v in zip(ids[row, :k_summary], vals[row, :k_summary], strict=True)
+                if np.isfinite(v)
             )
             top1 = _float(vals[row, 0]) if vals.shape[1] else None
             cells.append(
@@ -692,6 +704,17 @@ def _summary_table(
     parts.append("</tbody></table></div>")
     parts.append(f"<p id='sort-status' role='status' style='{SR_ONLY}'></p>")
     return "".join(parts)
+
+
+def screen_note(s: Scores) -> str:
+    """How screened scores were made ('' for unscreened scores)."""
+    screen = s.meta.get("screen")
+    if not screen:
+        return ""
+    return (
+        f"screened: each target scored on its {screen['size']} most similar training images "
+        f"by {screen['similarity']} (kernel on the {screen['kernel']}); the rest unscored"
+    )
 
 
 def _write_plots(plots_dir: Path, plots: list[Plot]) -> None:

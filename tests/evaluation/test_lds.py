@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diffattr.cli import main
+from diffattr.errors import DiffattrError
 from diffattr.evaluation.lds import GroundTruth, cross_fit, evaluate_benchmark, lds_per_target
 from diffattr.evaluation.stats import bootstrap_mean_ci, spearman_columns
 
@@ -124,6 +125,23 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
     want = lds_per_target(gt, combine_scores([default, pixel]))
     assert row["method"] == "combine[methods=das+pixel-cos]"
     assert row["val"]["lds"] == pytest.approx(np.nanmean(want[:3]))
+    # A screen keeps each target's candidates' scores, 0 elsewhere; one row per screen, and a
+    # screen of every training image changes nothing.
+    from diffattr.attribution.screening import Screen, candidate_rows
+
+    everything, two = Screen("pixel-cos", len(train_images), "all"), Screen("pixel-cos", 2, "all")
+    full, masked, _, _ = evaluate_benchmark(
+        bench, None, [("das", {})], [1], progress=False, bootstrap=20, screens=[everything, two]
+    )
+    assert full["val"]["default_lds"] == rows2[0]["val"]["default_lds"]
+    assert masked["method"] == "das screen=pixel-cos:2" and masked["screen"]["size"] == 2
+    keep = np.zeros_like(default, dtype=bool)
+    np.put_along_axis(keep, candidate_rows(pixel, 2), True, axis=1)
+    want = lds_per_target(gt, np.where(keep, default, 0.0))
+    assert masked["val"]["default_lds"] == pytest.approx(np.nanmean(want[:3]))
+    with pytest.raises(DiffattrError, match="--screen-kernel all"):
+        evaluate_benchmark(bench, None, [("das", {})], [1], progress=False,
+                           screens=[Screen("pixel-cos", 2, "union")])  # fmt: skip
 
 
 def test_summary_flags_a_lambda_at_the_grid_edge():

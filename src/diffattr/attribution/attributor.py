@@ -24,7 +24,7 @@ from diffattr.attribution.featurize import (
     with_available_projector,
 )
 from diffattr.attribution.gradients import resolve_device, select_parameters
-from diffattr.attribution.kernel import Kernel
+from diffattr.attribution.kernel import Kernel, dual_gram, inner_products
 from diffattr.attribution.methods import (
     Method,
     ScoreInputs,
@@ -34,6 +34,14 @@ from diffattr.attribution.methods import (
 )
 from diffattr.attribution.ridge import Ridge
 from diffattr.attribution.scores import Scores
+from diffattr.attribution.screening import (
+    Screen,
+    candidate_rows,
+    check_screenable,
+    restrict,
+    screened_scores,
+    similarity_scores,
+)
 from diffattr.attribution.store import FeatureStore
 from diffattr.data import ImageDataset
 from diffattr.diffusion.schedule import NoiseSchedule
@@ -190,11 +198,17 @@ class Attributor:
         self._kernel.executor = self.executor
         return self._kernel
 
-    def score(self, targets: Any, target_ids: np.ndarray | None = None) -> Scores:
+    def score(
+        self, targets: Any, target_ids: np.ndarray | None = None, screen: Screen | None = None
+    ) -> Scores:
         """Scores (targets × training samples) for images, a dataset or generated samples.
 
         Targets with a ``conditioning`` attribute (a text-to-image ``LatentSet``: latents and
         caption embeddings) are featurized with it, as the training set is with its own.
+
+        ``screen``: score each target on its ``screen.size`` most similar training images only
+        (:mod:`.screening`); the others are NaN, and only the union of the candidates is
+        featurized (rows a later unscreened run reuses).
         """
         images, ids = as_images(targets, target_ids)
         if tuple(images.shape[1:]) != tuple(self.train.images.shape[1:]):
@@ -209,6 +223,8 @@ class Attributor:
             num_targets=images.shape[0],
         )
         fill_context(inputs, self, targets, ids)
+        if screen is not None:
+            return self._score_screened(inputs, targets, screen)
         meta: dict[str, Any] = {}
         skipped_train = skipped_targets = np.zeros(0, dtype=np.int64)
         if self.method.measure is not None:
@@ -234,6 +250,49 @@ class Attributor:
             values = _zero_skipped(values, skipped_train, skipped_targets, self.train, ids)
             meta["skipped_train_ids"] = self.train.ids.numpy()[skipped_train].tolist()
             meta["skipped_target_ids"] = np.asarray(ids)[skipped_targets].tolist()
+        meta.update(method_meta(self.method))
+        return Scores(values, self.train.ids.numpy(), ids, self.method.name, meta)
+
+    def _score_screened(self, inputs: ScoreInputs, targets: Any, screen: Screen) -> Scores:
+        """:meth:`score` restricted to each target's candidates (features of their union)."""
+        check_screenable(self.method)
+        candidates = candidate_rows(similarity_scores(screen, inputs), screen.size)
+        union = np.arange(inputs.num_train) if screen.kernel == "all" else np.unique(candidates)
+        ids = inputs.target_ids
+        sub = restrict(inputs, union, np.arange(inputs.num_targets))
+        meta: dict[str, Any] = {"screen": {**screen.describe(), "union": int(union.size)}}
+        skipped_train = skipped_targets = np.zeros(0, dtype=np.int64)
+        dim = None
+        if self.method.measure is not None:
+            store = self.featurize(rows=union)
+            assert store is not None
+            phi = np.asarray(store.features[union])  # the union's rows only
+            tstore = self.featurize_targets(
+                inputs.target_images, ids, getattr(targets, "conditioning", None)
+            )
+            target_phi = np.asarray(tstore.features, dtype=np.float64)
+            sub.train_gram = dual_gram(phi)
+            sub.target_inner = inner_products(target_phi, phi)
+            sub.train_sqnorm = np.diag(sub.train_gram).copy()
+            sub.target_sqnorm = np.einsum("ij,ij->i", target_phi, target_phi)
+            sub.train_error = store.column("error")[union]
+            sub.train_residual = store.column("residual")[union]
+            skipped_train = np.intersect1d(store.skipped_rows(), union)
+            skipped_targets = tstore.skipped_rows()
+            dim = store.dim
+            meta["features"] = self.settings.to_dict()
+        pos = np.searchsorted(union, candidates)
+        values_u, lams = screened_scores(self.method, sub, pos, screen.kernel, self.lam, dim)
+        values = np.full((inputs.num_targets, inputs.num_train), np.nan)
+        values[:, union] = values_u
+        if skipped_train.size or skipped_targets.size:
+            outside = np.isnan(values)
+            values = _zero_skipped(values, skipped_train, skipped_targets, self.train, ids)
+            values[outside] = np.nan
+        if lams:
+            meta["lambda"] = float(np.median(lams))
+            meta["lambda_range"] = [float(min(lams)), float(max(lams))]
+            meta["lambda_rule"] = describe_lambda(self.lam, self.method)
         meta.update(method_meta(self.method))
         return Scores(values, self.train.ids.numpy(), ids, self.method.name, meta)
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffattr.attribution.defaults import DEFAULT_TIMESTEPS
 from diffattr.attribution.gradients import (
     GradientComputer,
     TimestepSpec,
@@ -50,7 +51,7 @@ class FeatureSettings:
     """Everything that determines a feature row besides the model and the image."""
 
     measure: str = "das"
-    timesteps: int = 10
+    timesteps: int = DEFAULT_TIMESTEPS
     timestep_strategy: str = "uniform"
     normalize: bool = True
     noise_seed: int = 0

@@ -46,10 +46,14 @@ class Scores:
             )
 
     def top_k(self, k: int, opponents: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, scores), each (T, k): the k highest scores (or lowest, for opponents)."""
+        """(ids, scores), each (T, k): the k highest scores (or lowest, for opponents).
+
+        Unscored training images (NaN: outside a screened target's candidates) come last; a
+        target with fewer than k scores has NaN scores at the end of its row.
+        """
         k = min(k, self.values.shape[1])
         v = -self.values if opponents else self.values
-        idx = np.argsort(-v, axis=1, kind="stable")[:, :k]
+        idx = np.argsort(-v, axis=1, kind="stable")[:, :k]  # NaN sorts last
         return self.train_ids[idx], np.take_along_axis(self.values, idx, axis=1)
 
     def save(self, out_dir: str | Path, k: int = 10) -> Path:
@@ -76,17 +80,20 @@ class Scores:
         for t, tid in enumerate(self.target_ids):
             for kind, ids, vals in (("proponent", pro_ids, pro), ("opponent", opp_ids, opp)):
                 for r in range(ids.shape[1]):
-                    w.writerow([int(tid), kind, r + 1, int(ids[t, r]), f"{vals[t, r]:.6g}"])
+                    if np.isfinite(vals[t, r]):
+                        w.writerow([int(tid), kind, r + 1, int(ids[t, r]), f"{vals[t, r]:.6g}"])
             rows.append(
                 {
                     "target_id": int(tid),
                     "proponents": [
                         {"train_id": int(i), "score": float(s)}
                         for i, s in zip(pro_ids[t], pro[t], strict=True)
+                        if np.isfinite(s)
                     ],
                     "opponents": [
                         {"train_id": int(i), "score": float(s)}
                         for i, s in zip(opp_ids[t], opp[t], strict=True)
+                        if np.isfinite(s)
                     ],
                 }
             )

@@ -652,11 +652,15 @@ def evaluate_benchmark(
     measure_timesteps: int | None = None,
     seeds: list[int] | None = None,
     device: str = "cpu",
+    screens: list[Any] | None = None,
 ) -> list[dict[str, Any]]:
     """LDS rows (method × K) for a built benchmark; features come from ``run`` or the cache.
 
     ``measure_timesteps`` / ``seeds`` evaluate against F over fewer timesteps or seeds (ablation).
-    ``device``: where features are computed.
+    ``device``: where features are computed. ``screens``: instead of the plain scores, each
+    method's scores kept on each :class:`~diffattr.attribution.screening.Screen`'s candidates
+    only (the kernel on all N, ``--screen-kernel all``; unscored images add 0 to a subset's
+    prediction), one row per screen.
     """
     from diffattr.attribution.featurize import FeatureSettings
     from diffattr.attribution.method_spec import method_label
@@ -684,11 +688,17 @@ def evaluate_benchmark(
         feature_free = m.measure is None and not m.needs_model
         for K in [None] if feature_free else timesteps:
             scores = _scores_at(ctx, method, options, K)
-            summary = summarize_grid(gt, scores, lambdas, method, bootstrap)
-            row = {"method": method_label(method, options), "timesteps": K, **summary}
-            if m.measure is not None and ctx.base.projector not in ("identity", "auto"):
-                row.update(projector=ctx.base.projector, proj_dim=ctx.base.proj_dim)
-            rows.append(row)
+            for screen in screens or [None]:
+                screened = scores if screen is None else _masked(ctx, screen, scores)
+                summary = summarize_grid(gt, screened, lambdas, method, bootstrap)
+                label = method_label(method, options)
+                row = {"method": label if screen is None else f"{label} screen={screen}",
+                       "timesteps": K, **summary}  # fmt: skip
+                if screen is not None:
+                    row["screen"] = screen.describe()
+                if m.measure is not None and ctx.base.projector not in ("identity", "auto"):
+                    row.update(projector=ctx.base.projector, proj_dim=ctx.base.proj_dim)
+                rows.append(row)
     for name, kind in (("val", VAL), ("gen", GEN)):
         mask = gt.kinds == kind
         if mask.any():
@@ -737,6 +747,29 @@ def _scores_at(ctx: _EvalContext, method: str, options: dict[str, Any], K: int |
     return method_scores(
         method, cache, lambda_grid(ctx.lambdas), ctx.train_set.images, ctx.gt.images, **opts
     )
+
+
+def _masked(ctx: _EvalContext, screen: Any, scores: list[np.ndarray]) -> list[np.ndarray]:
+    """Each score matrix kept on the screen's candidates of each target, 0 elsewhere."""
+    from diffattr.attribution.methods import ScoreInputs
+    from diffattr.attribution.screening import candidate_rows, similarity_scores
+
+    if screen.kernel != "all":
+        raise DiffattrError(
+            f"lds eval applies a screen to the scores of the full kernel (--screen-kernel all), "
+            f"not {screen.kernel!r}",
+            hint="benchmarks/screening.py measures the union and candidates kernels",
+        )
+    images = ctx.train_set.images
+    inputs = ScoreInputs(
+        train_images=images, target_images=ctx.gt.images, num_train=len(images),
+        num_targets=len(ctx.gt.images), train_ids=ctx.train_set.ids.numpy(),
+        store_dir=ctx.run.features_dir if ctx.run is not None else None,
+    )  # fmt: skip
+    cand = candidate_rows(similarity_scores(screen, inputs), screen.size)
+    keep = np.zeros((len(ctx.gt.images), len(images)), dtype=bool)
+    np.put_along_axis(keep, cand, True, axis=1)
+    return [np.where(keep, s, 0.0) for s in scores]
 
 
 def _model_based_scores(ctx: _EvalContext, method: str, options: dict[str, Any], K: int):

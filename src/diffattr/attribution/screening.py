@@ -1,0 +1,201 @@
+"""Candidate screening (the DAS paper's dataset compression): attribute each target to the M
+training images most similar to it, not to all N.
+
+For target x, the candidates C(x) are the M training images with the highest cheap similarity
+s(x, zᵢ) (``pixel-cos``, ``embedding-cos``, or any registered image method). A kernel method
+then scores x on C(x) alone,
+
+    τ(x, zᵢ) = φ(x)ᵀ Φ_Cᵀ (Φ_C Φ_Cᵀ + λ I)⁻¹ eᵢ      (i ∈ C(x); kernel ``candidates``)
+
+with its λ rule resolved on the M×M Gram of the candidates, as in the paper; or on the union
+U = ∪ₓ C(x) of every target's candidates (kernel ``union``: one Gram, λ on U); or on all N
+training images (kernel ``all``: the unscreened scores, kept on the candidates only — no
+saving, the screen as a locality prior). Training images outside C(x) get no score (NaN).
+With ``candidates`` or ``union`` only the union's rows need features, so featurizing costs
+|U|·K gradients instead of N·K.
+
+Both forms are computed from Gram blocks — the (|U|×|U|) Gram of the union's features and the
+targets' inner products with them — so that the same code scores a run (:class:`Attributor`)
+and a benchmark's cached kernels (``benchmarks/screening.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from diffattr.attribution.kernel import Kernel
+from diffattr.attribution.methods import Method, ScoreInputs, get_method
+from diffattr.attribution.ridge import Ridge
+from diffattr.errors import ConfigError
+
+#: Similarities a screen may use: image methods that need no features of the model.
+SIMILARITIES = ("pixel-cos", "pixel-dot", "embedding-cos")
+KERNEL_FORMS = ("union", "candidates", "all")
+#: The kernel a screen fits by default: on both LDS benchmarks the union's beats the
+#: per-target candidates' at every M (benchmarks/README.md, "Candidate screening").
+DEFAULT_SCREEN_KERNEL = "union"
+
+
+@dataclass(frozen=True)
+class Screen:
+    """Keep, per target, the ``size`` training images most similar by ``similarity``."""
+
+    similarity: str
+    size: int
+    kernel: str = DEFAULT_SCREEN_KERNEL
+
+    def __post_init__(self) -> None:
+        if self.similarity not in SIMILARITIES:
+            raise ConfigError(
+                f"--screen: unknown similarity {self.similarity!r}",
+                hint=f"choose from {', '.join(SIMILARITIES)}",
+            )
+        if isinstance(self.size, bool) or int(self.size) < 1:
+            raise ConfigError(f"--screen: the number of candidates must be ≥ 1, got {self.size}")
+        if self.kernel not in KERNEL_FORMS:
+            raise ConfigError(
+                f"--screen-kernel: unknown kernel {self.kernel!r}",
+                hint=f"choose from {', '.join(KERNEL_FORMS)}",
+            )
+
+    @classmethod
+    def parse(cls, text: str, kernel: str = DEFAULT_SCREEN_KERNEL) -> Screen:
+        """``SIMILARITY:M``, e.g. ``pixel-cos:100``."""
+        name, sep, size = str(text).rpartition(":")
+        try:
+            m = int(size)
+        except ValueError:
+            m = 0
+        if not sep or not name or m < 1:
+            raise ConfigError(
+                f"--screen {text!r} is not SIMILARITY:M", hint="e.g. --screen pixel-cos:100"
+            )
+        return cls(name, m, kernel)
+
+    def __str__(self) -> str:
+        return f"{self.similarity}:{self.size}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"similarity": self.similarity, "size": self.size, "kernel": self.kernel}
+
+
+def check_screenable(method: Method) -> None:
+    """A screen restricts a method's training features or images; a method that computes its
+    own features from models (``needs_model``) cannot be restricted that way."""
+    if method.needs_model:
+        raise ConfigError(
+            f"--screen cannot restrict {method.name!r}: it computes its own features from the "
+            "model",
+            hint="screen a kernel, gradient or image method (das, dtrak, trak, grad-cos, …)",
+        )
+
+
+def candidate_rows(similarity: np.ndarray, size: int) -> np.ndarray:
+    """(T, M) training rows with the M highest similarities per target (ties: lower row
+    first), each row's list sorted ascending."""
+    s = np.asarray(similarity, dtype=np.float64)
+    m = min(int(size), s.shape[1])
+    order = np.argsort(-s, axis=1, kind="stable")[:, :m]
+    return np.sort(order, axis=1)
+
+
+def similarity_scores(screen: Screen, inputs: ScoreInputs) -> np.ndarray:
+    """(T, N) the screen's similarity of every target to every training image."""
+    sim = get_method(screen.similarity)
+    fields = ("train_images", "target_images", "num_train", "num_targets", "train_ids",
+              "target_ids", "store_dir", "progress")  # fmt: skip
+    return sim.score(ScoreInputs(**{f: getattr(inputs, f) for f in fields}))
+
+
+def restrict(inputs: ScoreInputs, rows: np.ndarray, targets: np.ndarray) -> ScoreInputs:
+    """The problem of scoring ``targets`` against training ``rows`` only (positions into the
+    arrays of ``inputs``); the kernel is left to the caller."""
+
+    def take(a: Any, idx: np.ndarray) -> Any:
+        return None if a is None else a[idx]
+
+    gram = inputs.train_gram
+    inner = inputs.target_inner
+    return replace(
+        inputs,
+        train_features=take(inputs.train_features, rows),
+        target_features=take(inputs.target_features, targets),
+        kernel=None,
+        target_inner=None if inner is None else np.asarray(inner)[np.ix_(targets, rows)],
+        train_sqnorm=take(inputs.train_sqnorm, rows),
+        target_sqnorm=take(inputs.target_sqnorm, targets),
+        train_error=take(inputs.train_error, rows),
+        train_residual=take(inputs.train_residual, rows),
+        train_images=take(inputs.train_images, rows),
+        target_images=take(inputs.target_images, targets),
+        num_train=len(rows),
+        num_targets=len(targets),
+        train_gram=None if gram is None else np.asarray(gram)[np.ix_(rows, rows)],
+        train_ids=take(inputs.train_ids, rows),
+        target_ids=take(inputs.target_ids, targets),
+    )
+
+
+def fit_gram_kernel(method: Method, gram: np.ndarray, lam: float | Ridge | None, rank: int):
+    """The method's kernel on a Gram block, λ by its rule (``lam`` None: the method's own)."""
+    rule = method.lambda_rule(lam)
+    value = rule.resolve(gram, rank) if isinstance(rule, Ridge) else float(rule)
+    return Kernel.from_gram(gram, value)
+
+
+def screened_scores(
+    method: Method,
+    inputs: ScoreInputs,
+    candidates: np.ndarray,
+    kernel: str = DEFAULT_SCREEN_KERNEL,
+    lam: float | Ridge | None = None,
+    dim: int | None = None,
+) -> tuple[np.ndarray, list[float]]:
+    """(T, N) scores, NaN outside each target's ``candidates`` (T, M rows of ``inputs``), and
+    the λ of each kernel fitted.
+
+    ``inputs`` holds the N rows the candidates index (all training images, or just the union of
+    the candidates); for kernel and gradient methods in Gram form (``train_gram``,
+    ``target_inner``, squared norms, error and residual columns). ``dim``: the features' width,
+    which bounds the Gram's rank (default: N).
+    """
+    check_screenable(method)
+    candidates = np.asarray(candidates, dtype=np.int64)
+    T, N = inputs.num_targets, inputs.num_train
+    if candidates.ndim != 2 or candidates.shape[0] != T:
+        raise ConfigError(f"candidate lists of shape {candidates.shape} for {T} targets")
+    if method.uses_kernel and inputs.train_gram is None:
+        raise ConfigError("screened kernel scores need the Gram of the candidates' features")
+    if kernel not in KERNEL_FORMS:
+        raise ConfigError(f"unknown screen kernel {kernel!r}", hint=", ".join(KERNEL_FORMS))
+    out = np.full((T, N), np.nan)
+    lams: list[float] = []
+    if kernel == "all":
+        rows = np.arange(N)
+        sub = restrict(inputs, rows, np.arange(T))
+        if method.uses_kernel:
+            sub.kernel = fit_gram_kernel(method, sub.train_gram, lam, min(N, dim or N))
+            lams.append(sub.kernel.lam)
+        values = method.score(sub)
+        out[np.arange(T)[:, None], candidates] = np.take_along_axis(values, candidates, axis=1)
+        return out, lams
+    if kernel == "union" or not method.uses_kernel:
+        union = np.unique(candidates)
+        sub = restrict(inputs, union, np.arange(T))
+        if method.uses_kernel:
+            sub.kernel = fit_gram_kernel(method, sub.train_gram, lam, min(len(union), dim or N))
+            lams.append(sub.kernel.lam)
+        values = method.score(sub)
+        pos = np.searchsorted(union, candidates)
+        out[np.arange(T)[:, None], candidates] = np.take_along_axis(values, pos, axis=1)
+        return out, lams
+    for t in range(T):
+        rows = candidates[t]
+        sub = restrict(inputs, rows, np.array([t]))
+        sub.kernel = fit_gram_kernel(method, sub.train_gram, lam, min(len(rows), dim or N))
+        lams.append(sub.kernel.lam)
+        out[t, rows] = method.score(sub)[0]
+    return out, lams

@@ -1,0 +1,27 @@
+"""The default configuration (method, K) is one value, used by every entry point and the README."""
+
+import re
+from pathlib import Path
+
+from diffattr.attribution.defaults import DEFAULT_TIMESTEPS
+from diffattr.attribution.featurize import FeatureSettings
+from diffattr.cli import build_parser
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_every_entry_point_uses_the_default_timesteps():
+    parser = build_parser()
+    assert FeatureSettings().timesteps == DEFAULT_TIMESTEPS
+    for argv in (["score", "r"], ["featurize", "r"], ["demo"]):
+        assert parser.parse_args(argv).timesteps == DEFAULT_TIMESTEPS, argv
+    # lds eval evaluates the default K unless told otherwise, so default_lds is the default's.
+    assert parser.parse_args(["lds", "eval", "b"]).timesteps == str(DEFAULT_TIMESTEPS)
+
+
+def test_readme_states_the_default_configuration():
+    found = re.search(r"default is\s+`--method (\S+) --timesteps (\d+)`", README.read_text())
+    assert found, "README does not state the default configuration"
+    method, timesteps = found.groups()
+    assert int(timesteps) == DEFAULT_TIMESTEPS
+    assert build_parser().parse_args(["score", "r"]).method == method
