@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The model-based baselines on the committed digits 8×8 LDS benchmark (needs the full model,
 # runs/lds-digits8, from `benchmarks/lds_digits8.sh --rebuild`).
-# Usage: benchmarks/lds_digits8_baselines.sh [baselines|model|model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100|combinations|combinations-ekfac]...
+# Usage: benchmarks/lds_digits8_baselines.sh [baselines|model|model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100|combinations|combinations-ekfac|screened-k100]...
 # (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ D=.venv/bin/diffattr
 RUN=runs/lds-digits8
 BENCH=benchmarks/lds/digits8
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(baselines model model-k100 ensembles ensembles-k100 ekfac ekfac-k100 unnormalised-k100 combinations combinations-ekfac)
+[ ${#stages[@]} -eq 0 ] && stages=(baselines model model-k100 ensembles ensembles-k100 ekfac ekfac-k100 unnormalised-k100 combinations combinations-ekfac screened-k100)
 
 for stage in "${stages[@]}"; do
   case $stage in
@@ -56,6 +56,11 @@ for stage in "${stages[@]}"; do
       $D lds eval $BENCH --run $RUN --timesteps 100 --out $BENCH/combinations-K100.md \
         --method "ekfac,ekfac[normalize=true],ekfac[query=das;train=das],combine[methods=das+ekfac],combine[methods=das+ekfac[normalize=true]],combine[methods=das+trak+ekfac]"
       ;;
-    *) echo "unknown stage: $stage (baselines|model|model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100|combinations|combinations-ekfac)" >&2; exit 2 ;;
+    screened-k100)  # each method's scores kept on the target's M pixel-nearest training images
+      # (kernel on all N), from the cached kernels and EK-FAC scores of combinations-ekfac
+      $D lds eval $BENCH --run $RUN --timesteps 100 --out $BENCH/screened-K100.md \
+        --method "das,ekfac,combine[methods=das+ekfac]" --screen pixel-cos:25,pixel-cos:50
+      ;;
+    *) echo "unknown stage: $stage (baselines|model|model-k100|ensembles|ensembles-k100|ekfac|ekfac-k100|unnormalised-k100|combinations|combinations-ekfac|screened-k100)" >&2; exit 2 ;;
   esac
 done

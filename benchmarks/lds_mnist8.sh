@@ -31,3 +31,7 @@ $D lds eval $BENCH $RUNARG --timesteps 100 --out $BENCH/combinations-K100.md \
 # The default K (32) for the kernel methods: checks the cost–LDS knee chosen on digits8.
 $D lds eval $BENCH $RUNARG --method "das,dtrak,trak,combine[methods=das+trak]" --timesteps 32 \
   --out $BENCH/results-K32.md
+# Screens (each method's scores kept on the target's M pixel-nearest training images, the kernel
+# on all N), from the cached DAS kernels and EK-FAC scores.
+$D lds eval $BENCH $RUNARG --timesteps 100 --out $BENCH/screened-K100.md \
+  --method "das,ekfac,combine[methods=das+ekfac]" --screen pixel-cos:50,pixel-cos:100

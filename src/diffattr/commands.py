@@ -623,7 +623,7 @@ def register(add) -> None:
         default=None,
         metavar="SIMILARITY:M",
         help="score each target on its M most similar training images only (pixel-cos, "
-        "pixel-dot or embedding-cos; e.g. pixel-cos:200): only their union is featurized, the "
+        "pixel-dot or embedding-cos; M images or a share: pixel-cos:200, pixel-cos:5%%): the "
         "others get no score (NaN in scores.npy, absent from the top-k tables)",
     )
     p.add_argument(

@@ -712,8 +712,9 @@ def screen_note(s: Scores) -> str:
     if not screen:
         return ""
     return (
-        f"screened: each target scored on its {screen['size']} most similar training images "
-        f"by {screen['similarity']} (kernel on the {screen['kernel']}); the rest unscored"
+        f"screened: each target scored on its {screen.get('candidates', screen['size'])} most "
+        f"similar training images by {screen['similarity']} (kernel on the {screen['kernel']}); "
+        "the rest unscored"
     )
 
 

@@ -47,7 +47,7 @@ def test_screened_scores_cover_the_candidates_only(setup):
         # the candidates are the five most similar images
         assert pixel[t, scored].min() >= np.delete(pixel[t], scored).max()
     assert s.meta["screen"] == {"similarity": "pixel-cos", "size": 5, "kernel": "candidates",
-                                "union": int(np.unique(want).size)}  # fmt: skip
+                                "candidates": 5, "union": int(np.unique(want).size)}  # fmt: skip
     ids, values = s.top_k(3)
     assert np.isfinite(values).all()
     assert all(set(ids[t]) <= set(train.ids.numpy()[want[t]]) for t in range(len(targets)))
@@ -106,3 +106,16 @@ def test_the_all_kernel_keeps_the_unscreened_scores_of_the_candidates(setup):
     scored = np.isfinite(s.values)
     assert (scored.sum(axis=1) == 5).all()
     np.testing.assert_allclose(s.values[scored], plain[scored], rtol=1e-5, atol=1e-7)
+
+
+def test_a_screen_may_be_a_share_of_the_training_set():
+    assert Screen.parse("pixel-cos:5%") == Screen("pixel-cos", 0.05)
+    assert Screen.parse("pixel-cos:0.05").count(500) == 25
+    assert (
+        Screen.parse("pixel-cos:25").count(500) == 25 and Screen("pixel-cos", 900).count(500) == 500
+    )
+    assert Screen("pixel-cos", 0.001).count(100) == 1
+    assert str(Screen.parse("pixel-cos:5%")) == "pixel-cos:5%"
+    for bad in ("pixel-cos:1.5", "pixel-cos:-3", "pixel-cos:0%"):
+        with pytest.raises(ConfigError, match="--screen"):
+            Screen.parse(bad)

@@ -256,11 +256,18 @@ class Attributor:
     def _score_screened(self, inputs: ScoreInputs, targets: Any, screen: Screen) -> Scores:
         """:meth:`score` restricted to each target's candidates (features of their union)."""
         check_screenable(self.method)
-        candidates = candidate_rows(similarity_scores(screen, inputs), screen.size)
+        similarity = similarity_scores(screen, inputs)
+        candidates = candidate_rows(similarity, screen.count(inputs.num_train))
         union = np.arange(inputs.num_train) if screen.kernel == "all" else np.unique(candidates)
         ids = inputs.target_ids
         sub = restrict(inputs, union, np.arange(inputs.num_targets))
-        meta: dict[str, Any] = {"screen": {**screen.describe(), "union": int(union.size)}}
+        meta: dict[str, Any] = {
+            "screen": {
+                **screen.describe(),
+                "candidates": int(candidates.shape[1]),
+                "union": int(union.size),
+            }
+        }
         skipped_train = skipped_targets = np.zeros(0, dtype=np.int64)
         dim = None
         if self.method.measure is not None:

@@ -41,11 +41,18 @@ DEFAULT_SCREEN_KERNEL = "union"
 
 @dataclass(frozen=True)
 class Screen:
-    """Keep, per target, the ``size`` training images most similar by ``similarity``."""
+    """Keep, per target, the ``size`` training images most similar by ``similarity``: a
+    number of images, or below 1 a fraction of the training set (``pixel-cos:5%``)."""
 
     similarity: str
-    size: int
+    size: int | float
     kernel: str = DEFAULT_SCREEN_KERNEL
+
+    def count(self, num_train: int) -> int:
+        """M for a training set of ``num_train`` images (a fraction rounded, at least 1)."""
+        if self.size < 1:
+            return max(1, int(round(self.size * num_train)))
+        return min(int(self.size), num_train)
 
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITIES:
@@ -53,8 +60,13 @@ class Screen:
                 f"--screen: unknown similarity {self.similarity!r}",
                 hint=f"choose from {', '.join(SIMILARITIES)}",
             )
-        if isinstance(self.size, bool) or int(self.size) < 1:
-            raise ConfigError(f"--screen: the number of candidates must be ≥ 1, got {self.size}")
+        size = self.size
+        whole = isinstance(size, int) or float(size).is_integer()
+        if isinstance(size, bool) or not size > 0 or (size >= 1 and not whole):
+            raise ConfigError(
+                f"--screen: M must be a whole number ≥ 1 or a fraction of the training set "
+                f"below 1 (e.g. 5%), got {size}"
+            )
         if self.kernel not in KERNEL_FORMS:
             raise ConfigError(
                 f"--screen-kernel: unknown kernel {self.kernel!r}",
@@ -63,20 +75,29 @@ class Screen:
 
     @classmethod
     def parse(cls, text: str, kernel: str = DEFAULT_SCREEN_KERNEL) -> Screen:
-        """``SIMILARITY:M``, e.g. ``pixel-cos:100``."""
+        """``SIMILARITY:M``: M images (``pixel-cos:100``) or a share of the training set
+        (``pixel-cos:5%`` or ``pixel-cos:0.05``)."""
         name, sep, size = str(text).rpartition(":")
+        m: int | float = 0
         try:
-            m = int(size)
+            if size.endswith("%"):
+                m = float(size[:-1]) / 100
+            else:
+                m = float(size) if "." in size or "e" in size.lower() else int(size)
         except ValueError:
             m = 0
-        if not sep or not name or m < 1:
+        if isinstance(m, float) and m >= 1 and m.is_integer():
+            m = int(m)
+        if not sep or not name or not m > 0:
             raise ConfigError(
-                f"--screen {text!r} is not SIMILARITY:M", hint="e.g. --screen pixel-cos:100"
+                f"--screen {text!r} is not SIMILARITY:M",
+                hint="e.g. --screen pixel-cos:100 or --screen pixel-cos:5%",
             )
         return cls(name, m, kernel)
 
     def __str__(self) -> str:
-        return f"{self.similarity}:{self.size}"
+        size = f"{self.size * 100:g}%" if self.size < 1 else str(int(self.size))
+        return f"{self.similarity}:{size}"
 
     def describe(self) -> dict[str, Any]:
         return {"similarity": self.similarity, "size": self.size, "kernel": self.kernel}

@@ -766,7 +766,7 @@ def _masked(ctx: _EvalContext, screen: Any, scores: list[np.ndarray]) -> list[np
         num_targets=len(ctx.gt.images), train_ids=ctx.train_set.ids.numpy(),
         store_dir=ctx.run.features_dir if ctx.run is not None else None,
     )  # fmt: skip
-    cand = candidate_rows(similarity_scores(screen, inputs), screen.size)
+    cand = candidate_rows(similarity_scores(screen, inputs), screen.count(len(images)))
     keep = np.zeros((len(ctx.gt.images), len(images)), dtype=bool)
     np.put_along_axis(keep, cand, True, axis=1)
     return [np.where(keep, s, 0.0) for s in scores]
