@@ -763,7 +763,7 @@ def _masked(ctx: _EvalContext, screen: Any, scores: list[np.ndarray]) -> list[np
     images = ctx.train_set.images
     inputs = ScoreInputs(
         train_images=images, target_images=ctx.gt.images, num_train=len(images),
-        num_targets=len(ctx.gt.images), train_ids=ctx.train_set.ids.numpy(),
+        num_targets=len(ctx.gt.images), train_ids=np.asarray(ctx.train_set.ids),
         store_dir=ctx.run.features_dir if ctx.run is not None else None,
     )  # fmt: skip
     cand = candidate_rows(similarity_scores(screen, inputs), screen.count(len(images)))
