@@ -119,3 +119,12 @@ def test_a_screen_may_be_a_share_of_the_training_set():
     for bad in ("pixel-cos:1.5", "pixel-cos:-3", "pixel-cos:0%"):
         with pytest.raises(ConfigError, match="--screen"):
             Screen.parse(bad)
+
+
+def test_the_command_line_offers_every_screen_kernel():
+    from diffattr.attribution.screening import DEFAULT_SCREEN_KERNEL, KERNEL_FORMS
+    from diffattr.cli import build_parser
+
+    score = build_parser()._subparsers._group_actions[0].choices["score"]
+    action = next(a for a in score._actions if a.dest == "screen_kernel")
+    assert tuple(action.choices) == KERNEL_FORMS and action.default == DEFAULT_SCREEN_KERNEL

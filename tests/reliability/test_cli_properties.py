@@ -152,7 +152,7 @@ def no_scoring(monkeypatch):
     from diffattr.attribution.attributor import Attributor, as_images
     from diffattr.attribution.scores import Scores
 
-    def fake_score(self, targets, target_ids=None):
+    def fake_score(self, targets, target_ids=None, screen=None):
         images, ids = as_images(targets, target_ids)
         n = len(self.train)
         return Scores(np.zeros((len(ids), n)), self.train.ids.numpy(), ids, self.method.name)
