@@ -41,6 +41,7 @@ from diffattr.evaluation.lds import (
     KIND_NAMES,
     GroundTruth,
     KernelCache,
+    cache_inputs,
     cross_fit,
     lds_per_target,
     method_scores,
@@ -62,21 +63,6 @@ def das_cache(bench: Path, timesteps: int) -> KernelCache:
         if f.get("projector") in ("identity", None) and f.get("normalize", True):
             return cache
     raise SystemExit(f"{bench}: no exact DAS kernel cache at K = {timesteps}")
-
-
-def cache_inputs(cache: KernelCache, train_images, target_images) -> ScoreInputs:
-    return ScoreInputs(
-        train_images=train_images,
-        target_images=target_images,
-        num_train=len(train_images),
-        num_targets=len(target_images),
-        train_gram=cache.gram,
-        target_inner=cache.inner,
-        train_sqnorm=np.diag(cache.gram).copy(),
-        target_sqnorm=cache.target_sqnorm,
-        train_error=cache.error,
-        train_residual=cache.residual,
-    )
 
 
 def mean_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float, float]:

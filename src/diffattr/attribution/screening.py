@@ -194,23 +194,15 @@ def screened_scores(
         raise ConfigError(f"unknown screen kernel {kernel!r}", hint=", ".join(KERNEL_FORMS))
     out = np.full((T, N), np.nan)
     lams: list[float] = []
-    if kernel == "all":
-        rows = np.arange(N)
+    if kernel in ("all", "union") or not method.uses_kernel:
+        # one kernel for every target: on all N, or on the union of the candidates
+        rows = np.arange(N) if kernel == "all" else np.unique(candidates)
         sub = restrict(inputs, rows, np.arange(T))
         if method.uses_kernel:
-            sub.kernel = fit_gram_kernel(method, sub.train_gram, lam, min(N, dim or N))
+            sub.kernel = fit_gram_kernel(method, sub.train_gram, lam, min(len(rows), dim or N))
             lams.append(sub.kernel.lam)
         values = method.score(sub)
-        out[np.arange(T)[:, None], candidates] = np.take_along_axis(values, candidates, axis=1)
-        return out, lams
-    if kernel == "union" or not method.uses_kernel:
-        union = np.unique(candidates)
-        sub = restrict(inputs, union, np.arange(T))
-        if method.uses_kernel:
-            sub.kernel = fit_gram_kernel(method, sub.train_gram, lam, min(len(union), dim or N))
-            lams.append(sub.kernel.lam)
-        values = method.score(sub)
-        pos = np.searchsorted(union, candidates)
+        pos = np.searchsorted(rows, candidates)
         out[np.arange(T)[:, None], candidates] = np.take_along_axis(values, pos, axis=1)
         return out, lams
     for t in range(T):

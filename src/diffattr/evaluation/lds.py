@@ -584,16 +584,11 @@ def kernel_cache(
     return KernelCache.load(path)  # the same (float32-rounded) numbers as a later reload
 
 
-def method_scores(
-    method: str, cache: KernelCache | None, ridges: list[Any], train_images, target_images,
-    **options: Any,
-) -> list[np.ndarray]:  # fmt: skip
-    """Scores (T, N) per λ rule in ``ridges`` (a :class:`Ridge`, or None for the method's
-    default); one entry for kernel-free methods."""
-    from diffattr.attribution.kernel import Kernel
-    from diffattr.attribution.methods import ScoreInputs, get_method
+def cache_inputs(cache: KernelCache | None, train_images, target_images) -> Any:
+    """:class:`ScoreInputs` of a benchmark's images and, if given, its kernel cache (Gram form:
+    ΦΦᵀ, φ(x)ᵀΦᵀ, squared norms, error and residual columns)."""
+    from diffattr.attribution.methods import ScoreInputs
 
-    m = get_method(method, **options)
     inputs = ScoreInputs(
         train_images=train_images,
         target_images=target_images,
@@ -607,6 +602,20 @@ def method_scores(
         inputs.target_sqnorm = cache.target_sqnorm
         inputs.train_error = cache.error
         inputs.train_residual = cache.residual
+    return inputs
+
+
+def method_scores(
+    method: str, cache: KernelCache | None, ridges: list[Any], train_images, target_images,
+    **options: Any,
+) -> list[np.ndarray]:  # fmt: skip
+    """Scores (T, N) per λ rule in ``ridges`` (a :class:`Ridge`, or None for the method's
+    default); one entry for kernel-free methods."""
+    from diffattr.attribution.kernel import Kernel
+    from diffattr.attribution.methods import get_method
+
+    m = get_method(method, **options)
+    inputs = cache_inputs(cache, train_images, target_images)
     if not m.uses_kernel:
         return [m.score(inputs)]
     out = []
@@ -680,6 +689,7 @@ def evaluate_benchmark(
         run, bench, gt, train_set, base_settings or FeatureSettings(), lambdas, progress, device
     )
     rows: list[dict[str, Any]] = []
+    keep = {screen: _screen_mask(ctx, screen) for screen in screens or []}
     ceiling = noise_ceiling(gt)
     for method, options in methods:
         if method not in METHODS:
@@ -689,7 +699,9 @@ def evaluate_benchmark(
         for K in [None] if feature_free else timesteps:
             scores = _scores_at(ctx, method, options, K)
             for screen in screens or [None]:
-                screened = scores if screen is None else _masked(ctx, screen, scores)
+                screened = (
+                    scores if screen is None else [np.where(keep[screen], s, 0.0) for s in scores]
+                )
                 summary = summarize_grid(gt, screened, lambdas, method, bootstrap)
                 label = method_label(method, options)
                 row = {"method": label if screen is None else f"{label} screen={screen}",
@@ -749,8 +761,8 @@ def _scores_at(ctx: _EvalContext, method: str, options: dict[str, Any], K: int |
     )
 
 
-def _masked(ctx: _EvalContext, screen: Any, scores: list[np.ndarray]) -> list[np.ndarray]:
-    """Each score matrix kept on the screen's candidates of each target, 0 elsewhere."""
+def _screen_mask(ctx: _EvalContext, screen: Any) -> np.ndarray:
+    """(T, N) True on each target's candidates: scores are kept there, 0 elsewhere."""
     from diffattr.attribution.methods import ScoreInputs
     from diffattr.attribution.screening import candidate_rows, similarity_scores
 
@@ -769,7 +781,7 @@ def _masked(ctx: _EvalContext, screen: Any, scores: list[np.ndarray]) -> list[np
     cand = candidate_rows(similarity_scores(screen, inputs), screen.count(len(images)))
     keep = np.zeros((len(ctx.gt.images), len(images)), dtype=bool)
     np.put_along_axis(keep, cand, True, axis=1)
-    return [np.where(keep, s, 0.0) for s in scores]
+    return keep
 
 
 def _model_based_scores(ctx: _EvalContext, method: str, options: dict[str, Any], K: int):
