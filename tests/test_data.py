@@ -417,3 +417,10 @@ def test_uint8_png_and_grid(tmp_path: Path) -> None:
     save_png(ds.images[0, :1], tmp_path / "gray.png")
     with Image.open(tmp_path / "gray.png") as im:
         assert im.mode == "L"
+
+
+def test_a_resize_that_would_not_fit_in_memory_is_refused_before_allocating():
+    from diffattr.data import load_dataset
+
+    with pytest.raises(DataError, match="more than half of this machine"):
+        load_dataset("digits", size=100_000)  # 1797 × 100,000² floats: ~72 TB
