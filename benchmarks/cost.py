@@ -102,9 +102,11 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(2)
+    from diffattr.families import family_of
+
     run = RunDir(args.run)
     model = load_unet(run.model_dir)
-    schedule = run.train_config().schedule
+    schedule = family_of(run).train_config(run).schedule
     train, val = run.data_spec().load()
     images, ids = train.images[: args.images], train.ids.numpy()[: args.images]
     n = len(ids)

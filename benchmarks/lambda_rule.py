@@ -19,15 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from diffattr.attribution.ridge import DEFAULT_RIDGE, Ridge
-from diffattr.evaluation.lds import (
-    DEFAULT_LAMBDAS,
-    KIND_NAMES,
-    GroundTruth,
-    KernelCache,
-    cross_fit,
-    lds_per_target,
-    method_scores,
-)
+from diffattr.evaluation.ground_truth import KIND_NAMES, GroundTruth, lds_per_target
+from diffattr.evaluation.kernel_cache import KernelCache
+from diffattr.evaluation.lds import DEFAULT_LAMBDAS, cross_fit, method_scores
 from diffattr.fsio import read_json
 from diffattr.run import DataSpec
 

@@ -37,15 +37,9 @@ import torch
 from diffattr.attribution.defaults import DEFAULT_TIMESTEPS
 from diffattr.attribution.methods import ScoreInputs, get_method
 from diffattr.attribution.screening import Screen, candidate_rows, restrict, screened_scores
-from diffattr.evaluation.lds import (
-    KIND_NAMES,
-    GroundTruth,
-    KernelCache,
-    cache_inputs,
-    cross_fit,
-    lds_per_target,
-    method_scores,
-)
+from diffattr.evaluation.ground_truth import KIND_NAMES, GroundTruth, lds_per_target
+from diffattr.evaluation.kernel_cache import KernelCache, cache_inputs
+from diffattr.evaluation.lds import cross_fit, method_scores
 from diffattr.fsio import read_json
 from diffattr.run import DataSpec
 
@@ -132,6 +126,7 @@ def timing(run_dir: Path, bench: Path, timesteps: int) -> list[dict]:
     from diffattr.attribution.attributor import Attributor
     from diffattr.attribution.featurize import FeatureSettings
     from diffattr.diffusion.presets import load_unet
+    from diffattr.families import family_of
     from diffattr.run import RunDir
 
     torch.set_num_threads(2)
@@ -146,7 +141,7 @@ def timing(run_dir: Path, bench: Path, timesteps: int) -> list[dict]:
         screen = None if m is None else Screen("pixel-cos", m)
         with tempfile.TemporaryDirectory() as store:
             att = Attributor(
-                model, train_set, store, "das", schedule=run.train_config().schedule,
+                model, train_set, store, "das", schedule=family_of(run).train_config(run).schedule,
                 settings=FeatureSettings(timesteps=timesteps), progress=False,
             )  # fmt: skip
             t0 = time.perf_counter()

@@ -57,8 +57,8 @@ def test_report_without_scores_renders(tmp_path):
     "argv,needle",
     [
         (["train", "--out", "{tmp}/r", "--data", "{tmp}/nothing.npz"], "nothing.npz"),
-        (["generate", "{tmp}/missing-run"], "model"),
-        (["score", "{tmp}/missing-run"], "missing-run"),
+        (["generate", "{tmp}/missing-run"], "missing-run does not exist"),
+        (["score", "{tmp}/missing-run"], "missing-run does not exist"),
         (["train", "--out", "{tmp}/r", "--steps", "0"], "--steps"),
     ],
 )

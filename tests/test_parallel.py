@@ -177,11 +177,12 @@ def _shard_dying_midway(job):
 def test_ray_redoes_the_rows_a_dead_worker_left(ray_runtime, trained, reference, tmp_path):
     from diffattr.attribution.shards import ShardJob, shard_rows
     from diffattr.attribution.store import RowClaims
+    from diffattr.families import load_for_worker
 
     run = fresh_run(trained, tmp_path / "run")
     assert run_main("featurize", run, *FEATURIZE, "--rows", "0:4")[0] == 0  # creates the store
     settings = FeatureStore.load(next((run / "features").glob("train-das-*")), False).settings
-    template = ShardJob(str(run), "das", settings["features"], (), batch_size=4)
+    template = ShardJob(str(run), "das", settings["features"], (), load_for_worker, batch_size=4)
     jobs = [replace(template, rows=tuple(p.tolist())) for p in shard_rows(np.arange(24), 2, 4)]
     with RayExecutor(progress=False) as ex:
         assert list(ex.map(_shard_dying_midway, jobs)) == [12, 12]

@@ -6,19 +6,33 @@ the LDS measured there is what the demo's DAS attains (``benchmarks/README.md``)
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diffattr.fsio import atomic_write_json, ensure_writable_dir
 
+#: The methods the demo attributes with.
+DEMO_METHODS = [("das", {}), ("pixel-cos", {})]
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from diffattr.attribution.gradients import resolve_device
-    from diffattr.cli import _data_spec, _train_config
-    from diffattr.commands import cmd_report, cmd_score
+
+def run_demo(
+    out: str | Path,
+    spec: Any,
+    config: Any,
+    num_targets: int = 16,
+    timesteps: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``config`` on ``spec``'s data into ``out``, generate ``num_targets`` images,
+    score them with :data:`DEMO_METHODS` (default settings, features at ``timesteps``) and
+    write the report; a summary with the report's path and the sample quality."""
+    from diffattr.attribution.featurize import FeatureSettings
+    from diffattr.commands.attribute import score_run, write_run_report
     from diffattr.diffusion.presets import load_unet, model_fingerprint
     from diffattr.diffusion.sampling import sample, save_samples
     from diffattr.diffusion.training import train
@@ -26,17 +40,15 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.run import RunDir
 
     t0 = time.time()
-    device = resolve_device(getattr(args, "device", "cpu"))
-    run = RunDir(ensure_writable_dir(args.out))
-    spec, config = _data_spec(args), _train_config(args)
+    run = RunDir(ensure_writable_dir(out))
     train_set, val_set = spec.load()
     run.start(spec, config)
-    say = (lambda *a: None) if args.quiet else print
+    say = print if progress else (lambda *a: None)
     say(f"[1/4] training the {config.preset} model on {len(train_set)} {spec.data} images")
-    train(train_set, config, run.path, progress=not args.quiet, device=device)
+    train(train_set, config, run.path, progress=progress, device=device)
     model = load_unet(run.model_dir)
-    say(f"[2/4] generating {args.num_targets} images")
-    samples = sample(model, np.arange(args.num_targets), config.schedule, progress=not args.quiet)
+    say(f"[2/4] generating {num_targets} images")
+    samples = sample(model, np.arange(num_targets), config.schedule, progress=progress)
     save_samples(samples, run.samples_dir, model_fingerprint(model))
     quality = quality_report(
         sample(model, np.arange(1000, 1256), config.schedule, progress=False).images,
@@ -47,35 +59,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     )
     atomic_write_json(run.path / "quality.json", quality)
     say("[3/4] attributing with DAS and pixel cosine")
-    score_args = argparse.Namespace(
-        **{
-            **vars(args),
-            "run": str(run.path),
-            "method": "das,pixel-cos",
-            "targets": "samples",
-            "k": 10,
-            "lam": None,
-            "relative_lambda": None,
-            "effective_dim": None,
-            "residual": "error",
-            "leverage": False,
-            "squared": False,
-            "timestep_strategy": "uniform",
-            "no_normalize": False,
-            "noise_seed": 0,
-            "params": None,
-            "projector": "auto",
-            "proj_dim": None,
-            "proj_seed": 0,
-            "batch_size": 32,
-        }
-    )
-    cmd_score(score_args)
+    settings = FeatureSettings()
+    if timesteps is not None:
+        settings = replace(settings, timesteps=timesteps)
+    score_run(run, DEMO_METHODS, settings=settings, device=device, progress=progress)
     say("[4/4] writing the report")
-    score_args.out = None
-    report = cmd_report(score_args)["report"]
+    report, _ = write_run_report(run)
     return {
-        "report": report,
+        "report": str(report),
         "samples": str(run.samples_dir / "grid.png"),
         "quality": quality,
         "seconds": round(time.time() - t0, 1),

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from diffattr.errors import DiffattrError, StorageError, storage_error
 
 
@@ -146,9 +148,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def atomic_write_npz(path: str | Path, **arrays: Any) -> None:
+    """Write ``arrays`` as an uncompressed ``.npz`` to ``path`` atomically."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def claim_manifest(path: str | Path, manifest: dict[str, Any], keys: tuple[str, ...], what: str):
+    """Write ``manifest`` to ``path``, or check that the one there agrees on ``keys``: a
+    :class:`DiffattrError` saying that ``path``'s directory holds ``what`` of other settings."""
+    path = Path(path)
+    if not path.is_file():
+        atomic_write_json(path, manifest)
+        return
+    have = read_json(path)
+    for key in keys:
+        if have.get(key) != manifest[key]:
+            raise DiffattrError(
+                f"{path.parent} holds {what} with other {key} settings",
+                hint="use another --out directory, or the original settings",
+            )
 
 
 def read_json(path: str | Path) -> Any:

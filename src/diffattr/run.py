@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from diffattr.data import ImageDataset, load_dataset, train_val_split
-from diffattr.diffusion.training import TrainConfig
 from diffattr.errors import DiffattrError
 from diffattr.fsio import atomic_write_json, read_json
 
@@ -41,9 +40,9 @@ class DataSpec:
         )
 
 
-#: Model families: how a run's model is trained, sampled and attributed. ``unconditional``:
-#: a pixel-space UNet trained from scratch (`diffattr train`); ``text2image``: LoRA on a
-#: latent text-to-image pipeline (`diffattr finetune`, :mod:`diffattr.text2image`).
+#: Model families recorded in run.json (:mod:`diffattr.families` implements each):
+#: ``unconditional``, a pixel-space UNet trained from scratch (`diffattr train`);
+#: ``text2image``, LoRA on a latent text-to-image pipeline (`diffattr finetune`).
 UNCONDITIONAL, TEXT2IMAGE = "unconditional", "text2image"
 
 
@@ -102,15 +101,7 @@ class RunDir:
     def data_spec(self) -> DataSpec:
         return DataSpec(**self.manifest()["data"])
 
-    def train_config(self) -> TrainConfig:
-        """The training settings (a ``LoraTrainConfig`` for text-to-image runs)."""
-        if self.family == TEXT2IMAGE:
-            from diffattr.text2image.training import LoraTrainConfig
-
-            return LoraTrainConfig.from_dict(self.manifest()["train"])
-        return TrainConfig.from_dict(self.manifest()["train"])
-
-    def start(self, spec: DataSpec, config: TrainConfig, family: str = UNCONDITIONAL) -> None:
+    def start(self, spec: DataSpec, config: Any, family: str = UNCONDITIONAL) -> None:
         """Record the family, data spec and training config, refusing to change those of an
         existing run."""
         if self.manifest_path.is_file():
@@ -120,8 +111,7 @@ class RunDir:
                     f"{self.path} holds a {have} run, not a {family} one",
                     hint="use another --out directory",
                 )
-        if family != UNCONDITIONAL:
-            self.update("family", family)
+        self.update("family", family)
         wanted = {"data": asdict(spec), "train": config.to_dict()}
         if self.manifest_path.is_file():
             have = read_json(self.manifest_path)

@@ -24,13 +24,3 @@ def generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(*keys))
     return g
-
-
-def keyed_normal(shape: tuple[int, ...], *keys: int) -> torch.Tensor:
-    """Standard normal tensor (float32, CPU) drawn from the stream keyed by ``keys``."""
-    return torch.randn(shape, generator=generator(*keys), dtype=torch.float32)
-
-
-def keyed_randint(high: int, *keys: int) -> int:
-    """One integer uniform on ``[0, high)`` from the stream keyed by ``keys``."""
-    return int(torch.randint(high, (1,), generator=generator(*keys)).item())

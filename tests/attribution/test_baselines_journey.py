@@ -122,19 +122,26 @@ def test_bit_identical_check_and_errors(setup, tmp_path):
         get_method("journey-trak").score(inputs)
 
 
-def test_benchmark_scores_journey_on_generated_trak_on_real(setup, tmp_path):
-    """LDS helper: generated targets get trajectory features, real ones TRAK's, per λ."""
-    from diffattr.attribution.context import benchmark_scores
+def test_score_grid_journey_on_generated_trak_on_real(setup, tmp_path):
+    """LDS form (TRAK's kernel as a Gram): generated targets get trajectory features, real ones
+    TRAK's, per λ."""
+    from diffattr.attribution.kernel import dual_gram, inner_products
 
     model, train, samples = setup
     images = torch.cat([samples.images, train.images[5:6]])
     ids, seeds = np.array([100, 101, 7]), np.array([5, 6, -1])
     lambdas = [Ridge("relative", 0.1), Ridge("relative", 1.0), None]  # None: the default rule
-    got = benchmark_scores(
-        "journey-trak", {"num_steps": 2}, lambdas, model=model, train=train,
-        target_images=images, target_ids=ids, target_seeds=seeds, schedule=NoiseSchedule(),
-        settings=SETTINGS, store_dir=tmp_path,
+    journey = Attributor(
+        model, train, tmp_path, method="journey-trak", settings=SETTINGS, progress=False,
+        num_steps=2,
     )  # fmt: skip
+    trak = Attributor(model, train, tmp_path, method="trak", settings=SETTINGS, progress=False)
+    phi = journey.featurize().features
+    inputs = journey.inputs(images, images, ids)
+    inputs.train_features, inputs.target_seeds = phi, seeds
+    inputs.train_gram, inputs.feature_dim = dual_gram(phi), phi.shape[1]
+    inputs.target_inner = inner_products(trak.featurize_targets(images, ids).features, phi)
+    got = journey.method.score_grid(inputs, lambdas)
     feats = explicit_features(model, samples)
     for c, scores in zip(lambdas, got, strict=True):
         att = Attributor(

@@ -102,20 +102,22 @@ def test_registered_methods_and_run_directory(data, tmp_path):
     scores.save(tmp_path / "out")  # options with models are JSON-safe in the meta
 
 
-def test_benchmark_scores_default_to_the_run_checkpoints(data, tmp_path):
-    from diffattr.attribution.context import benchmark_scores
-
+def test_checkpoints_default_to_the_run_and_gas_takes_no_lambda(data, tmp_path):
     train, targets = data
     models = checkpoints()
     run = tmp_path / "run"
     for step, m in zip((1, 2), models, strict=True):
         m.save_pretrained(run / "checkpoints" / f"step-{step:07d}" / "ema")
         (run / "checkpoints" / f"step-{step:07d}" / "state.json").write_text("{}")
-    got = benchmark_scores(
-        "gas", {}, [Ridge("relative", 0.1), None], model=models[1], train=train,
-        target_images=targets,
-        target_ids=np.arange(3), target_seeds=None, schedule=NoiseSchedule(),
-        settings=SETTINGS, store_dir=tmp_path / "f", run_dir=run,
+    gas = get_method("gas")
+    options = gas.options_from({"run_dir": str(run), "noise_seed": 3}, {})
+    assert options == {"checkpoints": str(run)}
+    att = Attributor(
+        models[1], train, tmp_path / "f", method="gas", settings=SETTINGS, progress=False,
+        **options,
     )  # fmt: skip
+    got = att.method.score_grid(
+        att.inputs(targets, targets, np.arange(3)), [Ridge("relative", 0.1), None]
+    )
     assert len(got) == 1  # no λ
     np.testing.assert_allclose(got[0], explicit(models, train, targets, [1, 1], "cos"), 1e-5)

@@ -7,6 +7,7 @@ from diffattr.attribution.attributor import Attributor
 from diffattr.attribution.combination import combine_scores, parse_members, standardise
 from diffattr.attribution.featurize import FeatureSettings
 from diffattr.attribution.method_spec import parse_method_list
+from diffattr.attribution.methods import get_method
 from diffattr.errors import ConfigError
 
 SETTINGS = FeatureSettings(timesteps=2, params="^conv_out")
@@ -33,9 +34,12 @@ def test_members_parse_with_their_own_options():
     ]
     ((name, options),) = parse_method_list("combine[methods=das+ekfac[normalize=true;query=das]]")
     assert name == "combine" and options == {"methods": "das+ekfac[normalize=true;query=das]"}
-    for bad in ("das", "das+", "das+combine[methods=a+b]"):
+    for bad in ("das", "das+"):
         with pytest.raises(ConfigError):
             parse_members(bad)
+    for bad in ("das+combine[methods=das+trak]", "das+nosuch", "das+trak[nosuch=1]"):
+        with pytest.raises(ConfigError):
+            get_method("combine", methods=bad).components()
 
 
 def test_combine_through_attributor_equals_its_members(tiny_model, digits, tmp_path):

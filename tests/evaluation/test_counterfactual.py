@@ -1,4 +1,3 @@
-import argparse
 import json
 
 import numpy as np
@@ -6,7 +5,7 @@ import pytest
 import torch
 
 from diffattr.attribution.embedding import EncoderSettings
-from diffattr.cli import _add_common, main
+from diffattr.cli import build_parser, main
 from diffattr.data import load_builtin
 from diffattr.diffusion.presets import load_unet, model_fingerprint
 from diffattr.diffusion.sampling import sample, save_samples
@@ -18,18 +17,8 @@ from diffattr.run import DataSpec, RunDir
 
 
 def run_command(argv: list[str]) -> dict:
-    """``diffattr counterfactual ARGV`` through the parser ``add_counterfactual_parser`` makes."""
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-
-    def add(name, help_, examples, handler):
-        p = sub.add_parser(name, help=help_)
-        p.set_defaults(handler=handler)
-        _add_common(p)
-        return p
-
-    cf.add_counterfactual_parser(add)
-    args = parser.parse_args(["counterfactual", *argv])
+    """``diffattr counterfactual ARGV``: its handler's summary (the CLI prints it)."""
+    args = build_parser().parse_args(["counterfactual", *argv])
     return args.handler(args)
 
 

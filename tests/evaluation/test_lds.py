@@ -10,7 +10,8 @@ import torch
 
 from diffattr.cli import main
 from diffattr.errors import DiffattrError
-from diffattr.evaluation.lds import GroundTruth, cross_fit, evaluate_benchmark, lds_per_target
+from diffattr.evaluation.ground_truth import GroundTruth, lds_per_target
+from diffattr.evaluation.lds import cross_fit, evaluate_benchmark
 from diffattr.evaluation.stats import bootstrap_mean_ci, spearman_columns
 
 
@@ -104,7 +105,7 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
     assert "| das | 1 |" in (bench / "results.md").read_text()
     # The default λ rule's LDS is reported next to the cross-fit: it is the LDS of the scores
     # that the default Attributor gives, and a λ-free method's default is its one LDS.
-    from diffattr.evaluation.lds import kernel_cache as load_cache
+    from diffattr.evaluation.kernel_cache import kernel_cache as load_cache
     from diffattr.evaluation.lds import method_scores
 
     cache = load_cache(None, bench, gt, FeatureSettings(timesteps=1))

@@ -59,7 +59,9 @@ def test_attribution_flow(run_dir, capsys):
     assert "<img" in run.report_path.read_text()
     capsys.readouterr()
     assert main(["score", str(run_dir), "--method", "tracin", "--quiet"]) == 2
-    assert "not available for text-to-image runs" in capsys.readouterr().err
+    assert "tracin is not available for text2image runs (it needs checkpoints)" in (
+        capsys.readouterr().err
+    )
     assert main(["generate", str(run_dir), "--sampler", "ddpm", "--quiet"]) == 2
 
 

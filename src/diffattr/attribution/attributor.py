@@ -8,7 +8,6 @@ ids, values = scores.top_k(8)
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,9 @@ from diffattr.attribution.featurize import (
     with_available_projector,
 )
 from diffattr.attribution.gradients import resolve_device, select_parameters
+from diffattr.attribution.inputs import ScoreInputs, as_images, images_fingerprint
 from diffattr.attribution.kernel import Kernel, dual_gram, inner_products
-from diffattr.attribution.methods import (
-    Method,
-    ScoreInputs,
-    fill_context,
-    get_method,
-    method_meta,
-)
+from diffattr.attribution.methods import Method, get_method, method_meta
 from diffattr.attribution.ridge import Ridge
 from diffattr.attribution.scores import Scores
 from diffattr.attribution.screening import (
@@ -46,30 +40,6 @@ from diffattr.attribution.store import FeatureStore
 from diffattr.data import ImageDataset
 from diffattr.diffusion.schedule import NoiseSchedule
 from diffattr.errors import DataError
-
-
-def images_fingerprint(
-    images: torch.Tensor, ids: np.ndarray, conditioning: torch.Tensor | None = None
-) -> str:
-    """sha256 of target images, ids and conditioning, if any (names a target feature store)."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(images.numpy(), dtype=np.float32).tobytes())
-    h.update(np.asarray(ids, dtype=np.int64).tobytes())
-    if conditioning is not None:
-        h.update(np.ascontiguousarray(conditioning.numpy(), dtype=np.float32).tobytes())
-    return h.hexdigest()
-
-
-def as_images(targets: Any, ids: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
-    """(images, ids) from a tensor, an :class:`ImageDataset` or generated ``Samples``."""
-    if isinstance(targets, ImageDataset):
-        return targets.images, targets.ids.numpy()
-    images = getattr(targets, "images", targets)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise DataError("targets must be an N×C×H×W tensor, an ImageDataset or Samples")
-    if ids is None:
-        ids = np.arange(images.shape[0], dtype=np.int64)
-    return images.float(), np.asarray(ids, dtype=np.int64)
 
 
 class Attributor:
@@ -198,6 +168,40 @@ class Attributor:
         self._kernel.executor = self.executor
         return self._kernel
 
+    def inputs(self, targets: Any, images: torch.Tensor, ids: np.ndarray) -> ScoreInputs:
+        """:class:`ScoreInputs` of ``targets`` (their ``images`` and ``ids``) with this
+        attributor's context: model, schedule, settings, store, λ, and a ``scorer`` that scores
+        the same targets with another method or model (ensembles, combinations)."""
+
+        def scorer(method: str, options: dict[str, Any], model=None, store_dir=None, lam=None):
+            member = Attributor(
+                self.model if model is None else model, self.train,
+                self.store_dir if store_dir is None else store_dir, method=method,
+                schedule=self.schedule, settings=self.settings, lam=lam,
+                batch_size=self.batch_size, device=self.device, progress=self.progress,
+                **options,
+            )  # fmt: skip
+            return member.score(targets, ids).values
+
+        return ScoreInputs(
+            train_images=self.train.images,
+            target_images=images,
+            num_train=len(self.train),
+            num_targets=images.shape[0],
+            train_ids=self.train.ids.numpy(),
+            target_ids=np.asarray(ids, dtype=np.int64),
+            targets=targets,
+            model=self.model,
+            schedule=self.schedule,
+            settings=self.settings,
+            store_dir=self.store_dir,
+            lam=self.lam,
+            batch_size=self.batch_size,
+            device=self.device,
+            progress=self.progress,
+            scorer=scorer,
+        )
+
     def score(
         self, targets: Any, target_ids: np.ndarray | None = None, screen: Screen | None = None
     ) -> Scores:
@@ -216,13 +220,7 @@ class Attributor:
                 f"target images are {tuple(images.shape[1:])}, the training images "
                 f"{tuple(self.train.images.shape[1:])}"
             )
-        inputs = ScoreInputs(
-            train_images=self.train.images,
-            target_images=images,
-            num_train=len(self.train),
-            num_targets=images.shape[0],
-        )
-        fill_context(inputs, self, targets, ids)
+        inputs = self.inputs(targets, images, ids)
         if screen is not None:
             return self._score_screened(inputs, targets, screen)
         meta: dict[str, Any] = {}
@@ -245,9 +243,15 @@ class Attributor:
                 meta["lambda"] = inputs.kernel.lam
                 meta["lambda_rule"] = describe_lambda(self.lam, self.method)
                 meta["kernel_form"] = inputs.kernel.form
-        values = self.method.score(inputs)
+        return self._scores(self.method.score(inputs), ids, meta, skipped_train, skipped_targets)
+
+    def _scores(self, values, ids, meta, skipped_train, skipped_targets, unscored=None) -> Scores:
+        """:class:`Scores` of ``values``, those of samples skipped as non-finite set to 0 but
+        for the ``unscored`` entries (NaN: outside a screen's candidates)."""
         if skipped_train.size or skipped_targets.size:
             values = _zero_skipped(values, skipped_train, skipped_targets, self.train, ids)
+            if unscored is not None:
+                values[unscored] = np.nan
             meta["skipped_train_ids"] = self.train.ids.numpy()[skipped_train].tolist()
             meta["skipped_target_ids"] = np.asarray(ids)[skipped_targets].tolist()
         meta.update(method_meta(self.method))
@@ -292,16 +296,11 @@ class Attributor:
         values_u, lams = screened_scores(self.method, sub, pos, screen.kernel, self.lam, dim)
         values = np.full((inputs.num_targets, inputs.num_train), np.nan)
         values[:, union] = values_u
-        if skipped_train.size or skipped_targets.size:
-            outside = np.isnan(values)
-            values = _zero_skipped(values, skipped_train, skipped_targets, self.train, ids)
-            values[outside] = np.nan
         if lams:
             meta["lambda"] = float(np.median(lams))
             meta["lambda_range"] = [float(min(lams)), float(max(lams))]
             meta["lambda_rule"] = describe_lambda(self.lam, self.method)
-        meta.update(method_meta(self.method))
-        return Scores(values, self.train.ids.numpy(), ids, self.method.name, meta)
+        return self._scores(values, ids, meta, skipped_train, skipped_targets, np.isnan(values))
 
 
 def describe_lambda(lam: float | Ridge | None, method: Method) -> str:

@@ -53,32 +53,18 @@ def parse_members(methods: Any) -> list[tuple[str, dict[str, Any]]]:
             f"combine needs two or more methods joined by '+', got {methods!r}",
             hint="e.g. combine[methods=das+trak]",
         )
-    members = [parse_method_list(item)[0] for item in items]
-    for name, _ in members:
-        if name == "combine":
-            raise ConfigError("combine cannot have combine as a member")
-    return members
+    return [parse_method_list(item)[0] for item in items]
 
 
 def combination_from_inputs(inputs: Any, methods: Any = None) -> tuple[np.ndarray, dict]:
-    """The registered ``combine`` method from its ScoreInputs' context (model, store, …)."""
-    from diffattr.attribution.attributor import Attributor
+    """The registered ``combine`` method: each member scored through the inputs' ``scorer``
+    (its own features and default λ, or the λ given), then :func:`combine_scores`."""
     from diffattr.attribution.method_spec import method_label
-    from diffattr.attribution.methods import _require, get_method, training_set
 
     members = parse_members(methods)
-    for name, options in members:
-        get_method(name, **options)  # unknown methods and options fail before any work
-    _require(inputs, "combine", "model", "train_images", "store_dir")
-    train = training_set(inputs)
-    targets = inputs.targets if inputs.targets is not None else inputs.target_images
-    parts, labels = [], []
-    for name, options in members:
-        att = Attributor(
-            inputs.model, train, inputs.store_dir, method=name, schedule=inputs.schedule,
-            settings=inputs.settings, lam=inputs.lam, batch_size=inputs.batch_size,
-            device=inputs.device, progress=inputs.progress, **options,
-        )  # fmt: skip
-        parts.append(att.score(targets, inputs.target_ids).values)
-        labels.append(method_label(name, options))
-    return combine_scores(parts), {"combination_of": labels}
+    if inputs.scorer is None:
+        raise ConfigError(
+            "combine needs a scorer in its ScoreInputs", hint="score it through Attributor"
+        )
+    parts = [inputs.scorer(name, options, lam=inputs.lam) for name, options in members]
+    return combine_scores(parts), {"combination_of": [method_label(n, o) for n, o in members]}

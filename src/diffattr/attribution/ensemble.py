@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from diffattr.attribution.scores import Scores
@@ -74,10 +73,9 @@ def ensemble_from_inputs(
     include_self: bool = True,
     base_options: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The registered ``ensemble`` method: one Attributor per member model, then the mean."""
-    from diffattr.attribution.attributor import Attributor
-    from diffattr.attribution.featurize import FeatureSettings
-    from diffattr.data import ImageDataset
+    """The registered ``ensemble`` method: ``base`` scored on each member model (through the
+    inputs' ``scorer``, each member's features in ``store_dir/ensemble/<fingerprint>``), then
+    the mean."""
     from diffattr.diffusion.presets import load_unet, model_fingerprint
 
     if base == "ensemble":
@@ -93,37 +91,19 @@ def ensemble_from_inputs(
         members.append(m if isinstance(m, nn.Module) else load_unet(m))
     if not members:
         raise ConfigError("ensemble: no member models", hint="pass models=[...]")
-    if inputs.store_dir is None or inputs.train_images is None or inputs.target_images is None:
+    if inputs.store_dir is None or inputs.scorer is None:
         raise ConfigError(
-            "ensemble needs store_dir, train_images and target_images in its ScoreInputs",
+            "ensemble needs store_dir and scorer in its ScoreInputs",
             hint="score it through Attributor, or call ensemble.ensemble_scores",
         )
-    n = inputs.train_images.shape[0]
-    train_ids = inputs.train_ids if inputs.train_ids is not None else np.arange(n)
-    train = ImageDataset(inputs.train_images, torch.as_tensor(np.asarray(train_ids)))
-    settings = inputs.settings or FeatureSettings()
-    attributors = []
-    fingerprints = []
+    values, fingerprints = [], []
     for i, model in enumerate(members):
         fp = model_fingerprint(model)
         fingerprints.append(fp[:12])
         own = include_self and i == 0
         store = Path(inputs.store_dir) if own else Path(inputs.store_dir) / "ensemble" / fp[:12]
-        attributors.append(
-            Attributor(
-                model,
-                train,
-                store,
-                method=base,
-                schedule=inputs.schedule,
-                settings=settings,
-                lam=inputs.lam,
-                batch_size=inputs.batch_size,
-                device=inputs.device,
-                progress=inputs.progress,
-                **(base_options or {}),
-            )
+        values.append(
+            inputs.scorer(base, base_options or {}, model=model, store_dir=store, lam=inputs.lam)
         )
-    targets = inputs.targets if inputs.targets is not None else inputs.target_images
-    scores = ensemble_scores(attributors, targets, inputs.target_ids, method=f"ensemble-{base}")
-    return scores.values.astype(np.float64), {"ensemble_of": base, "members": fingerprints}
+    mean = np.mean(np.asarray(values, dtype=np.float64), axis=0).astype(np.float32)  # as Scores
+    return mean.astype(np.float64), {"ensemble_of": base, "members": fingerprints}

@@ -311,11 +311,9 @@ class GradientComputer:
                     for i, tt in zip(r.tolist(), t.tolist(), strict=True)
                 ]
             ).to(self.device)
-            ab = self.alphas[t.to(self.device)]
-            x = x0[r].to(self.device)
-            a = ab.view(-1, *([1] * (x.dim() - 1)))
-            xt = a.sqrt() * x + (1 - a).sqrt() * noise
-            yield r, xt, t.to(self.device), noise, ab
+            t = t.to(self.device)
+            xt = self.schedule.add_noise(x0[r].to(self.device), noise, t)
+            yield r, xt, t, noise, self.alphas[t]
 
     def flat_grads(
         self, xt, t, noise, ab, cond=None

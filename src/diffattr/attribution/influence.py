@@ -455,16 +455,9 @@ def ekfac_from_inputs(
     train: str = "loss",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The registered ``ekfac`` method from its ScoreInputs (model, settings, store_dir, …)."""
-    missing = [
-        f
-        for f in ("model", "train_images", "target_images", "store_dir")
-        if getattr(inputs, f) is None
-    ]
-    if missing:
-        raise ConfigError(
-            f"method 'ekfac' needs {', '.join(missing)} in its ScoreInputs",
-            hint="score it through Attributor, or call influence.ekfac_scores",
-        )
+    from diffattr.attribution.inputs import require_inputs
+
+    require_inputs(inputs, "ekfac", "model", "train_images", "target_images", "store_dir")
     n, t = inputs.train_images.shape[0], inputs.target_images.shape[0]
     spec = inputs.settings.timestep_spec() if inputs.settings is not None else TimestepSpec()
     noise_seed = inputs.settings.noise_seed if inputs.settings is not None else 0

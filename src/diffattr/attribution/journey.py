@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from diffattr.attribution.featurize import FeatureSettings, build_projector, gradient_computer
 from diffattr.attribution.gradients import GradientComputer
+from diffattr.attribution.inputs import require_inputs
 from diffattr.attribution.store import FeatureStore
 from diffattr.diffusion.presets import model_fingerprint
 from diffattr.diffusion.sampling import Samples, sample
@@ -230,7 +231,7 @@ def journey_features(
                     for i, tt in zip(r.tolist(), t.tolist(), strict=True)
                 ]
             ).to(dev)
-            x_noisy = a.sqrt() * x0_hat + (1 - a).sqrt() * noise
+            x_noisy = schedule.add_noise(x0_hat, noise, t)
             g, _, _ = computer.flat_grads(x_noisy, t, noise, ab)
             norms = g.norm(dim=1)
             if not torch.isfinite(norms).all():
@@ -266,12 +267,7 @@ def journey_from_inputs(
 ) -> tuple[np.ndarray, dict]:
     """The registered ``journey-trak`` method's target features from its ScoreInputs."""
     samples = check_generated(inputs.targets)
-    missing = [f for f in ("model", "settings") if getattr(inputs, f) is None]
-    if missing:
-        raise ConfigError(
-            f"method 'journey-trak' needs {', '.join(missing)} in its ScoreInputs",
-            hint="score it through Attributor, or call journey.journey_features",
-        )
+    require_inputs(inputs, "journey-trak", "model", "settings")
     features = journey_features(
         inputs.model,
         samples,
@@ -287,3 +283,43 @@ def journey_from_inputs(
     num = samples.num_steps if samples.trajectory is None else samples.trajectory.shape[0]
     meta = {"journey_steps": trajectory_steps(num, steps).tolist(), "sampler": samples.sampler}
     return features, meta
+
+
+def journey_inner_products(inputs: Any, options: dict[str, Any]) -> np.ndarray:
+    """(T, N) φ(x)ᵀΦᵀ of ``journey-trak`` on targets given as images with ``target_seeds``.
+
+    Generated targets (seed ≥ 0; the whole set regenerated as ``sample(model, seeds)`` made it,
+    DDIM 50 steps unless the ``sampler`` / ``num_steps`` options say otherwise) get trajectory
+    features against the training features Φ (``train_features``); real targets (seed < 0)
+    have no trajectory and keep TRAK's own ``target_inner``, so journey-trak equals TRAK on
+    them.
+    """
+    from diffattr.attribution.kernel import inner_products
+    from diffattr.diffusion.sampling import initial_noise
+
+    images = inputs.target_images
+    num = images.shape[0]
+    seeds = np.full(num, -1) if inputs.target_seeds is None else np.asarray(inputs.target_seeds)
+    gen, real = np.flatnonzero(seeds >= 0), np.flatnonzero(seeds < 0)
+    inner = np.zeros((num, inputs.num_train))
+    if gen.size:
+        require_inputs(inputs, "journey-trak", "model", "settings", "train_features")
+        samples = Samples(
+            images=images[torch.as_tensor(gen)],
+            seeds=seeds[gen],
+            initial_noise=initial_noise(seeds[gen], tuple(images.shape[1:])),
+            sampler=options.get("sampler", "ddim"),
+            num_steps=int(options.get("num_steps", 50)),
+            timesteps=np.empty(0, dtype=np.int64),
+        )
+        feats = journey_features(
+            inputs.model, samples, inputs.settings, inputs.schedule, inputs.store_dir,
+            target_ids=np.asarray(inputs.target_ids)[gen], steps=options.get("steps"),
+            generation_batch_size=options.get("generation_batch_size"),
+            progress=inputs.progress, device=inputs.device,
+        )  # fmt: skip
+        inner[gen] = inner_products(feats, inputs.train_features)
+    if real.size:
+        require_inputs(inputs, "journey-trak", "target_inner")  # TRAK's, for real targets
+        inner[real] = np.asarray(inputs.target_inner, dtype=np.float64)[real]
+    return inner

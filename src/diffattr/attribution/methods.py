@@ -32,53 +32,40 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
+from diffattr.attribution.inputs import ScoreInputs, require_inputs
 from diffattr.attribution.kernel import Kernel, inner_products, row_norms
 from diffattr.attribution.ridge import DEFAULT_RIDGE, Ridge
 from diffattr.errors import ConfigError
 from diffattr.seeding import derive_seed
 
-
-@dataclass
-class ScoreInputs:
-    """What a method may read. Feature-based methods need the features of their measure."""
-
-    train_features: np.ndarray | None = None
-    target_features: np.ndarray | None = None
-    kernel: Kernel | None = None
-    target_inner: np.ndarray | None = None  # φ(x)ᵀΦᵀ, when precomputed (dual kernel)
-    train_sqnorm: np.ndarray | None = None  # ‖φᵢ‖², with target_inner
-    target_sqnorm: np.ndarray | None = None  # ‖φ(x)‖², with target_inner
-    train_error: np.ndarray | None = None
-    train_residual: np.ndarray | None = None
-    train_images: torch.Tensor | None = None
-    target_images: torch.Tensor | None = None
-    num_train: int = 0
-    num_targets: int = 0
-    # Optional context for the baselines that need more than one store (filled by the caller):
-    train_gram: np.ndarray | None = None  # ΦΦᵀ (N×N), with target_inner (LDS kernel cache)
-    train_ids: np.ndarray | None = None
-    target_ids: np.ndarray | None = None
-    targets: Any = None  # the targets as given, e.g. generated Samples with seeds (journey-trak)
-    model: torch.nn.Module | None = None  # the attributed model
-    schedule: Any = None  # its NoiseSchedule
-    settings: Any = None  # the caller's resolved FeatureSettings
-    store_dir: Path | None = None  # where model-based methods keep feature stores and caches
-    lam: float | Ridge | None = None  # absolute λ or a rule; None: the method's default_ridge
-    batch_size: int = 32
-    device: str = "cpu"
-    progress: bool = False
+#: What a method may need from a run's model family beyond the final model, its training set
+#: and their features (a family lists what it ``provides``; see :mod:`diffattr.families`):
+#: saved training checkpoints loadable as the model (TracIn, GAS); targets with recorded seeds
+#: whose sampling can be replayed (Journey-TRAK); calls of the model on (x_t, t) alone, made by
+#: the method itself (EK-FAC through kronfluence, ensembles of other trained models).
+CHECKPOINTS, TRAJECTORIES, MODEL_CALLS = "checkpoints", "trajectories", "model-calls"
 
 
 @dataclass
 class Method(ABC):
-    """A registered attribution method."""
+    """A registered attribution method, declaring what it needs.
+
+    ``measure``: the features it scores (None: images or its own features); ``uses_kernel``:
+    it solves G = ΦᵀΦ + λI; ``needs_model``: it computes features from the model itself (it
+    reads the context fields of :class:`ScoreInputs`); ``needs``: what the run's model family
+    must provide beyond that (:data:`CHECKPOINTS`, :data:`TRAJECTORIES`, :data:`MODEL_CALLS`);
+    ``context_defaults``: options whose default comes from the caller's context (option name →
+    context key, e.g. ``random``'s ``seed`` ← ``noise_seed``, ``tracin``'s ``checkpoints`` ←
+    ``run_dir``).
+    """
 
     name: ClassVar[str]
     measure: ClassVar[str | None] = None  # feature measure needed; None for image methods
     uses_kernel: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False  # computes its own features from models (context fields)
+    needs: ClassVar[frozenset[str]] = frozenset()
+    context_defaults: ClassVar[dict[str, str]] = {}
     option_names: ClassVar[tuple[str, ...]] = ()  # the options it reads (``das[residual=…]``)
     #: How λ is chosen when the user does not say (kernel methods; None: no kernel).
     default_ridge: ClassVar[Ridge | None] = None
@@ -89,9 +76,23 @@ class Method(ABC):
         """Names of the options this method takes."""
         return set(cls.option_names)
 
+    @classmethod
+    def options_from(cls, context: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        """``given`` options over the defaults this method takes from ``context``."""
+        defaults = {k: context[key] for k, key in cls.context_defaults.items() if key in context}
+        return {**defaults, **given}
+
     def components(self) -> list[tuple[str, dict[str, Any]]]:
         """The (method, options) a combination is made of; [] for a method of its own."""
         return []
+
+    def requirements(self) -> frozenset[str]:
+        """What the model family must provide (a combination: what its members need)."""
+        return self.needs
+
+    def takes_lambda(self) -> bool:
+        """Whether the scores depend on λ (a kernel: its own, or its base method's)."""
+        return self.uses_kernel
 
     def lambda_rule(self, lam: float | Ridge | None) -> float | Ridge | None:
         """``lam`` as given (absolute λ or a rule), or this method's default rule for None."""
@@ -100,6 +101,16 @@ class Method(ABC):
     @abstractmethod
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         """(T, N) float64 scores."""
+
+    def score_grid(self, inputs: ScoreInputs, ridges: list[Any]) -> list[np.ndarray]:
+        """Scores per λ rule in ``ridges`` (None: the default rule); one entry if λ-free."""
+        if not self.takes_lambda():
+            return [self.score(inputs)]
+        out = []
+        for ridge in ridges:
+            inputs.lam = ridge
+            out.append(self.score(inputs))
+        return out
 
 
 class KernelMethod(Method):
@@ -113,11 +124,28 @@ class KernelMethod(Method):
         assert inputs.target_features is not None
         return inputs.kernel.cross(inputs.target_features)
 
+    def gram_kernel(self, inputs: ScoreInputs, ridge: Any) -> Kernel:
+        """The kernel of a Gram-form input (ΦΦᵀ and k) under λ rule ``ridge``."""
+        require_inputs(inputs, self.name, "train_gram", "feature_dim")
+        rank = min(inputs.train_gram.shape[0], int(inputs.feature_dim))
+        rule = self.lambda_rule(ridge)
+        lam = rule.resolve(inputs.train_gram, rank) if isinstance(rule, Ridge) else float(rule)
+        return Kernel.from_gram(inputs.train_gram, lam)
+
+    def score_grid(self, inputs: ScoreInputs, ridges: list[Any]) -> list[np.ndarray]:
+        """Scores per λ rule from the Gram form (``train_gram``, ``target_inner``)."""
+        out = []
+        for ridge in ridges:
+            inputs.kernel = self.gram_kernel(inputs, ridge)
+            out.append(self.score(inputs))
+        return out
+
 
 class DAS(KernelMethod):
     name = "das"
     measure = "das"
     option_names = ("residual", "leverage", "squared")
+    context_defaults = {"residual": "residual", "leverage": "leverage", "squared": "squared"}
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         k = super().score(inputs)
@@ -206,6 +234,7 @@ class PixelCos(Method):
 class RandomScores(Method):
     name = "random"
     option_names = ("seed",)
+    context_defaults = {"seed": "noise_seed"}
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         rng = np.random.default_rng(derive_seed(int(self.options.get("seed", 0)), 31337))
@@ -232,35 +261,37 @@ def get_method(name: str, **options: Any) -> Method:
     return cls(options=options)
 
 
-def _keyword_names(fn: Any, skip: int) -> set[str]:
-    """Parameter names of ``fn`` after its first ``skip`` (a method's forwarded options)."""
-    import inspect
+class DelegatingMethod(Method):
+    """A method computed by a function ``implementation`` (``module:name``, imported when
+    used) called as ``fn(inputs, *fixed_args, **options) -> (scores, meta)``; its keyword
+    parameters after those are the options the method takes."""
 
-    return set(list(inspect.signature(fn).parameters)[skip:])
+    needs_model = True
+    implementation: ClassVar[str]
+    fixed_args: ClassVar[tuple[Any, ...]] = ()
+
+    @classmethod
+    def function(cls) -> Any:
+        import importlib
+
+        module, _, name = cls.implementation.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    @classmethod
+    def accepted_options(cls) -> set[str]:
+        import inspect
+
+        return set(list(inspect.signature(cls.function()).parameters)[1 + len(cls.fixed_args) :])
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        values, self.score_meta = self.function()(inputs, *self.fixed_args, **self.options)
+        return values
 
 
 # ---------------------------------------------------------------------------- baselines (#5)
 # Appended: the remaining baselines of the DAS paper. The model-based ones (``needs_model``)
 # read the optional context fields of ScoreInputs (model, schedule, settings, store_dir, ids,
 # targets) and compute their own feature stores; the kernel-free image ones read images only.
-
-
-def training_set(inputs: ScoreInputs) -> Any:
-    """The training images of ``inputs`` with their ids (0…N−1 if none) as an ImageDataset."""
-    from diffattr.data import ImageDataset
-
-    n = inputs.train_images.shape[0]
-    ids = inputs.train_ids if inputs.train_ids is not None else np.arange(n)
-    return ImageDataset(inputs.train_images, torch.as_tensor(np.asarray(ids)))
-
-
-def _require(inputs: ScoreInputs, method: str, *fields: str) -> None:
-    missing = [f for f in fields if getattr(inputs, f) is None]
-    if missing:
-        raise ConfigError(
-            f"method {method!r} needs {', '.join(missing)} in its ScoreInputs",
-            hint="score it through Attributor (which fills them), or set these fields",
-        )
 
 
 class RelativeIF(KernelMethod):
@@ -294,7 +325,7 @@ class RenormalizedIF(KernelMethod):
         elif inputs.train_gram is not None:
             norms = np.sqrt(np.diag(np.asarray(inputs.train_gram, dtype=np.float64)))
         else:
-            _require(inputs, self.name, "train_features")
+            require_inputs(inputs, self.name, "train_features")
             norms = row_norms(inputs.train_features)
         return k / np.maximum(norms, 1e-30)[None, :]
 
@@ -318,7 +349,7 @@ class EmbeddingCos(Method):
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         from diffattr.attribution.embedding import EncoderSettings, embedding_scores
 
-        _require(inputs, self.name, "train_images", "target_images")
+        require_inputs(inputs, self.name, "train_images", "target_images")
         opts = dict(self.options)  # encoder, cache_dir, and EncoderSettings' fields
         encoder = opts.pop("encoder", None)
         cache_dir = opts.pop("cache_dir", None) or inputs.store_dir
@@ -335,7 +366,7 @@ class EmbeddingCos(Method):
         return values
 
 
-class TracIn(Method):
+class TracIn(DelegatingMethod):
     """TracInCP: Σ_c η_c φ_c(x)ᵀφ_c(zᵢ) over saved checkpoints c (loss gradients).
 
     Options: ``checkpoints`` (a run directory — its ``checkpoints/step-N/ema`` —, or a list of
@@ -345,28 +376,17 @@ class TracIn(Method):
     """
 
     name = "tracin"
-    needs_model = True
-    kind: ClassVar[str] = "dot"
-
-    @classmethod
-    def accepted_options(cls) -> set[str]:
-        from diffattr.attribution.tracin import tracin_from_inputs
-
-        return _keyword_names(tracin_from_inputs, skip=3)
-
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
-        from diffattr.attribution.tracin import tracin_from_inputs
-
-        values, meta = tracin_from_inputs(inputs, self.kind, self.name, **self.options)
-        self.score_meta = meta
-        return values
+    needs = frozenset({CHECKPOINTS})
+    context_defaults = {"checkpoints": "run_dir"}
+    implementation = "diffattr.attribution.tracin:tracin_from_inputs"
+    fixed_args = ("dot", "tracin")
 
 
 class GAS(TracIn):
     """GAS: Σ_c η_c cos(φ_c(x), φ_c(zᵢ)) over saved checkpoints (options as ``tracin``)."""
 
     name = "gas"
-    kind = "cos"
+    fixed_args = ("cos", "gas")
 
 
 class JourneyTRAK(KernelMethod):
@@ -388,6 +408,7 @@ class JourneyTRAK(KernelMethod):
     name = "journey-trak"
     measure = "loss"
     needs_model = True
+    needs = frozenset({TRAJECTORIES})
     # sampler / num_steps: how ``lds eval`` describes the generated targets' sampling
     option_names = ("steps", "generation_batch_size", "sampler", "num_steps")
 
@@ -401,13 +422,22 @@ class JourneyTRAK(KernelMethod):
         )
         kernel = inputs.kernel
         if kernel is None:
-            _require(inputs, self.name, "train_features")
+            require_inputs(inputs, self.name, "train_features")
             kernel = Kernel.fit(inputs.train_features, self.lambda_rule(inputs.lam))
         self.score_meta = {**meta, "lambda": kernel.lam, "kernel_form": kernel.form}
         return kernel.cross(features)
 
+    def score_grid(self, inputs: ScoreInputs, ridges: list[Any]) -> list[np.ndarray]:
+        """On LDS targets (Gram form of TRAK's kernel): trajectory features for generated
+        targets (``target_seeds`` ≥ 0), TRAK's own for real ones (no trajectory)."""
+        from diffattr.attribution.journey import journey_inner_products
 
-class Ensemble(Method):
+        inner = journey_inner_products(inputs, self.options)
+        inputs.target_inner = inner
+        return [self.gram_kernel(inputs, r).solve_inner(inner) for r in ridges]
+
+
+class Ensemble(DelegatingMethod):
     """Mean over models of a method's scores (TRAK-style ensembling).
 
     Options: ``base`` (the method averaged, default ``trak``), ``models`` (models or model
@@ -416,23 +446,14 @@ class Ensemble(Method):
     """
 
     name = "ensemble"
-    needs_model = True
+    needs = frozenset({MODEL_CALLS})
+    implementation = "diffattr.attribution.ensemble:ensemble_from_inputs"
 
-    @classmethod
-    def accepted_options(cls) -> set[str]:
-        from diffattr.attribution.ensemble import ensemble_from_inputs
-
-        return _keyword_names(ensemble_from_inputs, skip=1)
-
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
-        from diffattr.attribution.ensemble import ensemble_from_inputs
-
-        values, meta = ensemble_from_inputs(inputs, **self.options)
-        self.score_meta = meta
-        return values
+    def takes_lambda(self) -> bool:
+        return get_method(self.options.get("base", "trak")).takes_lambda()
 
 
-class EKFAC(Method):
+class EKFAC(DelegatingMethod):
     """Influence φ_q(x)ᵀ(F + λI)⁻¹∇L(zᵢ) with K-FAC/EK-FAC curvature (``kronfluence``).
 
     Training objective the diffusion loss; the query ``query`` = ``loss`` (default; positive =
@@ -444,23 +465,11 @@ class EKFAC(Method):
     """
 
     name = "ekfac"
-    needs_model = True
-
-    @classmethod
-    def accepted_options(cls) -> set[str]:
-        from diffattr.attribution.influence import ekfac_from_inputs
-
-        return _keyword_names(ekfac_from_inputs, skip=1)
-
-    def score(self, inputs: ScoreInputs) -> np.ndarray:
-        from diffattr.attribution.influence import ekfac_from_inputs
-
-        values, meta = ekfac_from_inputs(inputs, **self.options)
-        self.score_meta = meta
-        return values
+    needs = frozenset({MODEL_CALLS})
+    implementation = "diffattr.attribution.influence:ekfac_from_inputs"
 
 
-class Combine(Method):
+class Combine(DelegatingMethod):
     """The mean of several methods' per-target standardised scores (``combination``).
 
     Option ``methods``: two or more members joined by ``+``, each with its own options in
@@ -469,20 +478,24 @@ class Combine(Method):
     """
 
     name = "combine"
-    needs_model = True
-    option_names = ("methods",)
+    implementation = "diffattr.attribution.combination:combination_from_inputs"
 
     def components(self) -> list[tuple[str, dict[str, Any]]]:
         from diffattr.attribution.combination import parse_members
 
-        return parse_members(self.options.get("methods"))
+        members = parse_members(self.options.get("methods"))
+        for name, options in members:
+            if name == self.name:
+                raise ConfigError("combine cannot have combine as a member")
+            get_method(name, **options)  # unknown methods and options fail before any work
+        return members
+
+    def requirements(self) -> frozenset[str]:
+        return frozenset().union(*(get_method(n, **o).requirements() for n, o in self.components()))
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
-        from diffattr.attribution.combination import combination_from_inputs
-
-        values, meta = combination_from_inputs(inputs, **self.options)
-        self.score_meta = meta
-        return values
+        self.components()  # every member checked before any is scored
+        return super().score(inputs)
 
 
 _BASELINES: tuple[type[Method], ...] = (
@@ -515,17 +528,3 @@ def method_meta(method: Method) -> dict[str, Any]:
     """JSON-safe description of a scored method: its options (callables and models named by
     type) and what its last ``score`` reported (``score_meta``, e.g. the embedding used)."""
     return {"options": _json_safe(method.options), **getattr(method, "score_meta", {})}
-
-
-def fill_context(inputs: ScoreInputs, attributor: Any, targets: Any, target_ids: Any) -> None:
-    """Fill the context fields of ``inputs`` from an :class:`Attributor` scoring ``targets``."""
-    inputs.train_ids = attributor.train.ids.numpy()
-    inputs.target_ids = np.asarray(target_ids, dtype=np.int64)
-    inputs.targets = targets
-    inputs.model = attributor.model
-    inputs.schedule = attributor.schedule
-    inputs.settings = attributor.settings
-    inputs.store_dir = attributor.store_dir
-    inputs.lam = attributor.lam
-    inputs.batch_size, inputs.device = attributor.batch_size, attributor.device
-    inputs.progress = attributor.progress

@@ -12,6 +12,7 @@ leaves its finished rows flagged done and its claims unlocked: the retried shard
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ class ShardJob:
     method: str
     settings: dict[str, Any]
     rows: tuple[int, ...]
+    #: ``loader(run) -> (model, training set, schedule)``, a module-level function (picklable)
+    loader: Callable[[str], tuple[Any, Any, Any]]
     batch_size: int = 32
     device: str = "cpu"
     on_nonfinite: str = "stop"
@@ -41,23 +44,16 @@ class ShardJob:
 _LOADED: dict[tuple[str, tuple[int, ...]], tuple[Any, Any, Any]] = {}
 
 
-def _load_run(run_path: str):
+def _load_run(job: ShardJob):
     """The run's model, training set and schedule, loaded once per worker process."""
-    from diffattr.diffusion.presets import load_unet
-    from diffattr.run import TEXT2IMAGE, RunDir
+    from diffattr.run import RunDir
 
-    run = RunDir(run_path)
+    run = RunDir(job.run)
     stamps = tuple(p.stat().st_mtime_ns for p in sorted(run.model_dir.glob("*")))
-    key = (str(Path(run_path).resolve()), stamps)
+    key = (str(Path(job.run).resolve()), stamps)
     if key not in _LOADED:
         _LOADED.clear()
-        if run.family == TEXT2IMAGE:  # LoRA UNet and latents with caption embeddings
-            from diffattr.text2image.family import attribution_model, train_latents
-
-            model, train_set = attribution_model(run), train_latents(run)
-        else:
-            model, (train_set, _) = load_unet(run.model_dir), run.data_spec().load()
-        _LOADED[key] = (model, train_set, run.train_config().schedule)
+        _LOADED[key] = job.loader(job.run)
     return _LOADED[key]
 
 
@@ -66,7 +62,7 @@ def featurize_shard(job: ShardJob) -> int:
     from diffattr.attribution.attributor import Attributor
     from diffattr.run import RunDir
 
-    model, train_set, schedule = _load_run(job.run)
+    model, train_set, schedule = _load_run(job)
     att = Attributor(
         model,
         train_set,
@@ -97,6 +93,7 @@ def featurize_with_executor(
     run: str | Path,
     method: str,
     executor: Executor,
+    loader: Callable[[str], tuple[Any, Any, Any]],
     rows: np.ndarray | None = None,
     options: dict[str, Any] | None = None,
     device: str | None = None,
@@ -104,7 +101,8 @@ def featurize_with_executor(
     """Fill ``attributor``'s training store (or its ``rows``) with shards run on ``executor``.
 
     ``attributor`` is the main process's :class:`Attributor` for ``run`` made with ``method``
-    and ``options`` (it names the store and the settings); workers rebuild it from those, on
+    and ``options`` (it names the store and the settings); workers rebuild it from those and
+    ``loader(run)`` (the run's model, training set and schedule, by its family), on
     ``device`` (default: the attributor's; e.g. ``cuda`` on Ray GPU workers of a CPU driver).
     """
     path = attributor.train_store_path
@@ -116,6 +114,7 @@ def featurize_with_executor(
         method=method,
         settings=attributor.settings.to_dict(),
         rows=(),
+        loader=loader,
         batch_size=attributor.batch_size,
         device=device or attributor.device,
         on_nonfinite=attributor.on_nonfinite,

@@ -201,10 +201,6 @@ class FeatureStore:
         """Row indices skipped because their features were not finite (stored as zeros)."""
         return np.flatnonzero(np.asarray(self.done) == SKIPPED)
 
-    def skipped_ids(self) -> np.ndarray:
-        """Sample ids of the skipped rows."""
-        return self.ids()[self.skipped_rows()]
-
     # ------------------------------------------------------------------ writing
     def write_rows(self, rows: np.ndarray, features: np.ndarray, **columns: np.ndarray) -> None:
         """Write complete rows: data first, flushed to disk, then their done flags."""

@@ -143,7 +143,7 @@ def tracin_scores(
     their timestep noise (default 0…T−1, as :class:`Attributor`). ``measure`` overrides
     ``settings.measure`` (None keeps it). ``settings.projector="auto"`` is resolved per model.
     """
-    from diffattr.attribution.attributor import as_images, images_fingerprint
+    from diffattr.attribution.inputs import as_images, images_fingerprint
 
     if kind not in KINDS:
         raise ConfigError(f"unknown TracIn kind {kind!r}", hint="use 'dot' (TracInCP) or 'cos'")
@@ -204,18 +204,9 @@ def tracin_from_inputs(
             f"method {method!r} needs checkpoints",
             hint="pass checkpoints=RUN_DIR (its checkpoints/step-N/ema) or a list of models",
         )
-    missing = [
-        f
-        for f in ("train_images", "target_images", "settings", "store_dir")
-        if getattr(inputs, f) is None
-    ]
-    if missing:
-        raise ConfigError(
-            f"method {method!r} needs {', '.join(missing)} in its ScoreInputs",
-            hint="score it through Attributor, or call diffattr.attribution.tracin.tracin_scores",
-        )
-    from diffattr.attribution.methods import training_set
+    from diffattr.attribution.inputs import require_inputs, training_set
 
+    require_inputs(inputs, method, "train_images", "target_images", "settings", "store_dir")
     train = training_set(inputs)
     ckpts = resolve_checkpoints(checkpoints)
     values = tracin_scores(

@@ -8,7 +8,6 @@ regeneration uses the recorded ``batch_size`` and the same seeds in the same ord
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from diffattr.data import make_grid, save_png
 from diffattr.diffusion.schedule import SAMPLING_KEY, NoiseSchedule
 from diffattr.errors import ConfigError, DataError
-from diffattr.fsio import atomic_write_bytes
+from diffattr.fsio import atomic_write_npz
 from diffattr.seeding import generator
 
 
@@ -81,7 +80,7 @@ def sample(
     bar = tqdm(total=len(seeds), desc=f"generate ({sampler})", disable=not progress, unit="img")
     for start in starts:
         sl = slice(start, start + batch_size)
-        scheduler = schedule.ddim() if sampler == "ddim" else schedule.ddpm()
+        scheduler = schedule.scheduler(sampler)
         scheduler.set_timesteps(num_steps)
         timesteps = scheduler.timesteps.numpy().copy()
         x = x_init[sl].clone().to(device)
@@ -137,9 +136,7 @@ def save_samples(
     if samples.trajectory is not None:
         arrays["trajectory"] = samples.trajectory.numpy().astype(np.float32)
     arrays.update(extra or {})
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(out_dir / "samples.npz", buf.getvalue())
+    atomic_write_npz(out_dir / "samples.npz", **arrays)
     for i, img in enumerate(samples.images):
         save_png(img, out_dir / "images" / f"{i:04d}-seed{int(samples.seeds[i])}.png")
     nrow = int(np.ceil(np.sqrt(len(samples))))

@@ -48,23 +48,18 @@ class NoiseSchedule:
             del d["beta_schedule"]
         return d
 
-    def ddpm(self) -> DDPMScheduler:
-        return DDPMScheduler(
+    def scheduler(self, sampler: str, **settings) -> DDPMScheduler | DDIMScheduler:
+        """diffusers' ``ddpm`` or ``ddim`` scheduler of this schedule; pixel models' settings
+        (samples clipped to [-1, 1]; DDIM's final ᾱ = 1) unless ``settings`` say otherwise."""
+        if sampler == "ddim":
+            settings = {"clip_sample": True, "set_alpha_to_one": True, **settings}
+        cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+        return cls(
             num_train_timesteps=self.num_train_timesteps,
             beta_start=self.beta_start,
             beta_end=self.beta_end,
             beta_schedule=self.beta_schedule,
-            clip_sample=True,
-        )
-
-    def ddim(self) -> DDIMScheduler:
-        return DDIMScheduler(
-            num_train_timesteps=self.num_train_timesteps,
-            beta_start=self.beta_start,
-            beta_end=self.beta_end,
-            beta_schedule=self.beta_schedule,
-            clip_sample=True,
-            set_alpha_to_one=True,
+            **{"clip_sample": True, **settings},
         )
 
     def alphas_cumprod(self) -> torch.Tensor:

@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,23 +158,72 @@ def _lr_lambda(warmup: int) -> Callable[[int], float]:
 
 @dataclass
 class TrainState:
-    model: UNet2DModel
-    ema: EMAModel
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    step: int
+    step: int = 0
+    ema: EMAModel | None = None  # averaged weights, stepped after every optimizer step
 
 
-def _new_state(
-    config: TrainConfig, sample_size: int, channels: int, device: str | torch.device = "cpu"
-) -> TrainState:
-    model = initial_model(config, sample_size, channels).to(device)  # drawn on CPU, then moved
+class Recipe(ABC):
+    """What differs between kinds of training (:func:`fit` runs the loop for all): the model
+    and optimizer, what a checkpoint holds besides the optimizer state, the final model."""
+
+    desc = "train"
+    log_every = 50
+    final_file = "config.json"  # in ``out_dir/model`` once the run is finished
+
+    @abstractmethod
+    def new_state(self) -> TrainState:
+        """The seeded initial model, its optimizer and LR schedule (and EMA)."""
+
+    @abstractmethod
+    def save_weights(self, state: TrainState, directory: Path) -> None:
+        """Write the trained weights into a checkpoint ``directory``."""
+
+    @abstractmethod
+    def load_weights(self, state: TrainState, directory: Path) -> None:
+        """Load a checkpoint's weights into ``state``."""
+
+    @abstractmethod
+    def save_final(self, state: TrainState, directory: Path) -> torch.nn.Module:
+        """Write the final model into ``directory``; the model written."""
+
+
+def optimizer_state(model: torch.nn.Module, config: TrainConfig, params=None) -> TrainState:
+    """AdamW over ``params`` (default: all of ``model``'s) with linear warm-up."""
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        model.parameters() if params is None else params,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps))
-    ema = EMAModel(model.parameters(), decay=config.ema_decay)
-    return TrainState(model, ema, optimizer, scheduler, 0)
+    return TrainState(model, optimizer, scheduler)
+
+
+class UNetRecipe(Recipe):
+    """A pixel-space UNet trained from scratch, with EMA weights (the final model)."""
+
+    def __init__(self, config: TrainConfig, sample_size: int, channels: int, device) -> None:
+        self.config, self.size, self.channels, self.device = config, sample_size, channels, device
+
+    def new_state(self) -> TrainState:
+        model = initial_model(self.config, self.size, self.channels).to(self.device)  # drawn on CPU
+        state = optimizer_state(model, self.config)
+        state.ema = EMAModel(model.parameters(), decay=self.config.ema_decay)
+        return state
+
+    def save_weights(self, state: TrainState, directory: Path) -> None:
+        state.model.save_pretrained(directory / "model")
+        _ema_copy(state).save_pretrained(directory / "ema")
+
+    def load_weights(self, state: TrainState, directory: Path) -> None:
+        state.model.load_state_dict(load_unet(directory / "model").state_dict())
+
+    def save_final(self, state: TrainState, directory: Path) -> torch.nn.Module:
+        final = _ema_copy(state)
+        final.save_pretrained(directory)
+        return final
 
 
 def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -188,20 +238,19 @@ def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _save_checkpoint(state: TrainState, out_dir: Path, meta: dict[str, Any]) -> Path:
+def _save_checkpoint(
+    state: TrainState, recipe: Recipe, out_dir: Path, meta: dict[str, Any]
+) -> Path:
     path = out_dir / "checkpoints" / f"step-{state.step:07d}"
     with atomic_directory(path) as tmp:
-        state.model.save_pretrained(tmp / "model")
-        ema_model = _ema_copy(state)
-        ema_model.save_pretrained(tmp / "ema")
-        torch.save(
-            {
-                "optimizer": state.optimizer.state_dict(),
-                "scheduler": state.scheduler.state_dict(),
-                "ema": state.ema.state_dict(),
-            },
-            tmp / "trainer.pt",
-        )
+        recipe.save_weights(state, tmp)
+        trainer = {
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+        }
+        if state.ema is not None:
+            trainer["ema"] = state.ema.state_dict()
+        torch.save(trainer, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({**meta, "step": state.step}, indent=2))
     return path
 
@@ -213,28 +262,21 @@ def _ema_copy(state: TrainState) -> UNet2DModel:
     return ema_model
 
 
-def _load_checkpoint(
-    path: Path,
-    config: TrainConfig,
-    sample_size: int,
-    channels: int,
-    device: str | torch.device = "cpu",
-) -> TrainState:
-    state = _new_state(config, sample_size, channels, device)
+def _load_checkpoint(path: Path, recipe: Recipe, device: str | torch.device) -> TrainState:
+    state = recipe.new_state()
     try:
-        loaded = load_unet(path / "model")
-        state.model.load_state_dict(loaded.state_dict())
+        recipe.load_weights(state, path)
         trainer = torch.load(path / "trainer.pt", weights_only=False, map_location=device)
         state.optimizer.load_state_dict(trainer["optimizer"])
         state.scheduler.load_state_dict(trainer["scheduler"])
-        state.ema.load_state_dict(trainer["ema"])
+        if state.ema is not None:
+            state.ema.load_state_dict(trainer["ema"])
         state.step = int(json.loads((path / "state.json").read_text())["step"])
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(
             f"cannot resume from checkpoint {path}: {exc}",
             hint="delete that checkpoint directory to restart from the previous one",
         ) from exc
-    state.model.train()
     return state
 
 
@@ -247,86 +289,99 @@ def train(
     stop_after: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Path:
-    """Train (or resume) a model on ``dataset`` (or the rows ``subset`` of it) into ``out_dir``.
+    """Train (or resume) a UNet on ``dataset`` (or the rows ``subset`` of it) into ``out_dir``
+    (:func:`fit`); the final EMA weights go to ``out_dir/model``. ``device``: where the model
+    trains (the initial weights, timesteps and noise are drawn on CPU whatever it is, so common
+    random numbers hold; CUDA kernels are not bit-reproducible run to run)."""
+    c, h, _ = dataset.shape
+    recipe = UNetRecipe(config, h, c, device)
+    return fit(dataset, config, out_dir, recipe, subset, progress, stop_after, device)
 
-    Loss per step: mean over the batch of ‖ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t) − ε‖² / d.
-    Writes ``out_dir/checkpoints/step-N`` every ``checkpoint_every`` steps (atomic), the final
-    EMA weights to ``out_dir/model`` and ``out_dir/train.json`` (manifest). Rerunning resumes
-    from the last complete checkpoint; a finished run returns at once. ``stop_after`` stops
-    early after that many steps in this call (for tests of resumption). ``device``: where the
-    model trains (the initial weights, timesteps and noise are drawn on CPU whatever it is, so
-    common random numbers hold; CUDA kernels are not bit-reproducible run to run).
-    Returns the path of the final model directory.
+
+def fit(
+    dataset: Any,
+    config: TrainConfig,
+    out_dir: str | Path,
+    recipe: Recipe,
+    subset: np.ndarray | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Train (or resume) ``recipe``'s model on ``dataset`` (or its rows ``subset``).
+
+    Loss per step: mean over the batch of ‖ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t[, c]) − ε‖² / d, with c
+    the dataset's ``conditioning`` when it has one (caption embeddings). Writes
+    ``out_dir/checkpoints/step-N`` every ``checkpoint_every`` steps (atomic), the final model
+    to ``out_dir/model`` and ``out_dir/train.json`` (manifest). Rerunning resumes from the last
+    complete checkpoint; a finished run returns at once. ``stop_after`` stops early after that
+    many steps in this call (for tests of resumption). Returns the final model directory.
     """
     config.validate()
     out_dir = Path(out_dir)
-    positions_all = (
-        np.arange(len(dataset)) if subset is None else np.asarray(subset, dtype=np.int64)
-    )
-    if positions_all.size == 0:
+    positions = np.arange(len(dataset)) if subset is None else np.asarray(subset, dtype=np.int64)
+    if positions.size == 0:
         raise DataError("cannot train on an empty dataset or subset")
-    if positions_all.min() < 0 or positions_all.max() >= len(dataset):
+    if positions.min() < 0 or positions.max() >= len(dataset):
         raise DataError(f"subset indices out of range for a dataset of {len(dataset)} images")
-    ids = dataset.ids[torch.as_tensor(positions_all)].numpy()
+    ids = dataset.ids[torch.as_tensor(positions)].numpy()
     meta = {
         "config": config.weights_key(),
         "dataset_fingerprint": dataset.fingerprint(),
         "subset_hash": subset_hash(ids),
-        "num_train": int(positions_all.size),
+        "num_train": int(positions.size),
     }
     manifest_path = out_dir / "train.json"
-    if manifest_path.is_file() and (out_dir / "model" / "config.json").is_file():
-        done = read_json(manifest_path)
-        _check_same_run(done, meta, manifest_path)
+    if manifest_path.is_file() and (out_dir / "model" / recipe.final_file).is_file():
+        _check_same_run(read_json(manifest_path), meta, manifest_path)
         return out_dir / "model"
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    c, h, w = dataset.shape
     found = checkpoints(out_dir)
     if found:
         prev = json.loads((found[-1][1] / "state.json").read_text())
         _check_same_run(prev, meta, found[-1][1] / "state.json")
-        state = _load_checkpoint(found[-1][1], config, h, c, device)
+        state = _load_checkpoint(found[-1][1], recipe, device)
     else:
-        state = _new_state(config, h, c, device)
+        state = recipe.new_state()
     model = state.model
     model.train()
-    schedule = config.schedule
-    alphas = schedule.alphas_cumprod().to(device)
-    stream = BatchStream(positions_all.size, config.batch_size, config.stream_seed())
-    images = dataset.images
-    seed = config.stream_seed()
+    schedule, seed = config.schedule, config.stream_seed()
+    stream = BatchStream(positions.size, config.batch_size, seed)
+    shape = tuple(dataset.shape)
+    conditioning = getattr(dataset, "conditioning", None)
     t0 = time.time()
     bar = tqdm(
-        total=config.steps, initial=state.step, desc="train", disable=not progress, unit="step"
+        total=config.steps, initial=state.step, desc=recipe.desc, disable=not progress, unit="step"
     )
     steps_this_call = 0
     while state.step < config.steps:
         pos, visits = stream.batch(state.step)
-        rows = positions_all[pos]
-        x0 = images[torch.as_tensor(rows)].to(device)
-        ts, noises = [], []
-        for sid, v in zip(ids[pos], visits, strict=True):
-            t, n = visit_noise(seed, int(sid), int(v), (c, h, w), schedule.num_train_timesteps)
-            ts.append(t)
-            noises.append(n)
+        rows = torch.as_tensor(positions[pos])
+        ts, noises = zip(
+            *(
+                visit_noise(seed, int(i), int(v), shape, schedule.num_train_timesteps)
+                for i, v in zip(ids[pos], visits, strict=True)
+            ),
+            strict=True,
+        )
         t = torch.tensor(ts, device=device)
         noise = torch.stack(noises).to(device)
-        ab = alphas[t].view(-1, 1, 1, 1)
-        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        loss = F.mse_loss(model(xt, t).sample, noise)
+        xt = schedule.add_noise(dataset.images[rows].to(device), noise, t)
+        cond = () if conditioning is None else (conditioning[rows].to(device),)
+        loss = F.mse_loss(model(xt, t, *cond).sample, noise)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
         state.scheduler.step()
-        state.ema.step(model.parameters())
+        if state.ema is not None:
+            state.ema.step(model.parameters())
         state.step += 1
         steps_this_call += 1
         bar.update(1)
-        if state.step % 50 == 0:
+        if state.step % recipe.log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
-            _save_checkpoint(state, out_dir, meta)
+            _save_checkpoint(state, recipe, out_dir, meta)
             if not config.keep_checkpoints:
                 for _step, path in checkpoints(out_dir)[:-1]:
                     shutil.rmtree(path, ignore_errors=True)
@@ -334,9 +389,8 @@ def train(
             bar.close()
             return out_dir / "model"
     bar.close()
-    final = _ema_copy(state)
     with atomic_directory(out_dir / "model") as tmp:
-        final.save_pretrained(tmp)
+        final = recipe.save_final(state, tmp)
     atomic_write_json(
         manifest_path,
         {
@@ -356,11 +410,6 @@ def _check_same_run(found: dict[str, Any], wanted: dict[str, Any], where: Path) 
                 f"{where} belongs to a training run with a different {key.replace('_', ' ')}",
                 hint="use another --out directory, or delete the old run",
             )
-
-
-def load_trained(out_dir: str | Path) -> UNet2DModel:
-    """The final EMA model of a finished training run."""
-    return load_unet(Path(out_dir) / "model")
 
 
 def checkpoint_models(out_dir: str | Path) -> list[tuple[int, Path]]:

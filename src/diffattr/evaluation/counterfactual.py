@@ -30,9 +30,7 @@ adding targets or methods later reuses everything already done.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import io
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -46,13 +44,12 @@ import torch
 from diffattr.attribution.embedding import EncoderSettings
 from diffattr.attribution.scores import Scores
 from diffattr.errors import ConfigError, DiffattrError
-from diffattr.fsio import atomic_write, atomic_write_bytes, atomic_write_json, read_json
+from diffattr.fsio import atomic_write_bytes, atomic_write_json, atomic_write_npz, claim_manifest
 from diffattr.seeding import derive_seed
 
 if TYPE_CHECKING:  # the rest is imported where used: the CLI parser stays quick to build
     from diffattr.data import ImageDataset
     from diffattr.diffusion.sampling import Samples
-    from diffattr.diffusion.schedule import NoiseSchedule
     from diffattr.diffusion.training import TrainConfig
     from diffattr.parallel import Executor
     from diffattr.run import RunDir
@@ -150,6 +147,7 @@ class RetrainJob:
     sampler: str
     num_steps: int
     model_dir: str | None = None  # no retraining: regenerate with this model (the run's)
+    family: str = "unconditional"  # the run's model family: how to retrain and regenerate
 
 
 def images_file(out_dir: str | Path, sampler: str, num_steps: int) -> Path:
@@ -164,36 +162,9 @@ def _read_images(path: Path) -> dict[int, np.ndarray]:
     return {int(s): images[i] for i, s in enumerate(seeds)}
 
 
-def _npz_bytes(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def regenerate(
-    model: torch.nn.Module,
-    seeds: Sequence[int],
-    schedule: NoiseSchedule,
-    sampler: str,
-    num_steps: int,
-) -> np.ndarray:
-    """(len(seeds), C, H, W) images, each generated alone (batch of one: bit-reproducible)."""
-    from diffattr.diffusion.sampling import sample
-
-    out = [
-        sample(model, [int(s)], schedule, sampler, num_steps, batch_size=1, progress=False)
-        .images[0]
-        .numpy()
-        for s in seeds
-    ]
-    return np.stack(out).astype(np.float32)
-
-
 def run_retrain_job(job: RetrainJob) -> str:
     """Retrain (resuming) and regenerate the seeds not yet in the job's images file."""
-    from diffattr.diffusion.presets import load_unet
-    from diffattr.diffusion.training import TrainConfig, train
-    from diffattr.run import DataSpec
+    from diffattr.families import get_family
 
     path = images_file(job.out_dir, job.sampler, job.num_steps)
     have = _read_images(path)
@@ -201,23 +172,25 @@ def run_retrain_job(job: RetrainJob) -> str:
     if not missing:
         return str(path)
     out = Path(job.out_dir)
-    config = replace(TrainConfig.from_dict(job.train), keep_checkpoints=False)
+    family = get_family(job.family)
+    config = replace(family.config_from_dict(job.train), keep_checkpoints=False)
     if job.model_dir is not None:
         model_dir = Path(job.model_dir)
     else:
-        train_set, _ = DataSpec(**job.data).load()
+        dataset = family.retrain_set(job.data)
         removed = np.asarray(job.removed, dtype=np.int64)
-        keep = np.setdiff1d(np.arange(len(train_set)), removed)
-        removed_ids = train_set.ids[torch.as_tensor(removed)].tolist()
+        keep = np.setdiff1d(np.arange(len(dataset)), removed)
         if not (out / "job.json").is_file():
+            removed_ids = dataset.ids[torch.as_tensor(removed)].tolist()
             atomic_write_json(out / "job.json", {"removed_ids": removed_ids, "kept": len(keep)})
-        model_dir = train(train_set, config, out, subset=keep, progress=False)
+        model_dir = family.train_model(dataset, config, out, keep)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    images = regenerate(load_unet(model_dir), missing, config.schedule, job.sampler, job.num_steps)
+    model = family.load_trained(config, model_dir)
+    images = family.regenerate(model, job.data, config, missing, job.sampler, job.num_steps)
     have.update(zip(missing, images, strict=True))
     seeds = np.array(sorted(have), dtype=np.int64)
     stacked = np.stack([have[int(s)] for s in seeds])
-    atomic_write(path, lambda f: f.write(_npz_bytes(seeds=seeds, images=stacked)))
+    atomic_write_npz(path, seeds=seeds, images=stacked)
     return str(path)
 
 
@@ -352,30 +325,6 @@ def format_table(rows: list[dict[str, Any]], header: str = "") -> str:
 # ---------------------------------------------------------------------------- scores
 
 
-def default_attributor_factory(run: RunDir, train_set: ImageDataset, progress: bool = True):
-    """``factory(name, options)`` → an :class:`Attributor` on the run's model, default settings."""
-    from diffattr.attribution.attributor import Attributor
-    from diffattr.diffusion.presets import load_unet
-    from diffattr.run import TEXT2IMAGE
-
-    if run.family == TEXT2IMAGE:
-        from diffattr.attribution.featurize import FeatureSettings
-        from diffattr.text2image.family import attribution_inputs
-
-        model, train_set, settings = attribution_inputs(run, FeatureSettings())
-    else:
-        model, settings = load_unet(run.model_dir), None
-    schedule = run.train_config().schedule
-
-    def factory(name: str, options: dict[str, Any]):
-        return Attributor(
-            model, train_set, run.features_dir, method=name, schedule=schedule,
-            settings=settings, progress=progress, **options,
-        )  # fmt: skip
-
-    return factory
-
-
 def _same(a: Any, b: Any) -> bool:
     return json.loads(json.dumps(a, sort_keys=True, default=str)) == json.loads(
         json.dumps(b, sort_keys=True, default=str)
@@ -388,23 +337,27 @@ def method_scores(
     train_set: ImageDataset,
     samples_path: Path,
     cache_dir: Path,
-    factory: Callable[[str, dict[str, Any]], Any],
+    settings: Any = None,
+    attributor_options: dict[str, Any] | None = None,
     rescore: bool = False,
 ) -> tuple[Scores, str]:
     """Scores of all samples by method ``label``, and where they came from.
 
     Reuses ``cache_dir/<label>/`` (scores computed by an earlier call) or the run's
     ``RUN/scores/<label>-samples/`` (``diffattr score``) when their feature settings match
-    those of ``factory``; otherwise computes them and saves them to ``cache_dir/<label>/``.
+    those of the run's attributor for ``settings`` (and ``attributor_options``: λ, batch
+    size, device, progress); otherwise computes them and saves them to ``cache_dir/<label>/``.
     """
     from diffattr.attribution.method_spec import parse_method_list
+    from diffattr.attribution.methods import METHODS, TRAJECTORIES, get_method
     from diffattr.diffusion.sampling import load_samples
-    from diffattr.run import TEXT2IMAGE
+    from diffattr.families import family_of
 
     [(name, options)] = parse_method_list(label)
-    if name in ("tracin", "gas"):
-        options = {"checkpoints": str(run.path), **options}
-    att = factory(name, options)
+    get_method(name, **options)  # an unknown method or option fails here
+    options = METHODS[name].options_from({"run_dir": str(run.path)}, options)
+    family = family_of(run)
+    att = family.attributor(run, name, options, settings, **(attributor_options or {}))
     wanted = att.settings.to_dict() if att.method.measure is not None else None
     samples = load_samples(samples_path)
     num = len(samples)
@@ -421,11 +374,10 @@ def method_scores(
             and (wanted is None or _same(s.meta.get("features"), wanted))
         ):
             return s, str(d)
-    targets: Any = samples if name == "journey-trak" else samples.images
-    if run.family == TEXT2IMAGE:  # latents and prompt embeddings
-        from diffattr.text2image.family import attribution_targets
-
-        targets = attribution_targets(run, str(samples_path))[1]
+    if TRAJECTORIES in att.method.requirements():
+        targets = family.trajectory_targets(run, str(samples_path))
+    else:
+        targets = family.targets(run, str(samples_path))[1]
     scores = att.score(targets, np.arange(num))
     scores.save(cache_dir / label)
     return scores, "computed"
@@ -444,9 +396,9 @@ def aligned_values(scores: Scores, train_set: ImageDataset, targets: Sequence[in
 
 
 def _check_samples(run: RunDir, path: Path) -> tuple[Samples, str]:
-    from diffattr.diffusion.presets import load_unet, model_fingerprint
+    from diffattr.diffusion.presets import model_fingerprint
     from diffattr.diffusion.sampling import load_samples
-    from diffattr.run import TEXT2IMAGE
+    from diffattr.families import family_of
 
     if not path.is_file():
         raise DiffattrError(
@@ -456,12 +408,7 @@ def _check_samples(run: RunDir, path: Path) -> tuple[Samples, str]:
     samples = load_samples(path)
     with np.load(path) as z:
         recorded = str(z["model_fingerprint"]) if "model_fingerprint" in z.files else ""
-    if run.family == TEXT2IMAGE:
-        from diffattr.text2image.family import attribution_model
-
-        fp = model_fingerprint(attribution_model(run))
-    else:
-        fp = model_fingerprint(load_unet(run.model_dir))
+    fp = model_fingerprint(family_of(run).model(run))
     if recorded and recorded != fp:
         raise DiffattrError(
             f"{path} was generated by another model than {run.model_dir}",
@@ -492,7 +439,7 @@ def evaluate_removals(
     and one array per method, each (T, C, H, W).
     """
     from diffattr.attribution.embedding import load_or_train_encoder
-    from diffattr.run import TEXT2IMAGE
+    from diffattr.families import family_of
 
     if reference not in ("retrain", "original"):
         raise ConfigError(f"unknown reference {reference!r}", hint="use retrain or original")
@@ -505,15 +452,12 @@ def evaluate_removals(
     if not targets or min(targets) < 0 or max(targets) >= len(samples):
         raise ConfigError(f"targets must be sample indices in [0, {len(samples)})")
     seeds = [int(samples.seeds[t]) for t in targets]
-    spec, train_config = run.data_spec(), run.train_config()
-    train_set, _ = spec.load()
+    family = family_of(run)
+    train_config = family.train_config(run)
+    train_set, _ = run.data_spec().load()
     data_fp = train_set.fingerprint()
     ids = train_set.ids.numpy()
-    data, job_fn = asdict(spec), run_retrain_job
-    if run.family == TEXT2IMAGE:  # LoRA fine-tuning; regeneration from recorded prompts
-        from diffattr.text2image import evaluation as t2i
-
-        data, job_fn = t2i.retrain_data(run, samples_path), t2i.run_retrain_job
+    data = family.retrain_data(run, samples_path)
 
     # One job per distinct removal set; each regenerates every seed that needs it.
     plan: dict[str, tuple[np.ndarray, set[int]]] = {}
@@ -544,6 +488,7 @@ def evaluate_removals(
             sorted(job_seeds),
             samples.sampler,
             samples.num_steps,
+            family=family.name,
         )
         for key, (positions, job_seeds) in plan.items()
     ]
@@ -557,8 +502,9 @@ def evaluate_removals(
         samples.sampler,
         samples.num_steps,
         model_dir=str(run.model_dir),
+        family=family.name,
     )
-    list(executor.map(job_fn, [*jobs, original], desc="counterfactual: retrain"))
+    list(executor.map(run_retrain_job, [*jobs, original], desc="counterfactual: retrain"))
 
     cache: dict[str, dict[int, np.ndarray]] = {}
 
@@ -635,7 +581,8 @@ def run_counterfactual(
     out_dir: str | Path,
     config: CounterfactualConfig,
     executor: Executor,
-    factory: Callable[[str, dict[str, Any]], Any] | None = None,
+    settings: Any = None,
+    attributor_options: dict[str, Any] | None = None,
     rescore: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -646,7 +593,9 @@ def run_counterfactual(
     config.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec, train_config = run.data_spec(), run.train_config()
+    from diffattr.families import family_of
+
+    spec, train_config = run.data_spec(), family_of(run).train_config(run)
     train_set, _ = spec.load()
     samples_path = run.samples_dir / "samples.npz"
     samples, fp = _check_samples(run, samples_path)
@@ -657,16 +606,8 @@ def run_counterfactual(
         "dataset_fingerprint": train_set.fingerprint(),
         "model_fingerprint": fp,
     }
-    if (out / "counterfactual.json").is_file():
-        have = read_json(out / "counterfactual.json")
-        for key in ("data", "train", "dataset_fingerprint", "model_fingerprint"):
-            if have.get(key) != manifest[key]:
-                raise DiffattrError(
-                    f"{out} holds a counterfactual evaluation of another run ({key} differs)",
-                    hint="use another --out directory",
-                )
-    else:
-        atomic_write_json(out / "counterfactual.json", manifest)
+    keys = ("data", "train", "dataset_fingerprint", "model_fingerprint")
+    claim_manifest(out / "counterfactual.json", manifest, keys, "a counterfactual evaluation")
     last = config.first_target + config.num_targets
     if last > len(samples):
         raise ConfigError(
@@ -677,12 +618,12 @@ def run_counterfactual(
     targets = list(range(config.first_target, last))
     k = resolve_k(config.k, len(train_set))
     methods = [m for m in config.methods if m != RANDOM]
-    factory = factory or default_attributor_factory(run, train_set, progress)
     removals = {RANDOM: random_removals(len(train_set), k, targets, config.seed)}
     sources = {RANDOM: f"seeded random (seed {config.seed})"}
     for label in methods:
         scores, sources[label] = method_scores(
-            run, label, train_set, samples_path, out / "scores", factory, rescore
+            run, label, train_set, samples_path, out / "scores", settings,
+            {"progress": progress, **(attributor_options or {})}, rescore,
         )
         removals[label] = top_proponents(aligned_values(scores, train_set, targets), k)
     rows, images = evaluate_removals(
@@ -706,10 +647,7 @@ def run_counterfactual(
     table = format_table(rows, header)
     atomic_write_json(out / "results.json", rows)
     atomic_write_bytes(out / "results.md", (table + "\n").encode())
-    atomic_write(
-        out / "images.npz",
-        lambda f: f.write(_npz_bytes(targets=np.array(targets), **images)),
-    )
+    atomic_write_npz(out / "images.npz", targets=np.array(targets), **images)
     atomic_write_json(
         out / "counterfactual.json",
         {**manifest, "config": config.to_dict(), "k": k, "scores_sources": sources},
@@ -721,91 +659,3 @@ def run_counterfactual(
         "retrainings": len({key for r in rows for key in r["retrain"]}),
         "table_text": table,
     }
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def cmd_counterfactual(args: argparse.Namespace) -> dict[str, Any]:
-    from diffattr.attribution.method_spec import method_label, parse_method_list
-    from diffattr.commands import make_attributor
-    from diffattr.fsio import ensure_writable_dir
-    from diffattr.parallel import executor_from_args
-    from diffattr.run import RunDir
-
-    run = RunDir(args.run)
-    run.manifest()
-    config = CounterfactualConfig(
-        methods=[method_label(m, o) for m, o in parse_method_list(args.method)],
-        k=args.k,
-        num_targets=args.num_targets,
-        first_target=args.first_target,
-        seed=args.seed,
-        reference=args.reference,
-        picture_targets=args.picture_targets,
-        bootstrap=args.bootstrap,
-    )
-    with executor_from_args(args) as executor:
-        summary = run_counterfactual(
-            run,
-            ensure_writable_dir(args.out),
-            config,
-            executor,
-            factory=lambda name, options: make_attributor(run, name, args, **options),
-            rescore=args.rescore,
-            progress=not args.quiet,
-        )
-    table = summary.pop("table_text")
-    if not args.quiet and not args.json:
-        print(table)
-    return summary
-
-
-def add_counterfactual_parser(add) -> argparse.ArgumentParser:
-    """Register ``diffattr counterfactual`` with the CLI's ``add(name, help, examples, fn)``."""
-    from diffattr.commands import add_feature_args, add_lambda_args
-    from diffattr.parallel import add_executor_args
-
-    p = add(
-        "counterfactual",
-        "remove each target's top attributed training images, retrain, regenerate, compare "
-        "with random removals",
-        """
-        diffattr counterfactual runs/digits --method das,dtrak --k 10 --num-targets 8 \\
-            --out bench/cf-digits --workers 2
-        diffattr counterfactual runs/digits --method das --k 0.02 --reference original \\
-            --out bench/cf-digits
-        """,
-        cmd_counterfactual,
-    )
-    p.add_argument("run", help="run directory (with generated samples)")
-    p.add_argument("--out", required=True, help="output directory (resumable)")
-    p.add_argument(
-        "--method",
-        default="das,dtrak",
-        help="comma-separated methods, options in brackets (default: das,dtrak); the random "
-        "null is always added",
-    )
-    p.add_argument(
-        "--k",
-        type=float,
-        default=10,
-        help="training images removed per target: a count, or a fraction below 1 (default: 10)",
-    )
-    p.add_argument("--num-targets", type=int, default=8, help="generated targets (default: 8)")
-    p.add_argument("--first-target", type=int, default=0, help="index of the first sample")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random removals")
-    p.add_argument(
-        "--reference",
-        choices=["retrain", "original"],
-        default="retrain",
-        help="compare with a k = 0 retraining (default; exact under any thread count) or the "
-        "run's own model",
-    )
-    p.add_argument("--picture-targets", type=int, default=6, help="rows of counterfactual.png")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
-    p.add_argument("--rescore", action="store_true", help="recompute scores, ignoring RUN/scores")
-    add_lambda_args(p)
-    add_executor_args(p)
-    add_feature_args(p)
-    return p

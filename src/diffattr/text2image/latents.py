@@ -10,7 +10,6 @@ encoder, so a changed input never reuses a stale cache.
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from diffattr.data import ImageDataset
 from diffattr.diffusion.presets import model_fingerprint
 from diffattr.errors import DataError
-from diffattr.fsio import atomic_write
+from diffattr.fsio import atomic_write_npz
 from diffattr.text2image.pipeline import Components, encode_prompts
 
 
@@ -131,16 +130,14 @@ def encode_dataset(
     distinct, inverse = np.unique(np.asarray(captions, dtype=np.str_), return_inverse=True)
     emb = encode_prompts(components, [str(c) for c in distinct])
     if path is not None:
-        buf = io.BytesIO()
-        np.savez(
-            buf,
+        atomic_write_npz(
+            path,
             latents=latents.numpy(),
             ids=dataset.ids.numpy(),
             captions=np.asarray(captions, dtype=np.str_),
             distinct=emb.numpy(),
             inverse=inverse.astype(np.int64),
         )
-        atomic_write(path, lambda f: f.write(buf.getvalue()))
     return LatentSet(latents, dataset.ids.clone(), captions, emb[torch.as_tensor(inverse)])
 
 

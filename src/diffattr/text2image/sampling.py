@@ -17,7 +17,6 @@ import torch
 from tqdm.auto import tqdm
 
 from diffattr.diffusion.sampling import Samples, initial_noise, load_samples, save_samples
-from diffattr.diffusion.schedule import NoiseSchedule
 from diffattr.errors import ConfigError, DataError
 from diffattr.text2image.latents import decode_latents
 from diffattr.text2image.pipeline import Components, encode_prompts
@@ -34,21 +33,6 @@ class TextSamples:
 
     def __len__(self) -> int:
         return len(self.samples)
-
-
-def ddim_scheduler(schedule: NoiseSchedule):
-    """Stable Diffusion's DDIM settings for ``schedule`` (no clipping of latents)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        num_train_timesteps=schedule.num_train_timesteps,
-        beta_start=schedule.beta_start,
-        beta_end=schedule.beta_end,
-        beta_schedule=schedule.beta_schedule,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
 
 
 @torch.no_grad()
@@ -78,7 +62,10 @@ def generate(
     timesteps = None
     bar = tqdm(total=len(seeds), desc="generate (ddim)", disable=not progress, unit="img")
     for s in range(0, len(seeds), batch_size):
-        scheduler = ddim_scheduler(components.schedule)
+        # Stable Diffusion's DDIM settings: latents unclipped, final ᾱ of step −1
+        scheduler = components.schedule.scheduler(
+            "ddim", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        )
         scheduler.set_timesteps(num_steps)
         timesteps = scheduler.timesteps.numpy().copy()
         z = z_init[s : s + batch_size].clone()

@@ -1,0 +1,376 @@
+"""Attribution commands: ``featurize``, ``score``, ``report``.
+
+Each command parses its options, asks the run's family (:mod:`diffattr.families`) for an
+attributor per method and scores; nothing here depends on which method or family it is.
+:func:`score_run` and :func:`write_run_report` are what the demo calls too.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffattr.commands.options import (
+    TARGETS_HELP,
+    add_feature_args,
+    add_lambda_args,
+    attributor_kwargs,
+    driver_plan,
+    feature_settings,
+    method_context,
+    parse_rows,
+)
+from diffattr.errors import ConfigError, DiffattrError
+
+
+def method_targets(family: Any, run: Any, method: Any, spec: str, cache: dict) -> Any:
+    """(name, targets, ids) of ``spec`` as ``method`` takes them: generated samples with their
+    seeds for a method that needs trajectories, else the family's targets (loaded once)."""
+    from diffattr.attribution.methods import TRAJECTORIES
+
+    if "plain" not in cache:
+        cache["plain"] = family.targets(run, spec)
+    name, targets, ids = cache["plain"]
+    if TRAJECTORIES in method.requirements():
+        return name, family.trajectory_targets(run, spec), ids
+    return name, targets, ids
+
+
+def score_run(
+    run: Any,
+    methods: list[tuple[str, dict[str, Any]]],
+    targets: str = "samples",
+    k: int = 10,
+    settings: Any = None,
+    context: dict[str, Any] | None = None,
+    screen: Any = None,
+    executor: Any = None,
+    worker_device: str | None = None,
+    **attributor_options: Any,
+) -> dict[str, str]:
+    """Score ``targets`` of ``run`` with each (method, options); save ``RUN/scores/LABEL-NAME``
+    (scores, top-k tables). ``context``: where methods take option defaults from;
+    ``executor``: featurize and tile the kernel products on it; ``attributor_options``: λ,
+    batch size, device, progress, on_nonfinite. Returns label → scores directory."""
+    from diffattr.attribution.method_spec import method_label
+    from diffattr.attribution.methods import get_method
+    from diffattr.attribution.shards import featurize_with_executor
+    from diffattr.families import family_of, load_for_worker
+
+    family = family_of(run)
+    context = {"run_dir": str(run.path), **(context or {})}
+    loaded: dict[str, Any] = {}
+    out: dict[str, str] = {}
+    for method, given in methods:
+        options = get_method(method, **given).options_from(context, given)
+        att = family.attributor(run, method, options, settings, **attributor_options)
+        name, target_set, ids = method_targets(family, run, att.method, targets, loaded)
+        if executor is not None:
+            att.executor = executor  # the scoring tiles
+            featurize_all = screen is None  # a screen featurizes its candidates only
+            if featurize_all and att.method.measure is not None and not att.method.needs_model:
+                featurize_with_executor(
+                    att, run.path, method, executor, load_for_worker, None, options,
+                    device=worker_device,
+                )  # fmt: skip
+        scores = att.score(target_set, ids, screen=screen)
+        label = method_label(method, given)
+        out[label] = str(scores.save(run.scores_dir / f"{label}-{name}", k=k))
+    return out
+
+
+def scored_methods(run: Any, targets: str) -> list[str]:
+    """The methods with scores of ``targets`` in ``run`` (``RUN/scores/METHOD-TARGETS``), sorted."""
+    suffix = f"-{targets}"
+    if not run.scores_dir.is_dir():
+        return []
+    return sorted(
+        d.name[: -len(suffix)]
+        for d in run.scores_dir.iterdir()
+        if d.name.endswith(suffix) and (d / "scores.npy").is_file()
+    )
+
+
+def load_run_scores(run: Any, name: str, methods: list[str], ids: np.ndarray, train_ids) -> dict:
+    """The saved scores of ``methods`` for targets ``name`` (those that exist), checked against
+    the run's training set and the targets' ids."""
+    from diffattr.attribution.scores import Scores
+
+    scores = {}
+    for method in methods:
+        d = run.scores_dir / f"{method}-{name}"
+        if not (d / "scores.npy").is_file():
+            continue
+        try:
+            s = Scores.load(d)
+        except DiffattrError as exc:
+            raise DiffattrError(f"{d / 'scores.npy'}: {exc}", hint=exc.hint) from exc
+        except (OSError, ValueError, EOFError) as exc:
+            raise DiffattrError(f"cannot read scores in {d}: {exc}") from exc
+        if not np.array_equal(np.sort(s.train_ids), np.sort(train_ids)):
+            raise DiffattrError(
+                f"{d / 'scores.npy'} scores {s.train_ids.size} training samples, but the "
+                f"run's training set has {train_ids.size} (other ids)",
+                hint=f"rerun `diffattr score {run.path} --method {method}`",
+            )
+        if not np.isin(np.asarray(ids), s.target_ids).all():
+            raise DiffattrError(
+                f"{d / 'scores.npy'} holds {s.target_ids.size} targets, not the "
+                f"{len(ids)} {name} targets of the report",
+                hint=f"rerun `diffattr score {run.path} --method {method}`",
+            )
+        scores[method] = s
+    return scores
+
+
+def counterfactual_figures(results: str | None) -> list[tuple[str, Path]]:
+    """The counterfactual picture next to its results.json, when there is one."""
+    if not results or not (Path(results).parent / "counterfactual.png").is_file():
+        return []
+    caption = "Counterfactual: reference, then regenerated after random / method removals"
+    return [(caption, Path(results).parent / "counterfactual.png")]
+
+
+def write_run_report(
+    run: Any,
+    targets: str = "samples",
+    methods: list[str] | None = None,
+    out: str | Path | None = None,
+    lds: str | None = None,
+    counterfactual: str | None = None,
+) -> tuple[Path, list[str]]:
+    """Write ``RUN/report.html`` (or ``out``): the targets, the saved scores of ``methods``
+    (default: every method with scores of them), the run's quality summary, LDS and
+    counterfactual results when given. Returns the file and the methods shown."""
+    from diffattr.families import family_of
+    from diffattr.fsio import read_json
+    from diffattr.report import load_rows, write_report
+
+    name, images, ids = family_of(run).images(run, targets)
+    train_set, _ = run.data_spec().load()
+    methods = methods if methods else scored_methods(run, name)
+    scores = load_run_scores(run, name, methods, ids, train_set.ids.numpy())
+    summary: dict[str, Any] = {"run": str(run.path), "training images": len(train_set)}
+    if (run.path / "quality.json").is_file():
+        summary.update(read_json(run.path / "quality.json"))
+    cf_rows = None
+    if counterfactual:
+        rows = load_rows(counterfactual, "counterfactual results")
+        cf_rows = [r for r in rows if not r.get("control")]
+    path = write_report(
+        Path(out) if out else run.report_path,
+        targets=images,
+        target_ids=ids,
+        train=train_set,
+        scores=scores,
+        title=f"diffattr report: {run.path.name} ({name})",
+        summary=summary,
+        lds_rows=load_rows(lds) if lds else None,
+        counterfactual_rows=cf_rows,
+        figures=counterfactual_figures(counterfactual),
+    )
+    return path, sorted(scores)
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.attribution.method_spec import parse_method_list
+    from diffattr.attribution.methods import get_method
+    from diffattr.attribution.shards import featurize_with_executor
+    from diffattr.families import family_of, load_for_worker
+    from diffattr.parallel import workers_from_args
+    from diffattr.run import RunDir
+
+    run = RunDir(args.run)
+    family = family_of(run)
+    bounds = parse_rows(args.rows) if getattr(args, "rows", None) else None
+    out: dict[str, Any] = {}
+    plan = driver_plan(args)
+    context = method_context(args, run)
+    loaded: dict[str, Any] = {}
+    with workers_from_args(args) as executor:
+        for method, given in parse_method_list(args.method):
+            options = get_method(method, **given).options_from(context, given)
+            att = family.attributor(
+                run, method, options, feature_settings(plan), **attributor_kwargs(plan)
+            )
+            rows = None
+            if bounds is not None:
+                n = len(att.train)
+                a, b = bounds[0] or 0, n if bounds[1] is None else bounds[1]
+                if a >= n or b > n:
+                    raise ConfigError(
+                        f"--rows {args.rows} is outside the {n} training rows (0:{n})"
+                    )
+                rows = np.arange(a, b)
+            if att.method.measure is None:
+                continue
+            if executor is not None:
+                store = featurize_with_executor(
+                    att, run.path, method, executor, load_for_worker, rows, device=args.device
+                )
+                if rows is None and not store.is_complete():
+                    raise DiffattrError(
+                        f"feature store {store.path} is incomplete after the workers finished",
+                        hint="rerun the same command to compute the missing rows",
+                    )
+            else:
+                store = att.featurize(rows)
+            out[f"train_store[{method}]"] = str(store.path)
+            if rows is not None:
+                done = f"{store.num_done}/{store.num_rows} done"
+                out[f"rows[{method}]"] = f"{rows[0]}:{rows[-1] + 1} ({done})"
+            if args.targets:
+                _, targets, ids = method_targets(family, run, att.method, args.targets, loaded)
+                cond = getattr(targets, "conditioning", None)
+                tstore = att.featurize_targets(getattr(targets, "images", targets), ids, cond)
+                out[f"target_store[{method}]"] = str(tstore.path)
+    return out
+
+
+def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.attribution.method_spec import parse_method_list
+    from diffattr.parallel import workers_from_args
+    from diffattr.run import RunDir
+
+    if args.k < 1:
+        raise ConfigError(f"--k must be at least 1, got {args.k}")
+    run = RunDir(args.run)
+    screen = None
+    if getattr(args, "screen", None):
+        from diffattr.attribution.screening import Screen
+
+        screen = Screen.parse(args.screen, args.screen_kernel)
+    plan = driver_plan(args)
+    with workers_from_args(args) as executor:
+        return score_run(
+            run, parse_method_list(args.method), args.targets, args.k, feature_settings(plan),
+            method_context(args, run), screen, executor, args.device, **attributor_kwargs(plan),
+        )  # fmt: skip
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.run import RunDir
+
+    run = RunDir(args.run)
+    methods = args.method.split(",") if args.method else None
+    path, shown = write_run_report(
+        run, args.targets, methods, args.out, getattr(args, "lds", None),
+        getattr(args, "counterfactual", None),
+    )  # fmt: skip
+    return {"report": str(path), "methods": shown}
+
+
+def register(add) -> None:
+    from diffattr.parallel import add_executor_args
+
+    p = add(
+        "featurize",
+        "compute and store training (and target) features for attribution",
+        """
+        diffattr featurize runs/digits --method das,dtrak
+        diffattr featurize runs/digits --method trak --targets samples \\
+            --projector countsketch --proj-dim 4096
+        diffattr featurize runs/digits --executor local --workers 2      # 2 worker processes
+        diffattr featurize runs/digits --executor ray --ray-address auto  # an existing cluster
+        diffattr featurize runs/cifar --device cuda --grad-dtype bf16 \\
+            --projector trak-cuda --proj-dim 4096
+        """,
+        cmd_featurize,
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("--method", default="das", help="comma-separated methods (default: das)")
+    p.add_argument("--targets", default=None, help="also featurize targets: " + TARGETS_HELP)
+    p.add_argument(
+        "--rows",
+        default=None,
+        metavar="START:END",
+        help="only these training rows (one worker's share; workers on disjoint rows of one "
+        "store run side by side)",
+    )
+    p.add_argument(
+        "--on-nonfinite",
+        choices=["stop", "skip"],
+        default="stop",
+        help="a sample with NaN/Inf gradients: stop with an error naming it (default), or "
+        "record it as skipped (scored 0) with a warning",
+    )
+    add_feature_args(p)
+    add_executor_args(p, default="inprocess")
+
+    p = add(
+        "score",
+        "score targets against the training set; writes scores and top-k tables",
+        """
+        diffattr score runs/digits --method das,dtrak
+        diffattr score runs/digits --method das --targets val --leverage --k 20
+        diffattr score runs/big --method das --executor ray --ray-address auto  # tiles on Ray
+        """,
+        cmd_score,
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument(
+        "--method",
+        default="das",
+        help="comma-separated methods (default: das); options in brackets, e.g. "
+        "das[leverage=true], tracin[checkpoints=RUN]",
+    )
+    p.add_argument("--targets", default="samples", help=TARGETS_HELP)
+    p.add_argument("--k", type=int, default=10, help="top-k written to topk.csv/json")
+    add_lambda_args(p)
+    p.add_argument("--residual", choices=["error", "signed", "raw", "none"], default="error")
+    p.add_argument("--leverage", action="store_true", help="DAS: divide by 1 − hᵢ")
+    p.add_argument("--squared", action="store_true", help="DAS: square the scores (KL form)")
+    p.add_argument(
+        "--screen",
+        default=None,
+        metavar="SIMILARITY:M",
+        help="score each target on its M most similar training images only (pixel-cos, "
+        "pixel-dot or embedding-cos; M images or a share: pixel-cos:200, pixel-cos:5%%): the "
+        "others get no score (NaN in scores.npy, absent from the top-k tables)",
+    )
+    p.add_argument(
+        "--screen-kernel",
+        choices=["union", "candidates", "all"],
+        default="union",
+        help="with --screen: fit the kernel once on the union of all targets' candidates "
+        "(default), on each target's own candidates (the DAS paper's form), or on all training "
+        "images (no saving: the screen only restricts which images are scored)",
+    )
+    add_feature_args(p)
+    add_executor_args(p, default="inprocess")
+
+    p = add(
+        "report",
+        "write the HTML report of a run",
+        """
+        diffattr report runs/digits
+        diffattr report runs/digits --method das,dtrak,trak --out /tmp/report.html
+        """,
+        cmd_report,
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="comma-separated methods to show (default: every method with scores of the targets)",
+    )
+    p.add_argument("--targets", default="samples", help=TARGETS_HELP)
+    p.add_argument("--out", default=None, help="output file (default: RUN/report.html)")
+    p.add_argument(
+        "--lds",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="LDS results to plot: BENCH/results.json from `diffattr lds eval`",
+    )
+    p.add_argument(
+        "--counterfactual",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="counterfactual results to plot: OUT/results.json from `diffattr counterfactual`",
+    )

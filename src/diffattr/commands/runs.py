@@ -1,0 +1,224 @@
+"""Commands that make or extend a run: ``demo``, ``train``, ``finetune``, ``generate``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffattr.commands.options import add_data_args, add_train_args, data_spec, train_config
+from diffattr.errors import ConfigError, DataError, DiffattrError
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.attribution.gradients import resolve_device
+    from diffattr.diffusion.training import checkpoints, train
+    from diffattr.fsio import ensure_writable_dir, removed_on_error
+    from diffattr.run import RunDir
+
+    spec, config = data_spec(args), train_config(args)
+    config.validate()  # bad options and data fail before --out is created
+    device = resolve_device(args.device)
+    train_set, _ = spec.load()
+    with removed_on_error(args.out, keep=lambda p: bool(checkpoints(p))):
+        run = RunDir(ensure_writable_dir(args.out))
+        run.start(spec, config)
+        t0 = time.time()
+        model_dir = train(train_set, config, run.path, progress=not args.quiet, device=device)
+    return {"model": str(model_dir), "num_train": len(train_set), "seconds": time.time() - t0}
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.diffusion.training import checkpoints
+    from diffattr.families.text2image import components, train_latents
+    from diffattr.fsio import ensure_writable_dir, removed_on_error
+    from diffattr.run import TEXT2IMAGE, RunDir
+    from diffattr.text2image.latents import require_captions
+    from diffattr.text2image.pipeline import check_pipeline_dir, read_schedule, write_tiny_pipeline
+    from diffattr.text2image.training import LoraTrainConfig, finetune
+
+    if args.size is not None and args.size != args.resolution:
+        raise ConfigError("text-to-image runs resize images to --resolution; drop --size")
+    spec = data_spec(args, size=args.resolution)
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    probe = LoraTrainConfig(
+        preset=args.base, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, resolution=args.resolution,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets,
+    )  # fmt: skip
+    probe.validate()  # bad options, a missing base and bad data fail before --out is made
+    if args.base != "tiny":
+        check_pipeline_dir(args.base)
+    train_set, _ = spec.load()
+    require_captions(train_set)
+    with removed_on_error(args.out, keep=lambda p: bool(checkpoints(p))):
+        run = RunDir(ensure_writable_dir(args.out))
+        if args.base == "tiny":
+            base = run.path / "base"
+            if not (base / "unet").is_dir():
+                write_tiny_pipeline(base, seed=0, sample_size=max(1, args.resolution // 2))
+        else:
+            base = Path(args.base).expanduser()
+        config = replace(probe, preset=str(base.resolve()), schedule=read_schedule(base))
+        run.start(spec, config, TEXT2IMAGE)
+        comps = components(run)
+        comps.latent_shape(args.resolution)  # resolution fits the VAE
+        latents = train_latents(run, comps)
+        t0 = time.time()
+        model_dir = finetune(latents, config, run.path, progress=not args.quiet)
+    return {"model": str(model_dir), "num_train": len(latents), "seconds": time.time() - t0}
+
+
+def given_prompts(args: argparse.Namespace) -> list[str]:
+    """``--prompt`` (repeatable) and the lines of ``--prompts FILE``."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        try:
+            text = Path(args.prompts).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read prompts file {args.prompts}: {exc}") from exc
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.families import family_of
+    from diffattr.run import RunDir
+
+    if args.seed < 0:
+        raise DiffattrError(f"--seed must be non-negative, got {args.seed}")
+    if args.steps < 1:
+        raise DiffattrError(f"--steps must be at least 1, got {args.steps}")
+    if args.num < 1:
+        raise DiffattrError(f"--num must be at least 1, got {args.num}")
+    run = RunDir(args.run)
+    out = Path(args.out) if args.out else run.samples_dir
+    path = family_of(run).generate(
+        run, np.arange(args.seed, args.seed + args.num), out, sampler=args.sampler,
+        num_steps=args.steps, trajectory=args.trajectory, prompts=given_prompts(args),
+        guidance_scale=args.guidance_scale, progress=not args.quiet,
+    )  # fmt: skip
+    return {"samples": str(path), "grid": str(out / "grid.png"), "num": args.num}
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.attribution.gradients import resolve_device
+    from diffattr.demo import run_demo
+
+    return run_demo(
+        args.out, data_spec(args), train_config(args), args.num_targets, args.timesteps,
+        device=resolve_device(args.device), progress=not args.quiet,
+    )  # fmt: skip
+
+
+def register(add) -> None:
+    from diffattr.attribution.defaults import DEFAULT_TIMESTEPS
+    from diffattr.text2image.lora import DEFAULT_TARGETS
+
+    p = add(
+        "demo",
+        "train a tiny model on digits, generate, attribute, write the report (defaults: the "
+        "digits8 LDS benchmark's settings, 500 training images, 1,600 steps, batch 32; DAS "
+        "and pixel cosine)",
+        """
+        diffattr demo                      # writes runs/demo/report.html
+        diffattr demo --out /tmp/demo --steps 1000
+        """,
+        cmd_demo,
+    )
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    add_data_args(p)
+    # The digits8 LDS benchmark's settings, so its measured LDS is the demo's.
+    add_train_args(p, steps=1600)
+    p.set_defaults(train_count=500, batch_size=32)
+    p.add_argument("--num-targets", type=int, default=16, help="images to generate")
+    p.add_argument(
+        "--timesteps",
+        type=int,
+        default=DEFAULT_TIMESTEPS,
+        help=f"timesteps per feature (default: {DEFAULT_TIMESTEPS})",
+    )
+
+    p = add(
+        "train",
+        "train a diffusion model (resumes an interrupted run)",
+        """
+        diffattr train --data digits --out runs/digits
+        diffattr train --data ./my_images --size 16 --preset tiny --out runs/mine
+        """,
+        cmd_train,
+    )
+    p.add_argument("--out", required=True, help="run directory")
+    add_data_args(p)
+    add_train_args(p)
+
+    p = add(
+        "generate",
+        "generate images from a trained run, recording seeds and initial noise",
+        """
+        diffattr generate runs/digits --num 16
+        diffattr generate runs/digits --num 8 --seed 100 --sampler ddpm --out runs/digits/ddpm
+        diffattr generate runs/art --num 8 --prompt "a painting in the style of Monet"
+        """,
+        cmd_generate,
+    )
+    p.add_argument("run", help="run directory made by `diffattr train` or `diffattr finetune`")
+    p.add_argument("--num", type=int, default=16, help="number of images (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    p.add_argument("--trajectory", action="store_true", help="record x_t along the path")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/samples)")
+    g = p.add_argument_group("text-to-image runs")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="prompt (repeat for several; cycled over --num; default: the training captions)",
+    )
+    g.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one a line")
+    g.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance w (default 1: the conditional model alone)",
+    )
+
+    p = add(
+        "finetune",
+        "fine-tune LoRA adapters of a text-to-image pipeline on captioned images "
+        "(a text-to-image run; resumes an interrupted one)",
+        """
+        diffattr finetune --base ~/models/stable-diffusion-v1-5 --data ./paintings \\
+            --resolution 512 --lora-rank 4 --steps 2000 --out runs/art
+        diffattr finetune --base tiny --data captioned.npz --resolution 16 --steps 200 \\
+            --lr 1e-3 --out runs/tiny-t2i
+        """,
+        cmd_finetune,
+    )
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="local pipeline folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), or "
+        "'tiny' for a small random one built from config",
+    )
+    add_data_args(p)
+    g = p.add_argument_group("LoRA fine-tuning")
+    g.add_argument("--resolution", type=int, default=512, help="image side in pixels (512)")
+    g.add_argument("--lora-rank", type=int, default=4, help="LoRA rank r (default: 4)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale α (default: r)")
+    g.add_argument(
+        "--lora-targets",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma-separated UNet module names that get adapters (default: attention projections)",
+    )
+    g.add_argument("--steps", type=int, default=500, help="training steps (default: 500)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--seed", type=int, default=0, help="training seed")
+    g.add_argument("--checkpoint-every", type=int, default=100)

@@ -1,0 +1,219 @@
+"""Model families (registered by ``run.json``'s ``family``): what differs between kinds of
+diffusion model — training config, the attributed model and data, default parameters, targets,
+generation, retraining for evaluation. The engine never imports them; a method whose
+``requirements()`` a family does not ``provide`` is refused (``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from diffattr.errors import ConfigError, DataError, DiffattrError
+from diffattr.run import UNCONDITIONAL, DataSpec, RunDir
+
+#: Family name (``run.json``'s ``family``) → ``module:Class``, imported on first use.
+REGISTRY: dict[str, str] = {
+    UNCONDITIONAL: "diffattr.families.pixel:PixelFamily",
+    "text2image": "diffattr.families.text2image:TextToImageFamily",
+}
+_LOADED: dict[str, Family] = {}
+
+
+def samples_path(run: RunDir, spec: str) -> Path:
+    """The samples file of target ``spec`` (``samples`` or a path), or a clear error."""
+    path = run.samples_dir / "samples.npz" if spec == "samples" else Path(spec)
+    if path.is_file():
+        return path
+    if spec == "samples":
+        raise DiffattrError(
+            f"no generated samples in {run.samples_dir}",
+            hint=f"run `diffattr generate {run.path}` first",
+        )
+    raise DataError(f"targets {spec!r} are neither 'samples', 'val' nor a file")
+
+
+class Family(ABC):
+    """The model family interface (module docstring). The defaults serve a family whose
+    data are the run's images (``DataSpec``); a family in another space overrides them."""
+
+    name: ClassVar[str]
+    #: What the family offers methods beyond the final model and its features (names of
+    #: ``diffattr.attribution.methods``: checkpoints, trajectories, model-calls).
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    # ------------------------------------------------------------------ a run's contents
+    @abstractmethod
+    def config_from_dict(self, data: dict[str, Any]) -> Any:
+        """The training configuration recorded in ``run.json`` (or a worker's job)."""
+
+    def train_config(self, run: RunDir) -> Any:
+        """The run's training settings."""
+        return self.config_from_dict(run.manifest()["train"])
+
+    @abstractmethod
+    def model(self, run: RunDir) -> torch.nn.Module:
+        """The attributed model (the final weights, as the engine differentiates them)."""
+
+    def train_set(self, run: RunDir) -> Any:
+        """The training set as the engine attributes it (images, or latents with their
+        ``conditioning``)."""
+        return run.data_spec().load()[0]
+
+    def feature_settings(self, settings: Any) -> Any:
+        """``settings`` with the family's default parameter set (``params``) where unset."""
+        return settings
+
+    def targets(self, run: RunDir, spec: str) -> tuple[str, Any, np.ndarray]:
+        """(name, targets as the attributor takes them, ids) of ``samples``, ``val`` or a
+        samples file."""
+        return self.images(run, spec)
+
+    def images(self, run: RunDir, spec: str) -> tuple[str, torch.Tensor, np.ndarray]:
+        """(name, images, ids) of target ``spec`` as pictures (what the report shows)."""
+        from diffattr.diffusion.sampling import load_samples
+
+        if spec == "val":
+            _, val = run.data_spec().load()
+            return "val", val.images, val.ids.numpy()
+        path = samples_path(run, spec)
+        s = load_samples(path)
+        return ("samples" if spec == "samples" else path.stem), s.images, np.arange(len(s))
+
+    def trajectory_targets(self, run: RunDir, spec: str) -> Any:
+        """Generated targets with the seeds that made them (methods needing trajectories)."""
+        raise ConfigError(f"{self.name} runs record no sampling trajectories")
+
+    @abstractmethod
+    def generate(self, run: RunDir, seeds: np.ndarray, out: Path, **options: Any) -> Path:
+        """Generate and save images for ``seeds`` into ``out``; the samples file."""
+
+    # ------------------------------------------------------------------ attribution
+    def check_method(self, method: Any) -> None:
+        """A :class:`ConfigError` unless this family provides what ``method`` needs."""
+        from diffattr.attribution.methods import METHODS
+
+        missing = sorted(method.requirements() - self.provides)
+        if missing:
+            usable = sorted(n for n, cls in METHODS.items() if cls.needs <= self.provides)
+            raise ConfigError(
+                f"{method.name} is not available for {self.name} runs (it needs "
+                f"{', '.join(missing)})",
+                hint=f"use {', '.join(usable)}",
+            )
+
+    def attributor(
+        self,
+        run: RunDir,
+        method: str,
+        options: dict[str, Any] | None = None,
+        settings: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """An :class:`~diffattr.attribution.attributor.Attributor` of ``method`` on the run's
+        model and training set, features in ``RUN/features`` (``kwargs``: λ, batch size,
+        device, progress, on_nonfinite)."""
+        from diffattr.attribution.attributor import Attributor
+        from diffattr.attribution.featurize import FeatureSettings
+        from diffattr.attribution.methods import get_method
+
+        options = dict(options or {})
+        self.check_method(get_method(method, **options))
+        return Attributor(
+            self.model(run),
+            self.train_set(run),
+            run.features_dir,
+            method=method,
+            schedule=self.train_config(run).schedule,
+            settings=self.feature_settings(settings or FeatureSettings()),
+            **kwargs,
+            **options,
+        )
+
+    # ------------------------------------------------------------------ retraining
+    def job_data(self, run: RunDir) -> dict[str, Any]:
+        """What a worker needs to retrain on the run's data (JSON-safe)."""
+        return asdict(run.data_spec())
+
+    def retrain_data(self, run: RunDir, samples_path: Path) -> dict[str, Any]:
+        """What a worker needs to retrain and regenerate the samples in ``samples_path``."""
+        return self.job_data(run)
+
+    def retrain_set(self, data: dict[str, Any]) -> Any:
+        """The training set a retraining job draws its subset from (``job_data``'s)."""
+        return DataSpec(**data).load()[0]
+
+    @abstractmethod
+    def train_model(
+        self, dataset: Any, config: Any, out_dir: Path, subset: np.ndarray, device: str = "cpu"
+    ) -> Path:
+        """Train (resuming) on ``dataset``'s ``subset`` positions; the model directory."""
+
+    @abstractmethod
+    def load_trained(self, config: Any, model_dir: Path) -> torch.nn.Module:
+        """A model written by :meth:`train_model` (or the run's own ``model/``)."""
+
+    @abstractmethod
+    def regenerate(
+        self,
+        model: torch.nn.Module,
+        data: dict[str, Any],
+        config: Any,
+        seeds: list[int],
+        sampler: str,
+        num_steps: int,
+    ) -> np.ndarray:
+        """(len(seeds), …) images regenerated alone (batch of one: bit-reproducible)."""
+
+    def benchmark_fields(self, run: RunDir) -> dict[str, Any]:
+        """What an LDS benchmark's manifest records, beyond the data spec, so that it can be
+        evaluated without the run."""
+        return {}
+
+    def benchmark_train_set(self, manifest: dict[str, Any]) -> Any:
+        """The training set of an LDS benchmark, from its manifest."""
+        return DataSpec(**manifest["data"]).load()[0]
+
+    @abstractmethod
+    def lds_targets(
+        self, run: RunDir, val_set: Any, num_val: int, seeds: np.ndarray, progress: bool = True
+    ) -> dict[str, np.ndarray]:
+        """LDS targets: ``images`` (the first ``num_val`` held-out images, then one image
+        generated by the run's model per seed), and ``conditioning`` / ``prompts`` where the
+        model takes them."""
+
+
+def get_family(name: str) -> Family:
+    """The registered family ``name``."""
+    if name not in _LOADED:
+        if name not in REGISTRY:
+            raise DiffattrError(
+                f"unknown model family {name!r}", hint=f"known: {', '.join(sorted(REGISTRY))}"
+            )
+        module, _, cls = REGISTRY[name].partition(":")
+        _LOADED[name] = getattr(importlib.import_module(module), cls)()
+    return _LOADED[name]
+
+
+def family_of(run: RunDir) -> Family:
+    """The family of ``run`` (a run without run.json is reported by the step needing it)."""
+    if not run.path.is_dir():
+        raise DiffattrError(
+            f"run directory {run.path} does not exist",
+            hint="make one with `diffattr train` or `diffattr finetune`",
+        )
+    return get_family(run.family)
+
+
+def load_for_worker(run_path: str) -> tuple[torch.nn.Module, Any, Any]:
+    """(model, training set, schedule) of a run, for a featurizing worker
+    (:class:`~diffattr.attribution.shards.ShardJob`'s ``loader``)."""
+    run = RunDir(run_path)
+    family = family_of(run)
+    return family.model(run), family.train_set(run), family.train_config(run).schedule

@@ -1,0 +1,124 @@
+"""The pixel-space family: an unconditional DDPM UNet trained from scratch (`diffattr train`).
+
+Runs record ``"family": "unconditional"`` (or nothing: runs made before families existed).
+The engine differentiates all weights of ``RUN/model`` on the run's training images; targets
+are generated samples (with the seeds and initial noise that made them) or held-out images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffattr.attribution.methods import CHECKPOINTS, MODEL_CALLS, TRAJECTORIES
+from diffattr.errors import CheckpointError, DiffattrError
+from diffattr.families import Family, samples_path
+from diffattr.run import UNCONDITIONAL, RunDir
+
+
+def check_model_fits(model: torch.nn.Module, shape: tuple[int, int, int], where: Any) -> None:
+    """A :class:`CheckpointError` unless ``model`` takes images of ``shape`` (C, H, W)."""
+    cfg = model.config
+    have = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.out_channels))
+    c, h, w = shape
+    if have != (c, h, c) or h != w:
+        raise CheckpointError(
+            f"the model in {where} is for {have[0]}×{have[1]}² images, but the run's data is "
+            f"{c}×{h}×{w}",
+            hint="the model directory was replaced by another architecture's; retrain with "
+            "`diffattr train` or restore the run's model",
+        )
+
+
+class PixelFamily(Family):
+    name = UNCONDITIONAL
+    provides = frozenset({CHECKPOINTS, TRAJECTORIES, MODEL_CALLS})
+
+    def config_from_dict(self, data: dict[str, Any]) -> Any:
+        from diffattr.diffusion.training import TrainConfig
+
+        return TrainConfig.from_dict(data)
+
+    def model(self, run: RunDir) -> torch.nn.Module:
+        from diffattr.diffusion.presets import load_unet
+
+        return load_unet(run.model_dir)
+
+    def attributor(self, run: RunDir, method: str, options=None, settings=None, **kwargs):
+        att = super().attributor(run, method, options, settings, **kwargs)
+        check_model_fits(att.model, att.train.shape, run.model_dir)
+        return att
+
+    def trajectory_targets(self, run: RunDir, spec: str) -> Any:
+        from diffattr.diffusion.sampling import load_samples
+
+        if spec == "val":
+            raise DiffattrError("journey-trak attributes generated images only")
+        return load_samples(samples_path(run, spec))
+
+    def generate(self, run: RunDir, seeds: np.ndarray, out: Path, **options: Any) -> Path:
+        """Options: ``sampler``, ``num_steps``, ``trajectory``, ``progress``; prompts are
+        refused."""
+        from diffattr.diffusion.presets import model_fingerprint
+        from diffattr.diffusion.sampling import sample, save_samples
+
+        if options.get("prompts"):
+            raise DiffattrError(f"{run.path} is an unconditional run: it takes no prompts")
+        schedule = self.train_config(run).schedule
+        if options["num_steps"] > schedule.num_train_timesteps:
+            raise DiffattrError(
+                f"--steps must be at most {schedule.num_train_timesteps}, got "
+                f"{options['num_steps']}"
+            )
+        model = self.model(run)
+        samples = sample(
+            model, seeds, schedule=schedule, sampler=options["sampler"],
+            num_steps=options["num_steps"], record_trajectory=options.get("trajectory", False),
+            progress=options.get("progress", True),
+        )  # fmt: skip
+        return save_samples(samples, out, model_fingerprint(model))
+
+    # ------------------------------------------------------------------ retraining
+    def train_model(
+        self, dataset: Any, config: Any, out_dir: Path, subset: np.ndarray, device: str = "cpu"
+    ) -> Path:
+        from diffattr.diffusion import training
+
+        return training.train(
+            dataset, config, out_dir, subset=subset, progress=False, device=device
+        )
+
+    def load_trained(self, config: Any, model_dir: Path) -> torch.nn.Module:
+        from diffattr.diffusion.presets import load_unet
+
+        return load_unet(model_dir)
+
+    def regenerate(
+        self,
+        model: torch.nn.Module,
+        data: dict[str, Any],
+        config: Any,
+        seeds: list[int],
+        sampler: str,
+        num_steps: int,
+    ) -> np.ndarray:
+        from diffattr.diffusion.sampling import sample
+
+        out = [
+            sample(model, [int(s)], config.schedule, sampler, num_steps, batch_size=1,
+                   progress=False).images[0].numpy()
+            for s in seeds
+        ]  # fmt: skip
+        return np.stack(out).astype(np.float32)
+
+    def lds_targets(
+        self, run: RunDir, val_set: Any, num_val: int, seeds: np.ndarray, progress: bool = True
+    ) -> dict[str, np.ndarray]:
+        from diffattr.diffusion.sampling import sample
+
+        gen = sample(self.model(run), seeds, self.train_config(run).schedule, progress=progress)
+        images = torch.cat([val_set.images[:num_val], gen.images])
+        return {"images": images.numpy().astype(np.float32)}
