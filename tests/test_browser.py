@@ -195,3 +195,83 @@ def test_screenshot(chromium, run_dir, tmp_path, name, size):
     if os.environ.get("DIFFATTR_ARTIFACTS"):
         ARTIFACTS.mkdir(exist_ok=True)
         shutil.copyfile(shot, ARTIFACTS / name)
+
+
+@pytest.fixture(scope="module")
+def sure_report(tmp_path_factory, digits) -> Path:
+    """A report on a planted copy of training image 5 and an ordinary digit, with held-out
+    images for the near-copy check and DAS scores concentrated for the first target."""
+    from diffattr.report import write_report
+
+    train = digits.subset(np.arange(24))
+    rng = np.random.default_rng(0)
+    das = rng.uniform(-1, 1, size=(2, 24))
+    das[0, [5, 9]] = [12.0, 6.0]
+    das[1, 17] = -1.2
+    scores = {
+        "das": Scores(das, train.ids.numpy(), np.array([0, 1]), "das"),
+        "dtrak": Scores(rng.normal(size=(2, 24)), train.ids.numpy(), np.array([0, 1]), "dtrak"),
+    }
+    path = tmp_path_factory.mktemp("sure") / "report.html"
+    write_report(
+        path, plots_dir=None, targets=torch.stack([train.images[5], digits.images[300]]),
+        target_ids=np.array([0, 1]), train=train, scores=scores,
+        heldout=digits.images[24:124],
+    )  # fmt: skip
+    return path
+
+
+PANEL_PROBE = """<script>
+window.addEventListener('load', function () {
+  var panels = document.querySelectorAll('details.panel');
+  panels.forEach(function (d) { d.open = true; });
+  setTimeout(function () {  // the toggle events run, then the thumbnails load
+    var svg = panels[0].querySelector('svg.hist').getBoundingClientRect();
+    var rows = panels[0].querySelectorAll('tbody tr').length;
+    var imgs = Array.prototype.slice.call(panels[0].querySelectorAll('tbody img'));
+    var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+    var root = document.documentElement;
+    document.body.setAttribute('data-probe', [panels.length, Math.round(svg.width),
+      Math.round(svg.height), rows, ok, root.scrollWidth, window.innerWidth].join('|'));
+  }, 500);
+});
+</script></body>"""
+
+
+def _section(dom: str, tid: int) -> str:
+    s = dom[dom.index(f'id="target-{tid}"') :]
+    return s[: s.index("</section>")]
+
+
+def test_confidence_opponents_and_near_copy_flag_render(chromium, sure_report):
+    dom = _browse(
+        chromium, "--virtual-time-budget=10000", "--dump-dom", sure_report.as_uri()
+    ).stdout
+    loaded, total = map(int, re.search(r'data-images-ok="(\d+)/(\d+)"', dom).groups())
+    assert loaded == total > 0
+    copy, ordinary = _section(dom, 0), _section(dom, 1)
+    assert 'data-near-copy="true"' in copy and "nearest training image #5" in copy
+    assert 'data-near-copy="false"' in ordinary and "not a near copy" in ordinary
+    assert 'data-bin="high"' in copy and "high confidence" in copy
+    assert 'data-bin="low"' in ordinary and "low confidence" in ordinary
+    assert "Measured mean LDS of generated targets in this bin" in copy
+    assert copy.count("top 4 opponents") == 2 and 'alt="opponent: training image 17' in ordinary
+    assert 'id="calibration-table"' in dom
+
+
+@pytest.mark.parametrize("size", ["1200,2000", "390,1600"])
+def test_ranking_panel_opens_and_fits(chromium, sure_report, tmp_path, size):
+    """Opened panels show the histogram and the top-20 ranking with every thumbnail loaded;
+    at phone width the page still does not scroll sideways."""
+    probe = tmp_path / "panel.html"
+    probe.write_text(sure_report.read_text().replace("</body>", PANEL_PROBE))
+    dom = _browse(
+        chromium, f"--window-size={size}", "--virtual-time-budget=10000", "--dump-dom",
+        probe.as_uri(),
+    ).stdout  # fmt: skip
+    found = re.search(r'data-probe="([^"]*)"', dom)
+    assert found, "the probe did not run"
+    panels, width, height, rows, thumbs, page, window = map(int, found.group(1).split("|"))
+    assert panels == 2 * 2 and rows == 20 and thumbs == 20  # every ranked image shown
+    assert 100 < width <= 280 and height > 40
+    assert page <= window

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffattr.attribution.scores import Scores
 from diffattr.errors import DiffattrError
-from diffattr.report import load_rows, render_report, write_report
+from diffattr.report import load_rows, png_data_uri, render_report, write_report
 
 
 def _lds(method, k, v, proj=None):
@@ -230,3 +232,126 @@ def test_extra_figures_are_embedded(tmp_path, digits):
     )  # fmt: skip
     assert "<figcaption>Counterfactual picture</figcaption>" in html
     assert html.count("data:image/png;base64,") >= 3  # two targets + the figure
+
+
+# ---------------------------------------------------------------------------- confidence
+
+
+@pytest.fixture
+def sure(digits):
+    """A planted copy of training image 5 and an ordinary digit as targets, 24 training
+    digits, 100 held-out ones; DAS scores concentrated for the first target, flat for the
+    second, and D-TRAK (a second method) random."""
+    train = digits.subset(np.arange(24))
+    rng = np.random.default_rng(0)
+    das = rng.uniform(-1, 1, size=(2, 24))
+    das[0, [5, 9]] = [12.0, 6.0]
+    das[1, 17] = -1.2  # target 1's strongest opponent
+    scores = {
+        "das": Scores(das, train.ids.numpy(), np.array([0, 1]), "das"),
+        "dtrak": Scores(rng.normal(size=(2, 24)), train.ids.numpy(), np.array([0, 1]), "dtrak"),
+    }
+    return {
+        "targets": torch.stack([train.images[5].clone(), digits.images[300]]),
+        "target_ids": np.array([0, 1]),
+        "train": train,
+        "scores": scores,
+        "heldout": digits.images[24:124],
+    }
+
+
+def _target(html: str, tid: int) -> str:
+    s = html[html.index(f"id='target-{tid}'") :]
+    return s[: s.index("</section>")]
+
+
+def test_report_shows_confidence_bins_with_measured_lds(sure):
+    from diffattr.attribution.confidence import bin_lds, method_calibration
+
+    html = render_report(**sure)
+    _self_contained(html)
+    first, second = _target(html, 0), _target(html, 1)
+    kappa = sure["scores"]["das"].confidence()
+    entry = method_calibration("das")
+    assert kappa[0] >= entry["cuts"][1] > entry["cuts"][0] > kappa[1]
+    das0 = first[first.index("<h4>das</h4>") :]
+    assert "data-bin='high'" in das0[: das0.index("</div>")]
+    das1 = second[second.index("<h4>das</h4>") :]
+    assert "data-bin='low'" in das1[: das1.index("</div>")]
+    assert f"κ = {kappa[0]:.3g}" in first
+    for r in bin_lds(entry, "high", "gen"):  # the benchmark's numbers for that bin, quoted
+        assert f"{r['mean']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] on {r['benchmark']}" in first
+    for r in bin_lds(entry, "low", "gen"):
+        assert f"{r['mean']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] on {r['benchmark']}" in second
+    # the calibration table, and held-out real numbers when the targets are real images
+    assert "id='calibration-table'" in html and "How sure can we be?" in html
+    val = render_report(**sure, target_kind="val")
+    r = bin_lds(entry, "high", "val")[0]
+    assert f"{r['mean']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" in _target(val, 0)
+    assert "held-out real targets in this bin" in _target(val, 0)
+
+
+def test_report_flags_the_planted_copy_only(sure):
+    html = render_report(**sure)
+    assert "data-near-copy='true'" in _target(html, 0)
+    assert "data-near-copy='false'" in _target(html, 1)
+    assert "nearest training image #5" in _target(html, 0)
+    assert "5% quantile of held-out real images" in _target(html, 0)
+    summary = html[html.index("id='summary-table'") :]
+    rows = summary[: summary.index("</table>")].split("<tr>")[2:]
+    assert "near copy" in rows[0] and "near copy" not in rows[1]
+    assert "No near-copy check" not in html
+
+
+def test_report_without_heldout_uses_the_flag_in_the_scores_or_says_it_is_missing(sure):
+    from diffattr.attribution.confidence import near_copies
+
+    heldout = sure.pop("heldout")
+    html = render_report(**sure)
+    assert "No near-copy check" in html and "data-near-copy" not in html
+    sure["scores"]["dtrak"].set_near_copies(
+        near_copies(sure["targets"], sure["train"].images, heldout)
+    )
+    html = render_report(**sure)
+    assert "data-near-copy='true'" in _target(html, 0)
+    assert "data-near-copy='false'" in _target(html, 1)
+
+
+def test_report_shows_opponents_and_an_expandable_ranking(sure):
+    html = render_report(**sure, k_opp=2, k_ranking=20)
+    second = _target(html, 1)
+    das = second[second.index("<h4>das</h4>") :]
+    opp = das[das.index("top 2 opponents") :]
+    grid = opp[opp.index("<div class='grid'>") :]
+    grid = grid[: grid.index("</div>")]
+    opponents = re.findall(r'alt="opponent: training image (\d+), score ([^"]+)"', grid)
+    assert len(opponents) == 2 and opponents[0] == ("17", "-1.2")  # the most negative first
+    panels = re.findall(r"<details class='panel'>.*?</details>", html, flags=re.S)
+    assert len(panels) == 2 * 2  # targets × methods
+    for p in panels:
+        assert "top 20 of 24 scored training images" in p
+        body = p[p.index("<tbody>") :]
+        assert body.count("<tr>") == 20
+        assert "<svg class='hist'" in p and ">training images</text>" in p and ">score</text>" in p
+    first_das = panels[0]
+    ranked = re.findall(r"<td class='num'>#(\d+)</td>", first_das)
+    assert ranked[:2] == ["5", "9"]  # the planted spikes, in order
+    assert re.findall(r"data-thumb='(\d+)'", first_das) == ranked
+    # each ranked image is embedded once, in the shared map the panels' script reads
+    found = re.search(r"<script type='application/json' id='thumbs'>(.*?)</script>", html)
+    thumbs = json.loads(found.group(1))
+    assert set(thumbs) == set(re.findall(r"data-thumb='(\d+)'", html))
+    train = sure["train"]
+    pos = int(np.flatnonzero(train.ids.numpy() == 5)[0])
+    assert thumbs["5"] == png_data_uri(train.images[pos])
+    assert "fillThumbs" in html[html.rindex("<script>") :]
+
+
+def test_histogram_counts_every_finite_score():
+    from diffattr.report import histogram_svg
+
+    svg = histogram_svg(np.r_[np.linspace(-1, 2, 30), np.nan], bins=3)
+    assert "30 values from -1 to 2" in svg
+    heights = [float(h) for h in re.findall(r"height='([\d.]+)'", svg)]
+    assert len(heights) == 3 and max(heights) > 0
+    assert histogram_svg(np.array([np.nan])) == ""

@@ -11,7 +11,10 @@ script are inline. Sections:
   timesteps and projection dimension, counterfactual distances — each only when its data
   exist; the PNGs are also written to ``plots_dir`` (``RUN/plots/`` by default);
 - per target: the image beside each method's top proponents and opponents, methods side by
-  side.
+  side; each method's confidence κ (excess kurtosis of the target's scores), its calibrated
+  bin and the mean LDS measured for that bin on the benchmarks; an expandable panel with the
+  top-20 ranking and a histogram of all the target's scores; and the near-copy flag when
+  held-out real images are given (``heldout``) or the scores carry one.
 
 Missing parts (no scores, no LDS results yet) are reported, never fatal.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -32,6 +36,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffattr.attribution.confidence import (
+    DEFINITION,
+    NEAR_COPY_QUANTILE,
+    NearCopies,
+    bin_lds,
+    method_calibration,
+    near_copies,
+)
 from diffattr.attribution.scores import Scores
 from diffattr.data import ImageDataset, to_uint8_images
 from diffattr.errors import DiffattrError
@@ -89,6 +101,20 @@ figure.plot{background:#fff;border:1px solid var(--line);border-radius:8px;paddi
 figure.plot .panels{display:flex;flex-wrap:wrap;gap:.5rem;max-width:100%}
 figure.plot img{max-width:100%;height:auto;background:#fff}
 figure.plot figcaption{max-width:44rem;color:var(--muted);margin-top:.3rem;line-height:1.35}
+.conf{font-size:.75rem;margin:.1rem 0 .3rem;max-width:22rem}
+.badge{display:inline-block;font-size:.7rem;font-weight:600;border-radius:3px;padding:0 .3em;
+ border:1px solid var(--line);background:#eef0f4;white-space:nowrap}
+.badge.high{background:#e3f4e6;border-color:#9ccfa6}.badge.medium{background:#fff5d6;
+ border-color:#e9cf7d}.badge.low{background:#fbe4e2;border-color:#e5a29c}
+.badge.copy{background:var(--opp);border-color:var(--opp);color:#fff}
+.near{font-size:.72rem;max-width:14rem;margin-top:.3rem;color:var(--muted)}
+.near.copy{color:#7a1d16;font-weight:600}
+details.panel{margin-top:.4rem;font-size:.75rem;max-width:100%}
+details.panel summary{cursor:pointer;color:var(--accent)}
+details.panel table{font-size:.72rem;margin-top:.3rem}
+details.panel td img,span.thumb{width:28px;height:28px;image-rendering:pixelated;display:block}
+svg.hist{display:block;width:100%;max-width:280px;height:auto;margin-top:.3rem;background:#fff}
+svg.hist text{font:10px system-ui,sans-serif;fill:#5f6670}
 @media (max-width:640px){
  main{padding:.5rem .5rem 1.5rem} h1{font-size:1.1rem}
  figure:not(.plot) img{width:44px;height:44px} figure.target img{width:80px;height:80px}
@@ -141,6 +167,24 @@ SCRIPT = """
   }
   document.querySelectorAll('table.sortable th[aria-sort] button').forEach(function(b){
     b.addEventListener('click', function(){ sortBy(b.closest('th')); });
+  });
+  var thumbs = null;
+  function fillThumbs(panel){  // ranking thumbnails: one shared copy of each image's data
+    if (thumbs === null) {
+      var map = document.getElementById('thumbs');
+      thumbs = map ? JSON.parse(map.textContent) : {};
+    }
+    panel.querySelectorAll('span.thumb[data-thumb]').forEach(function(s){
+      var uri = thumbs[s.getAttribute('data-thumb')];
+      if (!uri) return;
+      var img = document.createElement('img');
+      img.src = uri;
+      img.alt = s.getAttribute('aria-label') || '';
+      s.replaceWith(img);
+    });
+  }
+  document.querySelectorAll('details.panel').forEach(function(d){
+    d.addEventListener('toggle', function(){ if (d.open) fillThumbs(d); });
   });
   window.addEventListener('load', function(){
     var imgs = Array.prototype.slice.call(document.images);
@@ -457,6 +501,217 @@ def _lds_table(rows: list[dict[str, Any]]) -> str:
     )
 
 
+KIND_WORDS = {"val": "held-out real", "gen": "generated"}
+
+
+def histogram_svg(values: np.ndarray, bins: int = 24, label: str = "scores") -> str:
+    """An inline SVG histogram of the finite ``values`` with its own axis labels.
+
+    Bar heights: counts per equal-width bin between the smallest and largest value; a dashed
+    line marks 0 when it lies inside; the x axis is labelled with both ends.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return ""
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    counts, _ = np.histogram(v, bins=bins, range=(lo, hi))
+    w, h, left, bottom, top = 280, 110, 30, 26, 8
+    plot_w, plot_h = w - left - 6, h - bottom - top
+    peak = max(int(counts.max()), 1)
+    bar = plot_w / bins
+    rects = "".join(
+        f"<rect x='{left + i * bar:.1f}' y='{top + plot_h * (1 - c / peak):.1f}' "
+        f"width='{max(bar - 1, 0.5):.1f}' height='{plot_h * c / peak:.1f}' fill='#6c8ed8'/>"
+        for i, c in enumerate(counts)
+        if c
+    )
+    zero = ""
+    if lo < 0 < hi:
+        x0 = left + plot_w * (0 - lo) / (hi - lo)
+        zero = (
+            f"<line x1='{x0:.1f}' x2='{x0:.1f}' y1='{top}' y2='{top + plot_h}' stroke='#333' "
+            "stroke-dasharray='3 2'/>"
+        )
+        if 0.2 * plot_w < x0 - left < 0.8 * plot_w:  # its label would not hit the ends'
+            zero += f"<text x='{x0:.1f}' y='{top + plot_h + 11}' text-anchor='middle'>0</text>"
+    base = top + plot_h
+    return (
+        f"<svg class='hist' viewBox='0 0 {w} {h}' role='img' aria-label='histogram of "
+        f"{_e(label)}: {v.size} values from {lo:.3g} to {hi:.3g}'>"
+        f"<line x1='{left}' x2='{left + plot_w}' y1='{base}' y2='{base}' stroke='#999'/>"
+        f"<line x1='{left}' x2='{left}' y1='{top}' y2='{base}' stroke='#999'/>{rects}{zero}"
+        f"<text x='{left}' y='{base + 11}' text-anchor='start'>{lo:.3g}</text>"
+        f"<text x='{left + plot_w}' y='{base + 11}' text-anchor='end'>{hi:.3g}</text>"
+        f"<text x='{left + plot_w / 2:.0f}' y='{h - 2}' text-anchor='middle'>score</text>"
+        f"<text x='{left - 3}' y='{top + 8}' text-anchor='end'>{peak}</text>"
+        f"<text x='{left - 3}' y='{base}' text-anchor='end'>0</text>"
+        f"<text x='9' y='{top + plot_h / 2:.0f}' text-anchor='middle' "
+        f"transform='rotate(-90 9 {top + plot_h / 2:.0f})'>training images</text></svg>"
+    )
+
+
+def confidence_text(
+    method: str, kappa: float | None, bin_name: str | None, screened: bool, kind: str
+) -> str:
+    """HTML: κ, its bin and the bin's measured mean LDS [CI] per benchmark (or why none)."""
+    k = DASH if kappa is None else f"{kappa:.3g}"
+    entry = method_calibration(method)
+    head = f"confidence κ = {k}"
+    if screened:
+        return f"{head}; <em>not calibrated</em> (screened scores: κ over the candidates only)"
+    if entry is None:
+        return f"{head}; <em>not calibrated</em> for {_e(method)}"
+    if not entry.get("validated"):
+        return (
+            f"{head}; <em>not validated</em> for {_e(method)}: its κ did not predict "
+            "per-target LDS on every held-out benchmark"
+        )
+    if bin_name is None:
+        return head
+    rows = bin_lds(entry, bin_name, kind)
+    measured = "; ".join(
+        f"{r['mean']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] on {_e(r['benchmark'])} "
+        f"(n = {r['count']})"
+        for r in rows
+    )
+    return (
+        f"<span class='badge {bin_name}'>{bin_name} confidence</span> κ = {k}. "
+        f"Measured mean LDS of {KIND_WORDS.get(kind, kind)} targets in this bin: "
+        f"{measured or DASH} ({_e(entry.get('settings', ''))})."
+    )
+
+
+def near_copy_html(near: dict[str, Any] | None, train_uri: Callable[[int], str]) -> str:
+    """The near-copy verdict of one target (``near``: one target's fields), or ''."""
+    if near is None:
+        return ""
+    q = near["quantile"]
+    rule = (
+        f"{q:.0%} quantile of held-out real images' nearest-training-image distances"
+        f" (pixel L2 {near['pixel_threshold']:.3g}"
+        + (
+            f"; embedding 1 − cos {near['embedding_threshold']:.3g}"
+            if near.get("embedding_threshold") is not None
+            else ""
+        )
+        + ")"
+    )
+    nearest = int(near["nearest_train_id"])
+    dist = f"pixel L2 {near['pixel_distance']:.3g}"
+    if near.get("embedding_distance") is not None:
+        dist += f", 1 − cos {near['embedding_distance']:.3g}"
+    if near["flagged"]:
+        return (
+            "<div class='near copy' data-near-copy='true'><span class='badge copy'>near copy"
+            f"</span> nearest training image #{nearest} ({dist}) is at most the {rule}."
+            + _figure(train_uri(nearest), [f"#{nearest}", "nearest"], "opp",
+                      f"nearest training image {nearest}")
+            + "</div>"
+        )  # fmt: skip
+    return (
+        f"<div class='near' data-near-copy='false'>not a near copy: nearest training image "
+        f"#{nearest} ({dist}) is farther than the {rule}.</div>"
+    )
+
+
+def ranking_panel(
+    values: np.ndarray, train_ids: np.ndarray, used: set[int], k: int, name: str
+) -> str:
+    """A closed ``<details>``: the top-k ranking (thumbnail, id, score) and the histogram.
+
+    Thumbnails are placeholders (``span.thumb``) that the page's script turns into images
+    from one shared id → PNG map when the panel opens, so a training image ranked in many
+    panels is embedded once; their ids are added to ``used``.
+    """
+    finite = np.isfinite(values)
+    order = np.argsort(-np.where(finite, values, -np.inf), kind="stable")[: min(k, finite.sum())]
+    ids = [int(train_ids[i]) for i in order]
+    used.update(ids)
+    rows = "".join(
+        f"<tr><td class='num'>{r + 1}</td><td><span class='thumb' data-thumb='{i}' "
+        f"role='img' aria-label='training image {i}'></span></td><td class='num'>#{i}</td>"
+        f"<td class='num'>{values[j]:+.3g}</td></tr>"
+        for r, (i, j) in enumerate(zip(ids, order, strict=True))
+    )
+    return (
+        f"<details class='panel'><summary>{_e(name)}: top {len(order)} of {int(finite.sum())} "
+        "scored training images, and the score histogram</summary>"
+        + histogram_svg(values, label=f"{name} scores")
+        + "<div class='scroll'><table><thead><tr><th>rank</th><th>image</th><th>training id"
+        f"</th><th>score</th></tr></thead><tbody>{rows}</tbody></table></div></details>"
+    )
+
+
+def near_copy_rows(
+    targets: torch.Tensor,
+    target_list: list[int],
+    train: ImageDataset,
+    scores: dict[str, Scores],
+    heldout: Any,
+    quantile: float,
+    encoder: Callable[[Any], Any] | None,
+) -> dict[int, dict[str, Any]] | None:
+    """Per target id, its near-copy fields: computed from ``heldout`` when given, else the
+    first scores that carry them (``Scores.set_near_copies``); None when neither."""
+    if heldout is not None:
+        nc: NearCopies = near_copies(targets, train.images, heldout, quantile, encoder)
+        meta = nc.to_meta(train.ids.numpy())
+        rows = {}
+        for t, tid in enumerate(target_list):
+            rows[tid] = {
+                k: (v[t] if isinstance(v, list) else v) for k, v in meta.items() if k != "rule"
+            }
+        return rows
+    for s in scores.values():
+        meta = s.meta.get("near_copy")
+        if meta:
+            out = {}
+            for t, tid in enumerate(s.target_ids.tolist()):
+                out[int(tid)] = {
+                    k: (v[t] if isinstance(v, list) else v) for k, v in meta.items() if k != "rule"
+                }
+            return out
+    return None
+
+
+def calibration_table(methods: Sequence[str], kind: str) -> str:
+    """The committed calibration of the methods shown: cut points and bin LDS per benchmark."""
+    rows = []
+    for m in methods:
+        entry = method_calibration(m)
+        if entry is None or not entry.get("validated"):
+            continue
+        cuts = entry["cuts"]
+        for bin_name, rng in zip(
+            ("low", "medium", "high"),
+            (f"κ < {cuts[0]:.3g}", f"{cuts[0]:.3g} ≤ κ < {cuts[1]:.3g}", f"κ ≥ {cuts[1]:.3g}"),
+            strict=True,
+        ):
+            cells = "".join(
+                f"<td class='num'>{r['mean']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
+                f" (n = {r['count']})</td>"
+                for r in bin_lds(entry, bin_name, kind)
+            )
+            rows.append(
+                f"<tr><td>{_e(m)}</td><td>{bin_name}</td><td class='num'>{_e(rng)}</td>{cells}</tr>"
+            )
+    if not rows:
+        return ""
+    entry = next(method_calibration(m) for m in methods if method_calibration(m))
+    benches = list(entry.get("lds", {}))
+    return (
+        "<div class='scroll'><table id='calibration-table'><thead><tr><th>method</th><th>bin"
+        "</th><th>κ</th>"
+        + "".join(f"<th>{_e(b)}: mean LDS [95% CI]</th>" for b in benches)
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table></div>"
+    )
+
+
 def render_report(
     targets: torch.Tensor,
     target_ids: np.ndarray,
@@ -473,8 +728,22 @@ def render_report(
     k_summary: int = 3,
     overlap_k: int = 10,
     figures: list[tuple[str, str | Path]] | None = None,
+    heldout: torch.Tensor | None = None,
+    near_copy_quantile: float = NEAR_COPY_QUANTILE,
+    encoder: Callable[[Any], Any] | None = None,
+    target_kind: str = "gen",
+    k_ranking: int = 20,
 ) -> str:
     """The report as one HTML string.
+
+    ``heldout``: real images not trained on (e.g. the run's validation images); with them each
+    target gets a near-copy verdict: flagged when its nearest training image is at most the
+    ``near_copy_quantile`` of the held-out images' own nearest-training-image distances (pixel
+    L2; and embedding 1 − cos when ``encoder`` is given). Without them, a flag recorded in the
+    scores (``Scores.set_near_copies``) is shown, else the check is listed as missing.
+    ``target_kind``: which benchmark targets' measured LDS to quote per confidence bin
+    ("gen": generated, "val": held-out real). ``k_ranking``: length of each target's
+    expandable ranking.
 
     ``figures``: extra (caption, PNG file) pairs embedded in the plots section, e.g. the
     counterfactual picture (original / regenerated after each removal).
@@ -504,7 +773,12 @@ def render_report(
             "pro": s.top_k(max(k_pro, k_summary, overlap_k)),
             "opp": s.top_k(k_opp, opponents=True),
             "screen": screen_note(s),
+            "kappa": s.confidence(),
+            "bins": s.confidence_bins(),
+            "values": s.values,
+            "train_ids": s.train_ids,
         }
+    near = near_copy_rows(targets, target_list, train, scores, heldout, near_copy_quantile, encoder)
 
     missing: list[str] = []
     if not scores:
@@ -516,6 +790,11 @@ def render_report(
         )
     if not counterfactual_rows:
         missing.append("No counterfactual results yet.")
+    if near is None:
+        missing.append(
+            "No near-copy check: the report was not given held-out real images (the caller "
+            "passes <code>heldout=</code>, e.g. the run's validation images)."
+        )
     plots, plot_missing = make_plots(scores, target_list, lds_rows, counterfactual_rows)
     if plots_dir is not None:
         _write_plots(Path(plots_dir), plots)
@@ -529,7 +808,7 @@ def render_report(
         "<nav aria-label='sections'><a href='#run'>Run</a><a href='#summary'>Summary</a>"
         "<a href='#plots'>Plots</a>"
         + ("<a href='#lds'>LDS</a>" if lds_rows else "")
-        + "<a href='#targets'>Targets</a></nav>",
+        + "<a href='#confidence'>How sure</a><a href='#targets'>Targets</a></nav>",
         "<section id='run'><h2>Run</h2>",
     ]
     if summary:
@@ -547,7 +826,7 @@ def render_report(
     else:
         parts.append(
             _summary_table(
-                tops, target_list, target_uris, captions, train_uri, k_summary, overlap_k
+                tops, target_list, target_uris, captions, train_uri, k_summary, overlap_k, near
             )
         )
     parts.append("</section>")
@@ -580,6 +859,10 @@ def render_report(
             "applies, chosen without ground truth.</p>" + _lds_table(lds_rows) + "</section>"
         )
 
+    parts.append(_confidence_section(list(scores), target_kind, near_copy_quantile, near))
+    thumbs_at = len(parts)  # the ranking panels' shared thumbnails go here (filled below)
+    ranked: set[int] = set()
+
     # --- per target ---------------------------------------------------------------------
     parts.append("<section id='targets'><h2>Targets</h2>")
     if scores:
@@ -590,7 +873,12 @@ def render_report(
         )
     for t, tid in enumerate(target_list):
         parts.append(f"<section class='target' id='target-{tid}'><div class='row'>")
-        parts.append(_figure(target_uris[t], captions[t], "target"))
+        parts.append(
+            "<div>"
+            + _figure(target_uris[t], captions[t], "target")
+            + near_copy_html(None if near is None else near.get(tid), train_uri)
+            + "</div>"
+        )
         for name, top in tops.items():
             row = top["row"].get(tid)
             if row is None:
@@ -600,6 +888,13 @@ def render_report(
             parts.append(f"<div class='method'><h4>{_e(name)}</h4>")
             if top["screen"]:
                 parts.append(f"<div class='label'>{_e(top['screen'])}</div>")
+            kappa = _float(top["kappa"][row])
+            parts.append(
+                f"<div class='conf' data-confidence='{_sort_attr(kappa)}' "
+                f"data-bin='{top['bins'][row] or ''}'>"
+                + confidence_text(name, kappa, top["bins"][row], bool(top["screen"]), target_kind)
+                + "</div>"
+            )
             for label, ids, vals, cls in (
                 ("proponents", pid, pval, ""),
                 ("opponents", oid, oval, "opp"),
@@ -618,8 +913,13 @@ def render_report(
                         )
                     )
                 parts.append("</div>")
+            parts.append(
+                ranking_panel(top["values"][row], top["train_ids"], ranked, k_ranking, name)
+            )
             parts.append("</div>")
         parts.append("</div></section>")
+    thumbs = json.dumps({str(i): train_uri(i) for i in sorted(ranked)})
+    parts.insert(thumbs_at, f"<script type='application/json' id='thumbs'>{thumbs}</script>")
     parts.append(f"</section></main><script>{SCRIPT}</script></body></html>")
     return "\n".join(parts)
 
@@ -632,6 +932,7 @@ def _summary_table(
     train_uri: Callable[[int], str],
     k_summary: int,
     overlap_k: int,
+    near: dict[int, dict[str, Any]] | None = None,
 ) -> str:
     methods = list(tops)
     several = len(methods) > 1
@@ -645,8 +946,11 @@ def _summary_table(
             if several
             else ""
         )
+        + " Under each method: its confidence bin (or κ when the method is not calibrated)."
+        + (" <span class='badge copy'>near copy</span> marks a target flagged as a near copy of "
+           "a training image." if near is not None else "")
         + "</p>"
-    ]
+    ]  # fmt: skip
     head = [_th("target", 0)]
     head += [
         _th(
@@ -665,10 +969,13 @@ def _summary_table(
         "<thead><tr>" + "".join(head) + "</tr></thead><tbody>"
     )
     for t, tid in enumerate(target_list):
+        flagged = near is not None and bool(near.get(tid, {}).get("flagged"))
         cells = [
             f"<td data-sort='{tid}'><a href='#target-{tid}'>"
             + _figure(target_uris[t], captions[t], "mini")
-            + "</a></td>"
+            + "</a>"
+            + ("<span class='badge copy'>near copy</span>" if flagged else "")
+            + "</td>"
         ]
         sets = []
         for m in methods:
@@ -690,9 +997,15 @@ def _summary_table(
                 if np.isfinite(v)
             )
             top1 = _float(vals[row, 0]) if vals.shape[1] else None
+            kappa, bin_name = _float(tops[m]["kappa"][row]), tops[m]["bins"][row]
+            conf = (
+                f"<span class='badge {bin_name}'>{bin_name}</span> κ {_fmt(kappa, '{:.3g}')}"
+                if bin_name
+                else f"κ {_fmt(kappa, '{:.3g}')}"
+            )
             cells.append(
                 f"<td data-sort='{_sort_attr(top1)}' data-label='{_e(m)}'>"
-                f"<div class='figs'>{figs}</div></td>"
+                f"<div class='figs'>{figs}</div><div class='conf'>{conf}</div></td>"
             )
         if several:
             shared = len(set.intersection(*sets)) if len(sets) == len(methods) else None
@@ -704,6 +1017,33 @@ def _summary_table(
     parts.append("</tbody></table></div>")
     parts.append(f"<p id='sort-status' role='status' style='{SR_ONLY}'></p>")
     return "".join(parts)
+
+
+def _confidence_section(
+    methods: list[str], kind: str, quantile: float, near: dict[int, Any] | None
+) -> str:
+    """'How sure': the confidence's definition, calibration table and the near-copy rule."""
+    table = calibration_table(methods, kind)
+    flagged = sum(bool(v.get("flagged")) for v in (near or {}).values())
+    return (
+        "<section id='confidence'><h2>How sure can we be?</h2><p class='note'>Per target and "
+        f"method, the confidence κ is the {_e(DEFINITION)}: a few training images standing "
+        "far out of the bulk. On the LDS benchmarks (<code>benchmarks/confidence.py</code>) "
+        "targets with a higher κ had a higher LDS (their attribution predicted retraining "
+        "better); bins cut at the terciles of κ on the digits8 benchmark. Below: the mean "
+        f"per-target LDS of {KIND_WORDS.get(kind, kind)} benchmark targets in each bin. A bin "
+        "is an average over targets, not a guarantee for one image.</p>"
+        + (table or "<p class='note'>None of the methods shown is calibrated.</p>")
+        + "<p class='note'>Near copy: a target whose nearest training image (pixel L2) is "
+        f"at most the {quantile:.0%} quantile of held-out real images' nearest-training-image "
+        f"distances, i.e. closer than {1 - quantile:.0%} of real images not trained on."
+        + (
+            f" Flagged here: {flagged} of {len(near)} targets."
+            if near is not None
+            else " Not checked in this report (no held-out images given)."
+        )
+        + "</p></section>"
+    )
 
 
 def screen_note(s: Scores) -> str:
