@@ -48,7 +48,8 @@ from diffattr.attribution.confidence import (
     near_copies,
 )
 from diffattr.attribution.scores import Scores
-from diffattr.evaluation.lds import KIND_NAMES, GroundTruth, KernelCache, lds_per_target
+from diffattr.evaluation.ground_truth import KIND_NAMES, GroundTruth, lds_per_target
+from diffattr.evaluation.kernel_cache import KernelCache
 from diffattr.evaluation.lds import method_scores as lds_method_scores
 from diffattr.fsio import atomic_write_json, read_json
 from diffattr.run import DataSpec

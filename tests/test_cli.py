@@ -25,9 +25,14 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     assert main(["train", "--out", run, "--train-count", "20", "--val-count", "6",
                  "--steps", "3", "--batch-size", "8", *common]) == 0  # fmt: skip
     assert main(["generate", run, "--num", "3", "--steps", "4", *common]) == 0
-    assert main(["score", run, "--method", "das,dtrak,pixel-cos,random", "--timesteps", "2",
-                 "--k", "5", *common]) == 0  # fmt: skip
     capsys.readouterr()
+    assert main(["score", run, "--method", "das,dtrak,pixel-cos,random", "--timesteps", "2",
+                 "--k", "5", "--json", *common]) == 0  # fmt: skip
+    per_target = json.loads(capsys.readouterr().out)["targets"]
+    assert [t["id"] for t in per_target] == [0, 1, 2]
+    for t in per_target:  # a confidence per method, a bin where it is calibrated, the flag
+        assert isinstance(t["near_copy"], bool) and isinstance(t["das"]["confidence"], float)
+        assert t["das"]["bin"] in ("low", "medium", "high") and t["random"]["bin"] is None
     assert main(["report", run, "--method", "das,dtrak", "--json", *common]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["methods"] == ["das", "dtrak"]
@@ -35,6 +40,7 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     assert main(["report", run, "--json", "--out", str(tmp_path / "all.html"), *common]) == 0
     assert json.loads(capsys.readouterr().out)["methods"] == ["das", "dtrak", "pixel-cos", "random"]
     html = (tmp_path / "run" / "report.html").read_text()
+    assert html.count("near copy: nearest training image") == 3  # the verdict of every target
     sections = html.split("<section class='target'")[1:]
     assert len(sections) == 3
     assert all(s.count("data:image/png;base64,") == 1 + 2 * (8 + 4) for s in sections)

@@ -960,12 +960,19 @@ def to_uint8_images(images: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
 
 
-def save_png(image_tensor_chw: torch.Tensor, path: str | os.PathLike[str], scale: int = 1) -> None:
+def save_png(
+    image_tensor_chw: torch.Tensor,
+    path: str | os.PathLike[str],
+    scale: int = 1,
+    labels: tuple[list[str], list[str], int] | None = None,
+) -> None:
     """Save one ``C×H×W`` image in [-1, 1] (C = 1 or 3) as PNG, atomically.
 
     ``scale`` > 1 enlarges it by pixel repetition (nearest neighbour) for viewing.
+    ``labels``: (column names, row names, cell size in pixels) of a :func:`make_grid` grid
+    (pad 1), written above the columns and left of the rows.
     """
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     if image_tensor_chw.dim() != 3 or image_tensor_chw.shape[0] not in (1, 3):
         raise DataError(
@@ -975,6 +982,19 @@ def save_png(image_tensor_chw: torch.Tensor, path: str | os.PathLike[str], scale
     if scale > 1:
         arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
     im = Image.fromarray(arr[..., 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr)
+    if labels is not None:
+        columns, rows, cell = labels
+        step = (cell + 1) * scale  # a cell and its padding, enlarged
+        left = 6 * max((len(r) for r in rows), default=0) + 6
+        canvas = Image.new(im.mode, (im.width + left, im.height + 14), "white")
+        canvas.paste(im, (left, 14))
+        draw = ImageDraw.Draw(canvas)
+        for i, text in enumerate(columns):
+            draw.text((left + scale + i * step + step // 2, 7), text, fill="black", anchor="mm")
+        for i, text in enumerate(rows):
+            y = 14 + scale + i * step + step // 2
+            draw.text((left - 3, y), text, fill="black", anchor="rm")
+        im = canvas
     atomic_write(Path(path), lambda fh: im.save(fh, format="PNG"))
 
 

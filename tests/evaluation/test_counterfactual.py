@@ -110,7 +110,10 @@ def test_end_to_end_command_resumes_without_retraining(tiny_run, tmp_path, monke
     from PIL import Image
 
     with Image.open(out / "counterfactual.png") as im:  # 2 rows × 4 columns of 8×8 at ×8
-        assert im.size == (4 * 8 * 9 + 8, 2 * 8 * 9 + 8)
+        # plus a 14-pixel header naming the columns and a margin naming the rows ("#0", "#1")
+        assert im.size == (4 * 8 * 9 + 8 + 6 * 2 + 6, 2 * 8 * 9 + 8 + 14)
+        header = np.asarray(im.convert("L"))[:14]
+        assert (header < 128).sum() > 20  # text drawn above the columns
     assert "das vs random" in (out / "results.md").read_text()
     from diffattr.plots import plot_counterfactual
 

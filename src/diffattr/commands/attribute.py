@@ -52,9 +52,12 @@ def score_run(
     **attributor_options: Any,
 ) -> dict[str, str]:
     """Score ``targets`` of ``run`` with each (method, options); save ``RUN/scores/LABEL-NAME``
-    (scores, top-k tables). ``context``: where methods take option defaults from;
-    ``executor``: featurize and tile the kernel products on it; ``attributor_options``: λ,
-    batch size, device, progress, on_nonfinite. Returns label → scores directory."""
+    (scores, top-k tables, per-target confidence and, for generated or given images, the
+    near-copy check against the run's held-out images). ``context``: where methods take option
+    defaults from; ``executor``: featurize and tile the kernel products on it;
+    ``attributor_options``: λ, batch size, device, progress, on_nonfinite. Returns label →
+    scores directory, and ``targets``: per target its id, near-copy flag and each method's
+    confidence and bin."""
     from diffattr.attribution.method_spec import method_label
     from diffattr.attribution.methods import get_method
     from diffattr.attribution.shards import featurize_with_executor
@@ -63,7 +66,9 @@ def score_run(
     family = family_of(run)
     context = {"run_dir": str(run.path), **(context or {})}
     loaded: dict[str, Any] = {}
-    out: dict[str, str] = {}
+    out: dict[str, Any] = {}
+    near = near_copies_of(run, family, targets)
+    per_target: list[dict[str, Any]] = []
     for method, given in methods:
         options = get_method(method, **given).options_from(context, given)
         att = family.attributor(run, method, options, settings, **attributor_options)
@@ -77,9 +82,33 @@ def score_run(
                     device=worker_device,
                 )  # fmt: skip
         scores = att.score(target_set, ids, screen=screen)
+        if near is not None:
+            scores.set_near_copies(near)
         label = method_label(method, given)
         out[label] = str(scores.save(run.scores_dir / f"{label}-{name}", k=k))
+        if not per_target:
+            per_target = [{"id": int(i)} for i in ids]
+            if near is not None:
+                for row, flag in zip(per_target, near.flagged, strict=True):
+                    row["near_copy"] = bool(flag)
+        for row, value, bin_ in zip(
+            per_target, scores.confidence(), scores.confidence_bins(), strict=True
+        ):
+            row[label] = {"confidence": float(value) if np.isfinite(value) else None, "bin": bin_}
+    out["targets"] = per_target
     return out
+
+
+def near_copies_of(run: Any, family: Any, targets: str) -> Any:
+    """The near-copy check of ``targets`` (as pictures) against the run's training images, at
+    the quantile of its held-out images' distances; None for the held-out images themselves."""
+    from diffattr.attribution.confidence import near_copies
+
+    if targets == "val":
+        return None
+    train_set, val_set = run.data_spec().load()
+    _, images, _ = family.images(run, targets)
+    return near_copies(images, train_set.images, val_set.images)
 
 
 def scored_methods(run: Any, targets: str) -> list[str]:
@@ -150,7 +179,7 @@ def write_run_report(
     from diffattr.report import load_rows, write_report
 
     name, images, ids = family_of(run).images(run, targets)
-    train_set, _ = run.data_spec().load()
+    train_set, val_set = run.data_spec().load()
     methods = methods if methods else scored_methods(run, name)
     scores = load_run_scores(run, name, methods, ids, train_set.ids.numpy())
     summary: dict[str, Any] = {"run": str(run.path), "training images": len(train_set)}
@@ -171,6 +200,8 @@ def write_run_report(
         lds_rows=load_rows(lds) if lds else None,
         counterfactual_rows=cf_rows,
         figures=counterfactual_figures(counterfactual),
+        heldout=None if name == "val" else val_set.images,
+        target_kind="val" if name == "val" else "gen",
     )
     return path, sorted(scores)
 

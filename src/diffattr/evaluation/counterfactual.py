@@ -563,16 +563,20 @@ def evaluate_removals(
 
 
 def picture(
-    images: dict[str, np.ndarray], methods: Sequence[str], num: int, path: Path
-) -> list[str]:
-    """PNG grid: one row per target (first ``num``): reference, random, then ``methods``."""
+    images: dict[str, np.ndarray], methods: Sequence[str], num: int, path: Path,
+    targets: Sequence[int] | None = None,
+) -> list[str]:  # fmt: skip
+    """PNG grid: one row per target (first ``num``, labelled with its sample index from
+    ``targets``): reference, random, then ``methods``, each column named above it."""
     from diffattr.data import make_grid, save_png
 
     columns = ["reference", *[m for m in (RANDOM, *methods) if m in images]]
     n = min(num, images["reference"].shape[0])
     tiles = [torch.from_numpy(images[c][t]) for t in range(n) for c in columns]
     grid = make_grid(torch.stack(tiles), nrow=len(columns))
-    save_png(grid, path, scale=max(1, 64 // int(tiles[0].shape[-1])))
+    size = int(tiles[0].shape[-1])
+    rows = [f"#{targets[t] if targets is not None else t}" for t in range(n)]
+    save_png(grid, path, scale=max(1, 64 // size), labels=(columns, rows, size))
     return columns
 
 
@@ -634,7 +638,9 @@ def run_counterfactual(
         r["scores_source"] = sources.get(r["method"])
     columns = ["reference", RANDOM, *methods]
     if config.picture_targets > 0:
-        columns = picture(images, methods, config.picture_targets, out / "counterfactual.png")
+        columns = picture(
+            images, methods, config.picture_targets, out / "counterfactual.png", targets
+        )
     header = (
         f"Counterfactual evaluation of {run.path}: k = {k} of {len(train_set)} training images "
         f"removed per target, {len(targets)} targets (samples {targets[0]}–{targets[-1]}), "
