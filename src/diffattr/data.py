@@ -512,7 +512,8 @@ def load_image_folder(
     mismatch: str = "error",
     channels: int | None = None,
 ) -> ImageDataset:
-    """Load every PNG/JPEG/BMP/WEBP image below ``path`` (recursively).
+    """Load every PNG/JPEG/BMP/WEBP image below ``path`` (recursively), or the one image
+    ``path`` names.
 
     Files are sorted by relative path and get ids ``0..N-1`` in that order. Images of
     different sizes are refused (``mismatch="error"``) or resized (``mismatch="resize"``)
@@ -530,10 +531,11 @@ def load_image_folder(
         raise DataError(f"option channels must be 1 or 3, got {channels!r}")
     if not root.exists():
         raise DataError(f"image folder {root} does not exist")
-    if not root.is_dir():
+    one = root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS
+    if not root.is_dir() and not one:
         raise DataError(f"{root} is not a folder")
 
-    files = _list_images(root)
+    files = [(root.name, root)] if one else _list_images(root)
     if not files:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise DataError(
@@ -542,7 +544,7 @@ def load_image_folder(
         )
 
     rel_paths = [rel for rel, _ in files]
-    captions = _read_captions(root, rel_paths)
+    captions = None if one else _read_captions(root, rel_paths)
     pil_images = [_open_image(p) for _, p in files]
     sizes = [im.size for im in pil_images]  # (W, H)
     first_w, first_h = sizes[0]

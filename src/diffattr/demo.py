@@ -41,7 +41,7 @@ def run_demo(
 
     t0 = time.time()
     run = RunDir(ensure_writable_dir(out))
-    train_set, val_set = spec.load()
+    spec, train_set, val_set = spec.resolve()
     run.start(spec, config)
     say = print if progress else (lambda *a: None)
     say(f"[1/4] training the {config.preset} model on {len(train_set)} {spec.data} images")

@@ -12,7 +12,7 @@ Layout (each stage writes its own part, atomically, and can be resumed)::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +28,23 @@ class DataSpec:
     data: str = "digits"
     size: int | None = None
     mismatch: str = "error"
-    val_count: int = 200
+    val_count: int | None = None  # None: a fifth of the images, at most 200
     train_count: int | None = None
     split_seed: int = 0
 
     def load(self) -> tuple[ImageDataset, ImageDataset]:
         """(train, val) datasets; ids are those of the full dataset."""
+        _, train, val = self.resolve()
+        return train, val
+
+    def resolve(self) -> tuple[DataSpec, ImageDataset, ImageDataset]:
+        """(this spec with its ``val_count`` fixed, train, val): what a new run records."""
         full = load_dataset(self.data, size=self.size, mismatch=self.mismatch)
-        return train_val_split(
-            full, val_count=self.val_count, seed=self.split_seed, train_count=self.train_count
+        count = self.val_count if self.val_count is not None else min(200, len(full) // 5)
+        train, val = train_val_split(
+            full, val_count=count, seed=self.split_seed, train_count=self.train_count
         )
+        return replace(self, val_count=count), train, val
 
 
 #: Model families recorded in run.json (:mod:`diffattr.families` implements each):

@@ -137,3 +137,14 @@ def test_large_batches_are_featurized_in_groups(setup, monkeypatch):
     np.testing.assert_allclose(np.asarray(grouped.features), np.asarray(whole.features),
                                rtol=1e-4, atol=1e-6)  # fmt: skip
     np.testing.assert_allclose(grouped.column("error"), whole.column("error"), rtol=1e-5)
+
+
+def test_method_options_named_like_constructor_arguments(tiny_model, small_set, tmp_path):
+    """ekfac's ``train`` option is also the Attributor's training-set argument: the mapping
+    ``options`` carries it (as the families and the LDS evaluation pass options)."""
+    from diffattr.attribution.attributor import Attributor
+
+    att = Attributor(
+        tiny_model, small_set, tmp_path, method="ekfac", options={"train": "das", "query": "das"}
+    )
+    assert att.method.options == {"train": "das", "query": "das"} and att.train is small_set

@@ -60,12 +60,15 @@ class Attributor:
         max_exact_bytes: int = DEFAULT_MAX_EXACT_BYTES,
         on_nonfinite: str = "stop",
         executor: Any = None,
+        options: dict[str, Any] | None = None,
         **method_options: Any,
     ) -> None:
+        """``method_options`` (or the mapping ``options``, for option names this constructor
+        also has, e.g. ekfac's ``train``) configure the method."""
         self.model = model
         self.train = train
         self.store_dir = Path(store_dir)
-        self.method: Method = get_method(method, **method_options)
+        self.method: Method = get_method(method, **{**(options or {}), **method_options})
         self.schedule = schedule or NoiseSchedule()
         #: λ of kernel methods: absolute, a :class:`Ridge` rule, or None for the method's
         #: own default (``Method.default_ridge``).
@@ -179,7 +182,7 @@ class Attributor:
                 self.store_dir if store_dir is None else store_dir, method=method,
                 schedule=self.schedule, settings=self.settings, lam=lam,
                 batch_size=self.batch_size, device=self.device, progress=self.progress,
-                **options,
+                options=options,
             )  # fmt: skip
             return member.score(targets, ids).values
 

@@ -3,12 +3,14 @@
 For a sample z (id i, image x₀) and each chosen timestep t, with noise ε keyed by
 (seed, i, t) and x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε:
 
-    g(z, t) = ∇_θ f(ε_θ(x_t, t), ε, ᾱ_t)
+    g(z, t) = ∇_θ f(ε_θ(x_t, t), y, ᾱ_t)
     ḡ(z)    = (1/K) Σ_t g(z, t) / ‖g(z, t)‖    (normalisation optional)
 
-computed as ``vmap(grad(f))`` over ``functional_call`` on micro-batches of (sample, t) pairs.
-The same forward pass also yields the per-sample training error e = mean_t ‖ε_θ − ε‖²/d and the
-reduced residual r = mean_t mean(ε_θ − ε), which DAS uses to weight its scores.
+with ε_θ the model's output and y its training target (ε for an ε-prediction model; v or x₀
+for others, ``NoiseSchedule.target``), computed as ``vmap(grad(f))`` over ``functional_call``
+on micro-batches of (sample, t) pairs. The same forward pass also yields the per-sample
+training error e = mean_t ‖ε_θ − y‖²/d and the reduced residual r = mean_t mean(ε_θ − y),
+which DAS uses to weight its scores.
 """
 
 from __future__ import annotations
@@ -273,12 +275,12 @@ class GradientComputer:
         self._grad_fn = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0))
         self._grad_fn_cond = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0, 0))
 
-    def _f(self, params, xt, t, noise, ab, cond=None):
+    def _f(self, params, xt, t, target, ab, cond=None):
         args = (xt[None], t[None]) if cond is None else (xt[None], t[None], cond[None])
         out = functional_call(self.model, (params, self.fixed), args).sample[0]
         out = out.float()  # the measure and its reductions in float32 (gradients flow back)
-        diff = out - noise
-        return self.measure(out, noise, ab), (diff.pow(2).mean(), diff.mean())
+        diff = out - target
+        return self.measure(out, target, ab), (diff.pow(2).mean(), diff.mean())
 
     def _batches(self, x0: torch.Tensor, ids: np.ndarray) -> Iterator[tuple[torch.Tensor, ...]]:
         """Pairs as the strategy consumes them: micro-batches (vmap), one sample's K pairs
@@ -292,8 +294,9 @@ class GradientComputer:
     def pairs(
         self, x0: torch.Tensor, ids: np.ndarray, group: int | None = None
     ) -> Iterator[tuple[torch.Tensor, ...]]:
-        """(row, x_t, t, ε, ᾱ_t) for every (sample, timestep) pair, in micro-batches of
-        ``group`` pairs (default: the micro-batch size)."""
+        """(row, x_t, t, target, ᾱ_t) for every (sample, timestep) pair, in micro-batches of
+        ``group`` pairs (default: the micro-batch size); the target is what the model predicts
+        (ε for an ε-prediction model, :meth:`NoiseSchedule.target`)."""
         T = self.schedule.num_train_timesteps
         rows, ts = [], []
         for r, sid in enumerate(ids):
@@ -311,9 +314,9 @@ class GradientComputer:
                     for i, tt in zip(r.tolist(), t.tolist(), strict=True)
                 ]
             ).to(self.device)
-            t = t.to(self.device)
-            xt = self.schedule.add_noise(x0[r].to(self.device), noise, t)
-            yield r, xt, t, noise, self.alphas[t]
+            t, x = t.to(self.device), x0[r].to(self.device)
+            xt = self.schedule.add_noise(x, noise, t)
+            yield r, xt, t, self.schedule.target(x, noise, t), self.alphas[t]
 
     def flat_grads(
         self, xt, t, noise, ab, cond=None

@@ -74,7 +74,7 @@ def featurize_shard(job: ShardJob) -> int:
         device=job.device,
         progress=False,
         on_nonfinite=job.on_nonfinite,
-        **job.options,
+        options=job.options,
     )
     att.featurize(np.asarray(job.rows, dtype=np.int64))
     return len(job.rows)

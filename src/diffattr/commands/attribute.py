@@ -67,7 +67,7 @@ def score_run(
     context = {"run_dir": str(run.path), **(context or {})}
     loaded: dict[str, Any] = {}
     out: dict[str, Any] = {}
-    near = near_copies_of(run, family, targets)
+    near: Any = None
     per_target: list[dict[str, Any]] = []
     for method, given in methods:
         options = get_method(method, **given).options_from(context, given)
@@ -81,7 +81,9 @@ def score_run(
                     att, run.path, method, executor, load_for_worker, None, options,
                     device=worker_device,
                 )  # fmt: skip
-        scores = att.score(target_set, ids, screen=screen)
+        scores = att.score(target_set, ids, screen=screen)  # checks the targets' shape first
+        if not per_target:
+            near = near_copies_of(run, family, targets)
         if near is not None:
             scores.set_near_copies(near)
         label = method_label(method, given)

@@ -58,7 +58,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         default="error",
         help="image folders with mixed sizes: refuse (default) or resize",
     )
-    g.add_argument("--val-count", type=int, default=200, help="held-out images (default: 200)")
+    g.add_argument(
+        "--val-count",
+        type=int,
+        default=None,
+        help="held-out images (default: a fifth of the images, at most 200)",
+    )
     g.add_argument("--train-count", type=int, default=None, help="cap on training images")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split")
 

@@ -20,10 +20,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.fsio import ensure_writable_dir, removed_on_error
     from diffattr.run import RunDir
 
-    spec, config = data_spec(args), train_config(args)
+    config = train_config(args)
     config.validate()  # bad options and data fail before --out is created
     device = resolve_device(args.device)
-    train_set, _ = spec.load()
+    spec, train_set, _ = data_spec(args).resolve()
     with removed_on_error(args.out, keep=lambda p: bool(checkpoints(p))):
         run = RunDir(ensure_writable_dir(args.out))
         run.start(spec, config)
@@ -53,7 +53,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     probe.validate()  # bad options, a missing base and bad data fail before --out is made
     if args.base != "tiny":
         check_pipeline_dir(args.base)
-    train_set, _ = spec.load()
+    spec, train_set, _ = spec.resolve()
     require_captions(train_set)
     with removed_on_error(args.out, keep=lambda p: bool(checkpoints(p))):
         run = RunDir(ensure_writable_dir(args.out))
@@ -103,6 +103,18 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         guidance_scale=args.guidance_scale, progress=not args.quiet,
     )  # fmt: skip
     return {"samples": str(path), "grid": str(out / "grid.png"), "num": args.num}
+
+
+def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.config import load_file
+    from diffattr.families.imported import import_model
+
+    given = load_file(args.train_config) if args.train_config else None
+    run = import_model(
+        args.model, args.out, data_spec(args), args.scheduler, given, args.allow_pickle
+    )
+    source = run.manifest()["source"]
+    return {"run": str(run.path), "model": source["unet"], "fingerprint": source["fingerprint"]}
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -187,6 +199,40 @@ def register(add) -> None:
         default=1.0,
         help="classifier-free guidance w (default 1: the conditional model alone)",
     )
+
+    p = add(
+        "import",
+        "make a run from a diffusers model folder diffattr did not train (it is never copied "
+        "or changed), on the images it was trained on",
+        """
+        diffattr import ~/models/ddpm-cifar10-32 --data ./cifar-train --out runs/cifar-ddpm
+        diffattr import ./my-unet --scheduler ./my-scheduler --data ./imgs --out runs/mine \\
+            --train-config train.json
+        """,
+        cmd_import,
+    )
+    p.add_argument("model", help="a DDPMPipeline/DDIMPipeline folder, or a UNet2DModel folder")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="DIR",
+        help="the scheduler's folder (scheduler_config.json): needed for a bare model folder",
+    )
+    p.add_argument(
+        "--train-config",
+        default=None,
+        metavar="FILE",
+        help="the model's training settings (`diffattr train` options as JSON or TOML): LDS "
+        "and counterfactual evaluations retrain with them",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load pickle-based weights (.bin, .ckpt, .pt): this runs code from whoever "
+        "wrote the file",
+    )
+    add_data_args(p)
 
     p = add(
         "finetune",

@@ -94,9 +94,10 @@ def measure_loss(
             ]
         )
         xt = schedule.add_noise(images[rows], eps, t)
+        target = schedule.target(images[rows], eps, t)  # ε for an ε-prediction model
         cond = () if conditioning is None else (conditioning[rows].to(dev),)
         pred = model(xt.to(dev), t.to(dev), *cond).sample
-        err = (pred - eps.to(dev)).pow(2).flatten(1).mean(1).double().cpu()
+        err = (pred - target.to(dev)).pow(2).flatten(1).mean(1).double().cpu()
         out[rows.numpy(), cols] = err.numpy()
     return out
 

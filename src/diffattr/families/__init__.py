@@ -22,8 +22,39 @@ from diffattr.run import UNCONDITIONAL, DataSpec, RunDir
 REGISTRY: dict[str, str] = {
     UNCONDITIONAL: "diffattr.families.pixel:PixelFamily",
     "text2image": "diffattr.families.text2image:TextToImageFamily",
+    "diffusers": "diffattr.families.imported:DiffusersFamily",
 }
 _LOADED: dict[str, Family] = {}
+
+
+def is_samples_file(path: Path) -> bool:
+    """Whether ``path`` is a samples ``.npz`` written by ``diffattr generate`` (with seeds)."""
+    if path.suffix.lower() != ".npz" or not path.is_file():
+        return False
+    with np.load(path, allow_pickle=False) as z:
+        return "seeds" in z.files
+
+
+def given_images(run: RunDir, path: Path) -> Any:
+    """Images a user gives as targets (an image file, a folder searched recursively, or an
+    ``.npz`` of images), resized or refused as the run's training data is."""
+    from diffattr.data import load_dataset, load_image_folder
+
+    if not path.exists():
+        raise DataError(f"targets {str(path)!r} are neither 'samples', 'val' nor a file or folder")
+    spec = run.data_spec()
+    if path.is_file() and path.suffix.lower() != ".npz":  # one image
+        images = load_image_folder(path, spec.size, spec.mismatch)
+    else:
+        images = load_dataset(str(path), spec.size, spec.mismatch)
+    want = tuple(spec.load()[0].shape)
+    if tuple(images.shape) != want:
+        raise DataError(
+            f"targets in {path} are {'×'.join(map(str, images.shape))} images, the run's "
+            f"training images {'×'.join(map(str, want))}",
+            hint="resize them, or give images of the training data's size and channels",
+        )
+    return images
 
 
 def samples_path(run: RunDir, spec: str) -> Path:
@@ -57,6 +88,10 @@ class Family(ABC):
         """The run's training settings."""
         return self.config_from_dict(run.manifest()["train"])
 
+    def schedule(self, run: RunDir) -> Any:
+        """The model's noise process (a :class:`~diffattr.diffusion.schedule.NoiseSchedule`)."""
+        return self.train_config(run).schedule
+
     @abstractmethod
     def model(self, run: RunDir) -> torch.nn.Module:
         """The attributed model (the final weights, as the engine differentiates them)."""
@@ -76,12 +111,18 @@ class Family(ABC):
         return self.images(run, spec)
 
     def images(self, run: RunDir, spec: str) -> tuple[str, torch.Tensor, np.ndarray]:
-        """(name, images, ids) of target ``spec`` as pictures (what the report shows)."""
+        """(name, images, ids) of target ``spec`` as pictures (what the report shows):
+        ``samples``, ``val``, a samples ``.npz``, or any images — an image file, a folder
+        (recursive) or an ``.npz`` without seeds — loaded as the run's training data is."""
         from diffattr.diffusion.sampling import load_samples
 
         if spec == "val":
             _, val = run.data_spec().load()
             return "val", val.images, val.ids.numpy()
+        path = Path(spec)
+        if spec != "samples" and not is_samples_file(path):
+            given = given_images(run, path)
+            return path.stem, given.images, given.ids.numpy()
         path = samples_path(run, spec)
         s = load_samples(path)
         return ("samples" if spec == "samples" else path.stem), s.images, np.arange(len(s))
@@ -89,6 +130,7 @@ class Family(ABC):
     def trajectory_targets(self, run: RunDir, spec: str) -> Any:
         """Generated targets with the seeds that made them (methods needing trajectories)."""
         raise ConfigError(f"{self.name} runs record no sampling trajectories")
+
 
     @abstractmethod
     def generate(self, run: RunDir, seeds: np.ndarray, out: Path, **options: Any) -> Path:
@@ -130,10 +172,10 @@ class Family(ABC):
             self.train_set(run),
             run.features_dir,
             method=method,
-            schedule=self.train_config(run).schedule,
+            schedule=self.schedule(run),
             settings=self.feature_settings(settings or FeatureSettings()),
+            options=options,
             **kwargs,
-            **options,
         )
 
     # ------------------------------------------------------------------ retraining
@@ -216,4 +258,4 @@ def load_for_worker(run_path: str) -> tuple[torch.nn.Module, Any, Any]:
     (:class:`~diffattr.attribution.shards.ShardJob`'s ``loader``)."""
     run = RunDir(run_path)
     family = family_of(run)
-    return family.model(run), family.train_set(run), family.train_config(run).schedule
+    return family.model(run), family.train_set(run), family.schedule(run)

@@ -15,7 +15,7 @@ import torch
 
 from diffattr.attribution.methods import CHECKPOINTS, MODEL_CALLS, TRAJECTORIES
 from diffattr.errors import CheckpointError, DiffattrError
-from diffattr.families import Family, samples_path
+from diffattr.families import Family, is_samples_file, samples_path
 from diffattr.run import UNCONDITIONAL, RunDir
 
 
@@ -55,8 +55,12 @@ class PixelFamily(Family):
     def trajectory_targets(self, run: RunDir, spec: str) -> Any:
         from diffattr.diffusion.sampling import load_samples
 
-        if spec == "val":
-            raise DiffattrError("journey-trak attributes generated images only")
+        if spec != "samples" and not is_samples_file(Path(spec)):
+            raise DiffattrError(
+                f"journey-trak attributes generated images with the seeds that made them; "
+                f"{spec} has none",
+                hint="use it on `samples` or a samples .npz written by `diffattr generate`",
+            )
         return load_samples(samples_path(run, spec))
 
     def generate(self, run: RunDir, seeds: np.ndarray, out: Path, **options: Any) -> Path:
@@ -67,7 +71,7 @@ class PixelFamily(Family):
 
         if options.get("prompts"):
             raise DiffattrError(f"{run.path} is an unconditional run: it takes no prompts")
-        schedule = self.train_config(run).schedule
+        schedule = self.schedule(run)
         if options["num_steps"] > schedule.num_train_timesteps:
             raise DiffattrError(
                 f"--steps must be at most {schedule.num_train_timesteps}, got "
@@ -119,6 +123,6 @@ class PixelFamily(Family):
     ) -> dict[str, np.ndarray]:
         from diffattr.diffusion.sampling import sample
 
-        gen = sample(self.model(run), seeds, self.train_config(run).schedule, progress=progress)
+        gen = sample(self.model(run), seeds, self.schedule(run), progress=progress)
         images = torch.cat([val_set.images[:num_val], gen.images])
         return {"images": images.numpy().astype(np.float32)}
