@@ -92,6 +92,10 @@ class Family(ABC):
         """The model's noise process (a :class:`~diffattr.diffusion.schedule.NoiseSchedule`)."""
         return self.train_config(run).schedule
 
+    def model_dir(self, run: RunDir) -> Path:
+        """Where the run's model is (what :meth:`load_trained` reads)."""
+        return run.model_dir
+
     @abstractmethod
     def model(self, run: RunDir) -> torch.nn.Module:
         """The attributed model (the final weights, as the engine differentiates them)."""

@@ -119,6 +119,9 @@ class DiffusersFamily(PixelFamily):
     def source(self, run: RunDir) -> dict[str, Any]:
         return run.manifest()["source"]
 
+    def model_dir(self, run: RunDir) -> Path:
+        return Path(self.source(run)["unet"])
+
     def train_config(self, run: RunDir) -> Any:
         """The training settings recorded by ``--train-config`` (retraining needs them)."""
         manifest = run.manifest()
