@@ -196,3 +196,10 @@ def test_what_import_cannot_follow_is_refused_with_the_reason(tmp_path, capsys):
     assert main(["import", str(unet_only), *DATA, "--out", str(tmp_path / "r3"), "--quiet"]) == 2
     assert "--scheduler" in capsys.readouterr().err
     assert not any((tmp_path / r).exists() for r in ("r", "r2", "r3"))
+
+
+def test_data_of_another_size_names_the_option_that_fixes_it(tmp_path, capsys):
+    model = tiny_pipeline(tmp_path / "m", "epsilon", "linear")
+    argv = ["import", str(model), *DATA, "--size", "12", "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(argv) == 2
+    assert "--size 8" in capsys.readouterr().err and not (tmp_path / "r").exists()

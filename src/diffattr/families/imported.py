@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffattr.errors import CheckpointError, ConfigError, DiffattrError
+from diffattr.errors import CheckpointError, ConfigError, DataError, DiffattrError
 from diffattr.families.pixel import PixelFamily
 from diffattr.run import RunDir
 
@@ -252,7 +252,12 @@ def import_model(
     cfg = read_scheduler_config(scheduler)
     schedule = NoiseSchedule.from_scheduler_config(cfg)  # refuses what it cannot follow
     spec, train_set, _ = spec.resolve()
-    check_model_fits(load_model(unet, allow_pickle), train_set.shape, unet)
+    model = load_model(unet, allow_pickle)
+    try:
+        check_model_fits(model, train_set.shape, unet)
+    except CheckpointError as exc:
+        hint = f"resize the data to the model's size: --size {model.config.sample_size}"
+        raise DataError(str(exc), hint=hint) from None
     if train_config is not None:
         retrain_settings(train_config, unet, schedule)  # bad settings fail before --out
     if (Path(run_dir) / "run.json").is_file():
