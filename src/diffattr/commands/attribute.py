@@ -82,17 +82,16 @@ def score_run(
                     device=worker_device,
                 )  # fmt: skip
         scores = att.score(target_set, ids, screen=screen)  # checks the targets' shape first
-        if not per_target:
+        if not per_target:  # the first method: the targets' near-copy check, once
             near = near_copies_of(run, family, targets)
-        if near is not None:
-            scores.set_near_copies(near)
-        label = method_label(method, given)
-        out[label] = str(scores.save(run.scores_dir / f"{label}-{name}", k=k))
-        if not per_target:
             per_target = [{"id": int(i)} for i in ids]
             if near is not None:
                 for row, flag in zip(per_target, near.flagged, strict=True):
                     row["near_copy"] = bool(flag)
+        if near is not None:
+            scores.set_near_copies(near)
+        label = method_label(method, given)
+        out[label] = str(scores.save(run.scores_dir / f"{label}-{name}", k=k))
         for row, value, bin_ in zip(
             per_target, scores.confidence(), scores.confidence_bins(), strict=True
         ):

@@ -12,6 +12,7 @@ predicts its *target*: ε (``epsilon``), v = √ᾱ_t ε − √(1−ᾱ_t) x₀
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -123,6 +124,11 @@ class NoiseSchedule:
 
     def alphas_cumprod(self) -> torch.Tensor:
         """ᾱ_t for t = 0 … T−1 (float32); a model's own scheduler's, exactly, when it has one."""
+        return self._alphas_cumprod.clone()
+
+    @cached_property
+    def _alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t, computed once per schedule (noising runs on every micro-batch and step)."""
         if self.scheduler_config:
             return DDPMScheduler.from_config(self._config()).alphas_cumprod.clone()
         if self.beta_schedule == "scaled_linear":
@@ -138,7 +144,7 @@ class NoiseSchedule:
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε, with ``t`` a (B,) integer tensor."""
-        ab = self.alphas_cumprod().to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1)))
+        ab = self._alpha_bar(t, x0)
         return ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -147,8 +153,12 @@ class NoiseSchedule:
             return noise
         if self.prediction_type == "sample":
             return x0
-        ab = self.alphas_cumprod().to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1)))
+        ab = self._alpha_bar(t, x0)
         return ab.sqrt() * noise - (1.0 - ab).sqrt() * x0
+
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t per sample, shaped to broadcast over ``like`` (B × …) on its device."""
+        return self._alphas_cumprod.to(like.device)[t].view(-1, *([1] * (like.dim() - 1)))
 
     def _config(self) -> dict[str, Any]:
         return {k: v for k, v in (self.scheduler_config or {}).items() if not k.startswith("_")}

@@ -62,6 +62,17 @@ class KernelCache:
             json.loads(str(z["meta"])),
         )
 
+    def fill(self, inputs: Any) -> None:
+        """Write the Gram form into :class:`ScoreInputs` ``inputs``: ΦΦᵀ, φ(x)ᵀΦᵀ, squared
+        norms, error and residual columns, k."""
+        inputs.train_gram = self.gram
+        inputs.target_inner = self.inner
+        inputs.train_sqnorm = np.diag(self.gram).copy()
+        inputs.target_sqnorm = self.target_sqnorm
+        inputs.train_error = self.error
+        inputs.train_residual = self.residual
+        inputs.feature_dim = self.dim
+
     def scale(self) -> float:
         """Mean non-zero eigenvalue of ΦᵀΦ: trace / min(N, k)."""
         return float(np.trace(self.gram)) / min(self.gram.shape[0], self.dim)
@@ -133,11 +144,5 @@ def cache_inputs(cache: KernelCache | None, train_images, target_images) -> Any:
         num_targets=len(target_images),
     )
     if cache is not None:
-        inputs.train_gram = cache.gram
-        inputs.target_inner = cache.inner
-        inputs.train_sqnorm = np.diag(cache.gram).copy()
-        inputs.target_sqnorm = cache.target_sqnorm
-        inputs.train_error = cache.error
-        inputs.train_residual = cache.residual
-        inputs.feature_dim = cache.dim
+        cache.fill(inputs)
     return inputs

@@ -266,30 +266,27 @@ def _scores_at(ctx: _EvalContext, method: str, options: dict[str, Any], K: int |
     if m.measure is not None:
         settings = replace(settings, measure=m.measure)
         cache = kernel_cache(ctx.run, ctx.bench, ctx.gt, settings, ctx.progress, ctx.device)
-    inputs = cache_inputs(cache, ctx.train_set.images, ctx.gt.images)
     context = {"noise_seed": ctx.base.noise_seed}
-    if m.needs_model:
-        if ctx.run is None:
-            raise DiffattrError(f"{method} computes features from the model", hint="pass --run RUN")
-        family = family_of(ctx.run)
+    if ctx.run is not None:
         context["run_dir"] = str(ctx.run.path)
-        options = m.options_from(context, options)
-        att = family.attributor(
-            ctx.run, method, options, settings, device=ctx.device, progress=ctx.progress
-        )
-        gram_form = inputs
-        inputs = att.inputs(ctx.gt.images, ctx.gt.images, ctx.gt.keys)
-        for name in ("train_gram", "target_inner", "train_sqnorm", "target_sqnorm", "feature_dim"):
-            setattr(inputs, name, getattr(gram_form, name))
-        inputs.target_seeds = ctx.gt.seeds
-        if m.measure is not None:
-            inputs.train_features = att.featurize().features
-        else:
-            inputs.settings = settings
-        m = att.method
+    options = m.options_from(context, options)
+    grid = lambda_grid(ctx.lambdas)
+    if not m.needs_model:
+        inputs = cache_inputs(cache, ctx.train_set.images, ctx.gt.images)
+        return get_method(method, **options).score_grid(inputs, grid)
+    if ctx.run is None:
+        raise DiffattrError(f"{method} computes features from the model", hint="pass --run RUN")
+    att = family_of(ctx.run).attributor(
+        ctx.run, method, options, settings, device=ctx.device, progress=ctx.progress
+    )
+    inputs = att.inputs(ctx.gt.images, ctx.gt.images, ctx.gt.keys)
+    inputs.target_seeds = ctx.gt.seeds
+    if cache is not None:  # the kernel of its measure (TRAK's for journey-trak), Gram form
+        cache.fill(inputs)
+        inputs.train_features = att.featurize().features
     else:
-        m = get_method(method, **m.options_from(context, options))
-    return m.score_grid(inputs, lambda_grid(ctx.lambdas))
+        inputs.settings = settings
+    return att.method.score_grid(inputs, grid)
 
 
 def _screen_mask(ctx: _EvalContext, screen: Any) -> np.ndarray:

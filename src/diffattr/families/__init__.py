@@ -135,7 +135,6 @@ class Family(ABC):
         """Generated targets with the seeds that made them (methods needing trajectories)."""
         raise ConfigError(f"{self.name} runs record no sampling trajectories")
 
-
     @abstractmethod
     def generate(self, run: RunDir, seeds: np.ndarray, out: Path, **options: Any) -> Path:
         """Generate and save images for ``seeds`` into ``out``; the samples file."""
