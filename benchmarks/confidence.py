@@ -47,9 +47,10 @@ from diffattr.attribution.confidence import (
     confidence_bins,
     near_copies,
 )
+from diffattr.attribution.featurize import FeatureSettings
 from diffattr.attribution.scores import Scores
 from diffattr.evaluation.ground_truth import KIND_NAMES, GroundTruth, lds_per_target
-from diffattr.evaluation.kernel_cache import KernelCache
+from diffattr.evaluation.kernel_cache import kernel_cache
 from diffattr.evaluation.lds import method_scores as lds_method_scores
 from diffattr.fsio import atomic_write_json, read_json
 from diffattr.run import DataSpec
@@ -161,16 +162,6 @@ CANDIDATES: dict[str, Candidate] = {
 # ---------------------------------------------------------------------------- measuring
 
 
-def exact_cache(bench: Path, measure: str, timesteps: int) -> KernelCache:
-    """The benchmark's exact (unprojected, normalized) kernel cache of a measure and K."""
-    for path in sorted((bench / "kernels").glob(f"{measure}-K{timesteps}-*.npz")):
-        cache = KernelCache.load(path)
-        f = cache.meta["features"]
-        if f.get("projector") in ("identity", None) and f.get("normalize", True):
-            return cache
-    raise SystemExit(f"{bench}: no exact {measure} kernel cache at K = {timesteps}")
-
-
 def measure(bench: Path) -> dict:
     """Scores (default λ rule), per-target LDS and every candidate, per method."""
     gt = GroundTruth.load(bench)
@@ -178,7 +169,7 @@ def measure(bench: Path) -> dict:
     S = {}
     for m, meas in METHODS.items():
         for k in (K, K_OTHER):
-            cache = exact_cache(bench, meas, k)
+            cache = kernel_cache(None, bench, gt, FeatureSettings(measure=meas, timesteps=k))
             S[m, k] = lds_method_scores(m, cache, [None], train_set.images, gt.images)[0]
     lds = {m: lds_per_target(gt, S[m, K]) for m in METHODS}
     cand = {(c, m): fn(S, m) for c, (_, _, fn) in CANDIDATES.items() for m in METHODS}

@@ -35,10 +35,11 @@ import numpy as np
 import torch
 
 from diffattr.attribution.defaults import DEFAULT_TIMESTEPS
+from diffattr.attribution.featurize import FeatureSettings
 from diffattr.attribution.methods import ScoreInputs, get_method
 from diffattr.attribution.screening import Screen, candidate_rows, restrict, screened_scores
 from diffattr.evaluation.ground_truth import KIND_NAMES, GroundTruth, lds_per_target
-from diffattr.evaluation.kernel_cache import KernelCache, cache_inputs
+from diffattr.evaluation.kernel_cache import cache_inputs, kernel_cache
 from diffattr.evaluation.lds import cross_fit, method_scores
 from diffattr.fsio import read_json
 from diffattr.run import DataSpec
@@ -48,15 +49,6 @@ GROUP = 16
 BOOTSTRAP = 1000
 KERNELS = ("union", "candidates", "all")
 TIMED_FRACTIONS = FRACTIONS  # the default union kernel; `all` costs the unscreened time
-
-
-def das_cache(bench: Path, timesteps: int) -> KernelCache:
-    for path in sorted((bench / "kernels").glob(f"das-K{timesteps}-*.npz")):
-        cache = KernelCache.load(path)
-        f = cache.meta["features"]
-        if f.get("projector") in ("identity", None) and f.get("normalize", True):
-            return cache
-    raise SystemExit(f"{bench}: no exact DAS kernel cache at K = {timesteps}")
 
 
 def mean_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
@@ -90,7 +82,7 @@ def measure(bench: Path, timesteps: int) -> dict:
     """Per-target LDS of every (kernel, fill, M), the unscreened DAS's, and keep@10."""
     gt = GroundTruth.load(bench)
     train_set, _ = DataSpec(**read_json(bench / "lds.json")["data"]).load()
-    cache = das_cache(bench, timesteps)
+    cache = kernel_cache(None, bench, gt, FeatureSettings(measure="das", timesteps=timesteps))
     das = get_method("das")
     inputs = cache_inputs(cache, train_set.images, gt.images)
     full = method_scores("das", cache, [None], train_set.images, gt.images)[0]
