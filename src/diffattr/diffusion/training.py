@@ -310,8 +310,9 @@ def fit(
 ) -> Path:
     """Train (or resume) ``recipe``'s model on ``dataset`` (or its rows ``subset``).
 
-    Loss per step: mean over the batch of ‖ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t[, c]) − ε‖² / d, with c
-    the dataset's ``conditioning`` when it has one (caption embeddings). Writes
+    Loss per step: mean over the batch of ‖ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t[, c]) − y‖² / d, with y
+    the model's target (ε, v or x₀: ``NoiseSchedule.target``) and c the dataset's
+    ``conditioning`` when it has one (caption embeddings). Writes
     ``out_dir/checkpoints/step-N`` every ``checkpoint_every`` steps (atomic), the final model
     to ``out_dir/model`` and ``out_dir/train.json`` (manifest). Rerunning resumes from the last
     complete checkpoint; a finished run returns at once. ``stop_after`` stops early after that
