@@ -373,16 +373,26 @@ class RowClaims:
     def _path(self, row: int) -> Path:
         return self.dir / f"row-{int(row)}"
 
+    def _make_dir(self) -> None:
+        """Create the claims directory. Another writer removes it when it falls empty, so
+        ``mkdir(exist_ok=True)`` can find it existing and then gone (FileExistsError): retry."""
+        while True:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                return
+            except FileExistsError as exc:
+                if self.dir.exists() and not self.dir.is_dir():  # a file in the way
+                    raise storage_error(self.dir, exc) from exc
+            except OSError as exc:
+                raise storage_error(self.dir, exc) from exc
+
     def try_claim(self, row: int) -> Claim:
         """Claim ``row`` unless a live process holds it (never blocks)."""
         row = int(row)
         if row in self.held:
             return Claim(True)
         path = self._path(row)
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise storage_error(self.dir, exc) from exc
+        self._make_dir()
         while True:
             created = True
             try:
@@ -394,10 +404,7 @@ class RowClaims:
                 except FileNotFoundError:
                     continue  # released meanwhile: try again
             except FileNotFoundError:  # the claims directory was removed when it fell empty
-                try:
-                    self.dir.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise storage_error(self.dir, exc) from exc
+                self._make_dir()
                 continue
             except OSError as exc:
                 raise storage_error(path, exc) from exc
