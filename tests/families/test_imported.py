@@ -185,7 +185,7 @@ def test_what_import_cannot_follow_is_refused_with_the_reason(tmp_path, capsys):
     index = {"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"]}
     (sd / "model_index.json").write_text(json.dumps(index))
     assert main(["import", str(sd), *DATA, "--out", str(tmp_path / "r"), "--quiet"]) == 2
-    assert "diffattr finetune" in capsys.readouterr().err
+    assert "no unet, vae, text_encoder, tokenizer/" in capsys.readouterr().err
     model = tiny_pipeline(tmp_path / "m", "epsilon", "linear")
     config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
     config["_class_name"] = "FlowMatchEulerDiscreteScheduler"

@@ -107,12 +107,25 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.config import load_file
-    from diffattr.families.imported import import_model
+    from diffattr.families.imported import import_model, is_text2image_pipeline
+    from diffattr.families.imported_text2image import import_text2image
 
     given = load_file(args.train_config) if args.train_config else None
-    run = import_model(
-        args.model, args.out, data_spec(args), args.scheduler, given, args.allow_pickle
-    )
+    model = Path(args.model).expanduser()
+    if is_text2image_pipeline(model):
+        run = import_text2image(
+            model, args.out, data_spec(args), args.lora, args.resolution, args.scheduler,
+            given, args.allow_pickle,
+        )  # fmt: skip
+        source = run.manifest()["source"]
+        return {"run": str(run.path), "model": source["pipeline"], "lora": source["lora"],
+                "fingerprints": source["fingerprints"]}  # fmt: skip
+    for option in ("lora", "resolution"):
+        if getattr(args, option) is not None:
+            raise ConfigError(
+                f"--{option} is for text-to-image pipelines; {model} is an unconditional model"
+            )
+    run = import_model(model, args.out, data_spec(args), args.scheduler, given, args.allow_pickle)
     source = run.manifest()["source"]
     return {"run": str(run.path), "model": source["unet"], "fingerprint": source["fingerprint"]}
 
@@ -208,10 +221,16 @@ def register(add) -> None:
         diffattr import ~/models/ddpm-cifar10-32 --data ./cifar-train --out runs/cifar-ddpm
         diffattr import ./my-unet --scheduler ./my-scheduler --data ./imgs --out runs/mine \\
             --train-config train.json
+        diffattr import ~/models/stable-diffusion-v1-5 --lora ./my-lora --data ./paintings \\
+            --out runs/art
         """,
         cmd_import,
     )
-    p.add_argument("model", help="a DDPMPipeline/DDIMPipeline folder, or a UNet2DModel folder")
+    p.add_argument(
+        "model",
+        help="a DDPMPipeline/DDIMPipeline folder, a UNet2DModel folder, or a text-to-image "
+        "pipeline folder (StableDiffusionPipeline: unet/ vae/ text_encoder/ tokenizer/)",
+    )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument(
         "--scheduler",
@@ -223,8 +242,25 @@ def register(add) -> None:
         "--train-config",
         default=None,
         metavar="FILE",
-        help="the model's training settings (`diffattr train` options as JSON or TOML): LDS "
-        "and counterfactual evaluations retrain with them",
+        help="the model's training settings (`diffattr train` options, or `diffattr finetune` "
+        "options for a text-to-image pipeline's LoRA, as JSON or TOML): LDS and "
+        "counterfactual evaluations retrain with them",
+    )
+    g = p.add_argument_group("text-to-image pipelines")
+    g.add_argument(
+        "--lora",
+        default=None,
+        metavar="PATH",
+        help="LoRA weights to attribute (a file, or the folder diffusers' LoRA training wrote: "
+        "pytorch_lora_weights.safetensors); default: those in the pipeline folder, if any, "
+        "else the UNet's own weights",
+    )
+    g.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="image side in pixels (default: the pipeline's own, the UNet's sample size times "
+        "the VAE's factor)",
     )
     p.add_argument(
         "--allow-pickle",

@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     UNCONDITIONAL: "diffattr.families.pixel:PixelFamily",
     "text2image": "diffattr.families.text2image:TextToImageFamily",
     "diffusers": "diffattr.families.imported:DiffusersFamily",
+    "diffusers-text2image": "diffattr.families.imported_text2image:ImportedTextToImageFamily",
 }
 _LOADED: dict[str, Family] = {}
 
@@ -105,8 +106,9 @@ class Family(ABC):
         ``conditioning``)."""
         return run.data_spec().load()[0]
 
-    def feature_settings(self, settings: Any) -> Any:
-        """``settings`` with the family's default parameter set (``params``) where unset."""
+    def feature_settings(self, run: RunDir, settings: Any) -> Any:
+        """``settings`` with the family's default parameter set (``params``) for ``run``
+        where unset."""
         return settings
 
     def targets(self, run: RunDir, spec: str) -> tuple[str, Any, np.ndarray]:
@@ -176,7 +178,7 @@ class Family(ABC):
             run.features_dir,
             method=method,
             schedule=self.schedule(run),
-            settings=self.feature_settings(settings or FeatureSettings()),
+            settings=self.feature_settings(run, settings or FeatureSettings()),
             options=options,
             **kwargs,
         )

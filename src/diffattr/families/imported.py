@@ -14,6 +14,7 @@ Weights are read from safetensors files only, unless the user allows pickle-base
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -33,9 +34,7 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 def weight_files(unet_dir: Path) -> list[Path]:
     """The weight files of a diffusers model folder, sorted."""
-    return sorted(
-        p for p in unet_dir.iterdir() if p.suffix in (".safetensors", *PICKLE_SUFFIXES)
-    )
+    return sorted(p for p in unet_dir.iterdir() if p.suffix in (".safetensors", *PICKLE_SUFFIXES))
 
 
 def check_weights(unet_dir: Path, allow_pickle: bool) -> list[Path]:
@@ -56,7 +55,15 @@ def check_weights(unet_dir: Path, allow_pickle: bool) -> list[Path]:
 
 
 def fingerprint_files(files: list[Path]) -> str:
-    """sha256 over the names and bytes of ``files``."""
+    """sha256 over the names and bytes of ``files`` (computed once per process while no
+    file's size or modification time changes)."""
+    stamp = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _fingerprint(stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(stamp: tuple[tuple[str, int, int], ...]) -> str:
+    files = [Path(name) for name, _, _ in stamp]
     h = hashlib.sha256()
     for path in files:
         h.update(path.name.encode() + b"\0")
@@ -67,17 +74,30 @@ def fingerprint_files(files: list[Path]) -> str:
 
 
 def read_scheduler_config(scheduler_dir: Path) -> dict[str, Any]:
-    """``scheduler_config.json`` of a scheduler folder."""
-    path = scheduler_dir / "scheduler_config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    """``scheduler_config.json`` of a scheduler folder; an error when it has none."""
+    from diffattr.text2image.pipeline import read_scheduler_config as read
+
+    cfg = read(scheduler_dir)
+    if cfg is None:
         raise DiffattrError(
             f"no scheduler config in {scheduler_dir} (scheduler_config.json missing)",
             hint="pass --scheduler DIR: the folder of the scheduler the model was trained with",
-        ) from None
+        )
+    return cfg
+
+
+def is_text2image_pipeline(model_dir: Path) -> bool:
+    """Whether ``model_dir`` is a pipeline folder with a VAE or a text encoder (named in its
+    ``model_index.json`` or present as subfolders)."""
+    index = Path(model_dir) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        data = json.loads(index.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise DiffattrError(f"cannot read {path}: {exc}") from exc
+        raise CheckpointError(f"cannot read {index}: {exc}") from exc
+    parts = {"text_encoder", "vae"}
+    return bool(parts & set(data)) or any((model_dir / p).is_dir() for p in parts)
 
 
 def locate(model_dir: Path, scheduler_dir: Path | None) -> tuple[Path, Path]:
@@ -85,13 +105,11 @@ def locate(model_dir: Path, scheduler_dir: Path | None) -> tuple[Path, Path]:
     if not model_dir.is_dir():
         raise DiffattrError(f"model folder {model_dir} does not exist")
     if (model_dir / "model_index.json").is_file():
-        index = json.loads((model_dir / "model_index.json").read_text())
-        if "text_encoder" in index or "vae" in index:
+        if is_text2image_pipeline(model_dir):
             raise ConfigError(
-                f"{model_dir} is a {index.get('_class_name', 'text-to-image')} pipeline",
-                hint="diffattr import takes unconditional pipelines (DDPMPipeline, DDIMPipeline) "
-                "or UNet2DModel folders; fine-tune text-to-image ones with `diffattr finetune "
-                "--base DIR`",
+                f"{model_dir} is a text-to-image pipeline",
+                hint="import it with import_text2image (diffattr.families.imported_text2image), "
+                "as `diffattr import` does",
             )
         unet, scheduler = model_dir / "unet", scheduler_dir or model_dir / "scheduler"
     elif (model_dir / "config.json").is_file():

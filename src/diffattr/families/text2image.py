@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from diffattr.errors import DiffattrError
-from diffattr.families import Family, samples_path
+from diffattr.families import Family, given_images, is_samples_file, samples_path
 from diffattr.run import TEXT2IMAGE, RunDir
 from diffattr.text2image.latents import LatentSet, encode_dataset
 from diffattr.text2image.lora import LORA_PARAMS
@@ -32,7 +32,9 @@ from diffattr.text2image.pipeline import Components, encode_prompts, load_compon
 
 def components(run: RunDir, unet: bool = False) -> Components:
     """The run's base pipeline (without its UNet unless asked: encoding only)."""
-    return load_components(TextToImageFamily().train_config(run).preset, unet=unet)
+    from diffattr.families import family_of
+
+    return family_of(run).components(run, unet)
 
 
 def latents_path(run: RunDir, comps: Components | None = None) -> Path:
@@ -63,6 +65,18 @@ class TextToImageFamily(Family):
 
         return LoraTrainConfig.from_dict(data)
 
+    def base(self, run: RunDir) -> Path:
+        """The base pipeline folder."""
+        return Path(self.train_config(run).preset)
+
+    def resolution(self, run: RunDir) -> int:
+        """The side of the run's images in pixels."""
+        return int(self.train_config(run).resolution)
+
+    def components(self, run: RunDir, unet: bool = False) -> Components:
+        """The base pipeline's parts (without its UNet unless asked: encoding only)."""
+        return load_components(self.base(run), unet=unet)
+
     def model(self, run: RunDir) -> torch.nn.Module:
         """Base UNet + the run's fine-tuned LoRA weights."""
         if not (run.model_dir / "lora.safetensors").is_file():
@@ -75,12 +89,14 @@ class TextToImageFamily(Family):
     def train_set(self, run: RunDir) -> Any:
         return train_latents(run)
 
-    def feature_settings(self, settings: Any) -> Any:
+    def feature_settings(self, run: RunDir, settings: Any) -> Any:
         return replace(settings, params=LORA_PARAMS) if settings.params is None else settings
 
     def targets(self, run: RunDir, spec: str) -> tuple[str, Any, np.ndarray]:
         """Latents with caption embeddings: ``samples`` (final latents and prompts), ``val``
-        (encoded held-out images and captions) or a samples ``.npz``."""
+        (encoded held-out images and captions), a samples ``.npz``, or captioned images a
+        user gives (an image folder with ``captions.txt``/``captions.json``, or an ``.npz``
+        with ``captions``: encoded as the training images are)."""
         from diffattr.text2image.sampling import load_text_samples
 
         comps = components(run)
@@ -89,6 +105,12 @@ class TextToImageFamily(Family):
             lat = encode_dataset(val, comps, run.path / "latents")
             lat.name = "val"
             return "val", lat, val.ids.numpy()
+        path = Path(spec)
+        if spec != "samples" and not is_samples_file(path):
+            given = given_images(run, path)
+            lat = encode_dataset(given, comps, run.path / "latents")
+            lat.name = path.stem
+            return path.stem, lat, given.ids.numpy()
         path = samples_path(run, spec)
         s = load_text_samples(path)
         name = "samples" if spec == "samples" else path.stem
@@ -116,7 +138,7 @@ class TextToImageFamily(Family):
         unet = self.model(run)
         result = generate(
             components(run), unet, [prompts[i % len(prompts)] for i in range(len(seeds))],
-            seeds, self.train_config(run).resolution, num_steps=options["num_steps"],
+            seeds, self.resolution(run), num_steps=options["num_steps"],
             guidance_scale=options.get("guidance_scale", 1.0),
             progress=options.get("progress", True),
         )  # fmt: skip
@@ -205,7 +227,7 @@ class TextToImageFamily(Family):
             parts_h.append(val.conditioning)
         if len(seeds):
             gen = generate(
-                comps, self.model(run), prompts, seeds, self.train_config(run).resolution,
+                comps, self.model(run), prompts, seeds, self.resolution(run),
                 progress=progress,
             )  # fmt: skip
             parts_z.append(gen.latents)

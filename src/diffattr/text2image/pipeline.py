@@ -172,29 +172,46 @@ def write_tiny_pipeline(path: str | Path, seed: int = 0, sample_size: int = 8) -
     return path
 
 
-def read_schedule(path: str | Path) -> NoiseSchedule:
-    """The training noise schedule of a pipeline folder (``scheduler/scheduler_config.json``).
+def schedule_from_config(cfg: dict[str, Any]) -> NoiseSchedule:
+    """The training noise process a scheduler config describes.
 
-    Refuses v-prediction pipelines: the measures differentiate an ε prediction.
+    A config of the classic kind (ε-prediction, ``linear`` or ``scaled_linear`` betas, no
+    trained betas) gives the schedule from its four numbers, as every text-to-image run made
+    so far recorded it; any other (``v_prediction`` or ``sample``, ``squaredcos_cap_v2``,
+    trained betas) is followed exactly through diffusers' own scheduler
+    (:meth:`NoiseSchedule.from_scheduler_config`, which refuses processes it cannot follow).
     """
-    cfg_path = Path(path) / "scheduler" / "scheduler_config.json"
-    if not cfg_path.is_file():
-        return SD_SCHEDULE
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {cfg_path}: {exc}") from exc
-    if cfg.get("prediction_type", "epsilon") != "epsilon":
-        raise ConfigError(
-            f"{path} predicts {cfg['prediction_type']!r}; diffattr needs an ε-prediction "
-            "pipeline (e.g. Stable Diffusion 1.x or 2.x-base)"
-        )
+    classic = (
+        cfg.get("prediction_type", "epsilon") == "epsilon"
+        and cfg.get("trained_betas") is None
+        and cfg.get("beta_schedule", "scaled_linear") in ("linear", "scaled_linear")
+    )
+    if not classic:
+        return NoiseSchedule.from_scheduler_config(cfg)
     return NoiseSchedule(
         int(cfg.get("num_train_timesteps", 1000)),
         float(cfg.get("beta_start", 0.00085)),
         float(cfg.get("beta_end", 0.012)),
         str(cfg.get("beta_schedule", "scaled_linear")),
     )
+
+
+def read_scheduler_config(scheduler_dir: str | Path) -> dict[str, Any] | None:
+    """``scheduler_config.json`` of a scheduler folder (None when it has none)."""
+    cfg_path = Path(scheduler_dir) / "scheduler_config.json"
+    if not cfg_path.is_file():
+        return None
+    try:
+        return json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {cfg_path}: {exc}") from exc
+
+
+def read_schedule(path: str | Path) -> NoiseSchedule:
+    """The training noise process of a pipeline folder (``scheduler/scheduler_config.json``;
+    Stable Diffusion 1.x's when the folder has none): ε-, v- or x₀-prediction."""
+    cfg = read_scheduler_config(Path(path) / "scheduler")
+    return SD_SCHEDULE if cfg is None else schedule_from_config(cfg)
 
 
 def check_pipeline_dir(path: str | Path) -> Path:
@@ -211,23 +228,32 @@ def check_pipeline_dir(path: str | Path) -> Path:
     if missing:
         raise CheckpointError(
             f"{path} is not a diffusers pipeline folder: no {', '.join(missing)}/",
-            hint="point --base at the folder that holds model_index.json",
+            hint="give the folder that holds model_index.json and those subfolders",
         )
     return path
 
 
-def load_components(path: str | Path, unet: bool = True) -> Components:
+def load_components(
+    path: str | Path,
+    unet: bool = True,
+    schedule: NoiseSchedule | None = None,
+    safetensors_only: bool = False,
+) -> Components:
     """Load a pipeline's parts from a local folder (float32, eval mode, no gradients).
 
-    ``unet=False`` skips the UNet (latent and caption encoding only).
+    ``unet=False`` skips the UNet (latent and caption encoding only); ``schedule``: the noise
+    process when not the folder's own (an imported run's recorded one); ``safetensors_only``:
+    never read pickle-based weight files.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _quiet_transformers()
     path = check_pipeline_dir(path)
-    schedule = read_schedule(path)
-    kw = {"local_files_only": True}
+    schedule = schedule or read_schedule(path)
+    kw: dict[str, Any] = {"local_files_only": True}
+    if safetensors_only:
+        kw["use_safetensors"] = True
     try:
         parts = {
             "unet": UNet2DConditionModel.from_pretrained(
@@ -237,7 +263,7 @@ def load_components(path: str | Path, unet: bool = True) -> Components:
             else None,
             "vae": AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False, **kw),
             "text_encoder": CLIPTextModel.from_pretrained(path / "text_encoder", **kw),
-            "tokenizer": CLIPTokenizer.from_pretrained(path / "tokenizer", **kw),
+            "tokenizer": CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
         }
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the pipeline in {path}: {exc}") from exc
