@@ -150,3 +150,51 @@ def test_score_with_a_screen_from_cli(tmp_path, capsys):
     )
     assert main(["score", run, "--screen", "pixel-cos", *common]) == 2
     assert "--screen 'pixel-cos' is not SIMILARITY:M" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "{run}"],
+        ["featurize", "{run}"],
+        ["score", "{run}"],
+        ["report", "{run}"],
+        ["lds", "build", "{run}", "--out", "{tmp}/bench"],
+        ["counterfactual", "{run}", "--out", "{tmp}/cf"],
+    ],
+)
+def test_a_missing_run_directory_is_named(tmp_path, capsys, argv):
+    """Every command given a run directory that does not exist says exactly that (and
+    writes nothing)."""
+    argv = [a.format(run=tmp_path / "missing-run", tmp=tmp_path) for a in argv]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"run directory {tmp_path / 'missing-run'} does not exist" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def forty_captioned_images(folder) -> None:
+    from diffattr.data import load_builtin, save_png
+
+    digits = load_builtin("digits")
+    lines = []
+    for i in range(40):
+        save_png(digits.images[i].expand(3, -1, -1), folder / f"{i:02d}.png")
+        lines.append(f"{i:02d}.png\ta digit {int(digits.labels[i])}")
+    (folder / "captions.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_train_and_finetune_on_forty_images_with_the_default_split(tmp_path):
+    """The default held-out split scales with the data: a fifth of 40 images (8), not 200."""
+    from diffattr.run import RunDir
+
+    folder = tmp_path / "imgs"
+    forty_captioned_images(folder)
+    quick = ["--steps", "2", "--batch-size", "4", "--quiet", "--threads", "1"]
+    assert main(["train", "--data", str(folder), "--out", str(tmp_path / "r1"), *quick]) == 0
+    assert main(["finetune", "--base", "tiny", "--data", str(folder), "--resolution", "8",
+                 "--out", str(tmp_path / "r2"), *quick]) == 0  # fmt: skip
+    for run in ("r1", "r2"):
+        spec = RunDir(tmp_path / run).data_spec()
+        train, val = spec.load()
+        assert (spec.val_count, len(train), len(val)) == (8, 32, 8)

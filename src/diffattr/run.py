@@ -84,6 +84,11 @@ class RunDir:
         return self.path / "report.html"
 
     def manifest(self) -> dict[str, Any]:
+        if not self.path.is_dir():
+            raise DiffattrError(
+                f"run directory {self.path} does not exist",
+                hint="make one with `diffattr train`, `diffattr finetune` or `diffattr import`",
+            )
         if not self.manifest_path.is_file():
             raise DiffattrError(
                 f"{self.path} is not a diffattr run (no run.json)",

@@ -253,7 +253,7 @@ def family_of(run: RunDir) -> Family:
     if not run.path.is_dir():
         raise DiffattrError(
             f"run directory {run.path} does not exist",
-            hint="make one with `diffattr train` or `diffattr finetune`",
+            hint="make one with `diffattr train`, `diffattr finetune` or `diffattr import`",
         )
     return get_family(run.family)
 
