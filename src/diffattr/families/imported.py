@@ -100,6 +100,20 @@ def is_text2image_pipeline(model_dir: Path) -> bool:
     return bool(parts & set(data)) or any((model_dir / p).is_dir() for p in parts)
 
 
+def recorded_training(run: RunDir, retrained: str, command: str) -> dict[str, Any]:
+    """The training settings an imported run recorded (``--train-config``), or an error that
+    says LDS and counterfactual evaluations need them to retrain ``retrained``."""
+    manifest = run.manifest()
+    if "train" not in manifest:
+        raise ConfigError(
+            f"{run.path} was imported without training settings: LDS and counterfactual "
+            f"evaluations retrain {retrained} and need them",
+            hint=f"import again with `diffattr import ... --train-config FILE --out "
+            f"{run.path}` (the options of `{command}`, as JSON or TOML)",
+        )
+    return manifest["train"]
+
+
 def locate(model_dir: Path, scheduler_dir: Path | None) -> tuple[Path, Path]:
     """(UNet folder, scheduler folder) of a pipeline folder or a bare UNet folder."""
     if not model_dir.is_dir():
@@ -142,15 +156,7 @@ class DiffusersFamily(PixelFamily):
 
     def train_config(self, run: RunDir) -> Any:
         """The training settings recorded by ``--train-config`` (retraining needs them)."""
-        manifest = run.manifest()
-        if "train" not in manifest:
-            raise ConfigError(
-                f"{run.path} was imported without training settings: LDS and counterfactual "
-                "evaluations retrain the model and need them",
-                hint=f"import again with `diffattr import ... --train-config FILE --out "
-                f"{run.path}` (the options of `diffattr train`, as JSON or TOML)",
-            )
-        return self.config_from_dict(manifest["train"])
+        return self.config_from_dict(recorded_training(run, "the model", "diffattr train"))
 
     def schedule(self, run: RunDir) -> Any:
         from diffattr.diffusion.schedule import NoiseSchedule

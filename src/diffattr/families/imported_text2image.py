@@ -29,6 +29,7 @@ from diffattr.families.imported import (
     PICKLE_SUFFIXES,
     check_weights,
     fingerprint_files,
+    recorded_training,
 )
 from diffattr.families.text2image import TextToImageFamily
 from diffattr.run import RunDir
@@ -177,15 +178,8 @@ class ImportedTextToImageFamily(TextToImageFamily):
 
     def train_config(self, run: RunDir) -> Any:
         """The fine-tuning settings recorded by ``--train-config`` (retraining needs them)."""
-        manifest = run.manifest()
-        if "train" not in manifest:
-            raise ConfigError(
-                f"{run.path} was imported without training settings: LDS and counterfactual "
-                "evaluations retrain the model's LoRA adapters and need them",
-                hint=f"import again with `diffattr import ... --train-config FILE --out "
-                f"{run.path}` (the options of `diffattr finetune`, as JSON or TOML)",
-            )
-        return self.config_from_dict(manifest["train"])
+        settings = recorded_training(run, "the model's LoRA adapters", "diffattr finetune")
+        return self.config_from_dict(settings)
 
     def verify(self, run: RunDir) -> None:
         """A :class:`CheckpointError` when a weight file changed since the import."""
