@@ -98,6 +98,16 @@ def check_unet_only(path: Path) -> None:
         raise CheckpointError(f"{path} holds no tensors")
 
 
+def vae_factor(vae_dir: Path) -> int:
+    """Pixels per latent cell of the VAE in ``vae_dir``: 2^(levels − 1)."""
+    path = vae_dir / "config.json"
+    try:
+        levels = len(json.loads(path.read_text())["block_out_channels"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot read the VAE's config {path}: {exc}") from exc
+    return 2 ** (levels - 1)
+
+
 def part_fingerprints(pipeline: Path, lora: Path | None, allow_pickle: bool) -> dict[str, str]:
     """sha256 of each weight-holding part's files (and of the LoRA file)."""
     out = {p: fingerprint_files(check_weights(pipeline / p, allow_pickle)) for p in WEIGHT_PARTS}
@@ -250,8 +260,7 @@ def import_text2image(
     cfg = read_scheduler_config(scheduler)
     schedule = schedule_from_config(cfg)
     unet = load_unet(pipeline, lora_file, allow_pickle)
-    factor = 2 ** (len(json.loads((pipeline / "vae" / "config.json").read_text())
-                       .get("block_out_channels", [0])) - 1)  # fmt: skip
+    factor = vae_factor(pipeline / "vae")
     if None not in (spec.size, resolution) and spec.size != resolution:
         raise ConfigError("text-to-image runs resize images to --resolution; drop --size")
     resolution = int(resolution or spec.size or unet.config.sample_size * factor)
