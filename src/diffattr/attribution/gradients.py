@@ -137,12 +137,13 @@ CUDA_GRADIENT_MEMORY_FRACTION = 1 / 16
 GRADIENT_STRATEGIES = ("auto", "layers", "vmap", "backward")
 #: Default pairs per gradient call for ``vmap`` and ``backward`` (``micro_batch=None``).
 DEFAULT_MICRO_BATCH = 64
-#: Most pairs per ``layers`` pass when the micro-batch is chosen automatically. Measured on the
-#: 0.46M-parameter `tiny` UNet (2 CPU threads): one batched forward + backward pass ran at
-#: 40% of the fp32 matmul rate with 64 pairs, 56% with 128, 61% with 256 and 72% with 512 —
-#: time per pair is a fixed cost per pass (hooks, Python, small kernels) plus a per-pair
-#: cost, so larger passes pay until memory (:func:`recorded_bytes_per_pair`) says stop.
-AUTO_MAX_PAIRS = 512
+#: Most pairs per ``layers`` pass when the micro-batch is chosen automatically. Time per pair
+#: is a fixed cost per pass (hooks, Python, small kernels) plus a per-pair cost, and beyond a
+#: few hundred pairs the pass's tensors leave the caches. Measured on the 0.46M-parameter `tiny`
+#: UNet (2 CPU threads, one process, interleaved): normalised DAS features at K = 100 ran at
+#: 660, 774, 815 and 675 pairs/s with 100, 200, 400 and 800 pairs per pass; unnormalised at
+#: K = 4, 605, 779 and 682 pairs/s with 64, 128 and 256.
+AUTO_MAX_PAIRS = 400
 #: ``auto`` takes unnormalised averages by backward passes on models this large …
 BACKWARD_MIN_PARAMS = 4_000_000
 #: … and, where ``layers`` cannot be used, from this many timesteps on.
@@ -291,8 +292,8 @@ class GradientComputer:
             offsets[n] = offset
             offset += self.out_dims[n]
         self._offsets = offsets
-        #: Pairs per ``layers`` pass when chosen automatically (set on the first pass).
-        self._layer_pairs: int | None = None
+        #: Pairs per ``layers`` pass when chosen automatically (set by the first pass).
+        self.layer_pass_pairs: int | None = None
 
     def _f(self, params, xt, t, target, ab, cond=None):
         args = (xt[None], t[None]) if cond is None else (xt[None], t[None], cond[None])
@@ -373,7 +374,7 @@ class GradientComputer:
         (measured once by a one-pair forward pass), at most AUTO_MAX_PAIRS."""
         if not self.auto_micro_batch:
             return self.micro_batch
-        if self._layer_pairs is None:
+        if self.layer_pass_pairs is None:
             probe = self._pair_inputs(x0[:1], np.zeros(1, dtype=np.int64), [0], [0])
             c = None if cond is None else cond[:1].to(self.device, self.dtype)
             self._use_attention()
@@ -382,8 +383,8 @@ class GradientComputer:
                                 self._model_args(probe[1], probe[2], c))  # fmt: skip
                 per_pair = recorded_bytes_per_pair(self._plan, 1)
             budget = gradient_memory(MICRO_BATCH_BYTES, self.device)
-            self._layer_pairs = max(1, min(AUTO_MAX_PAIRS, budget // max(1, per_pair)))
-        return self._layer_pairs
+            self.layer_pass_pairs = max(1, min(AUTO_MAX_PAIRS, budget // max(1, per_pair)))
+        return self.layer_pass_pairs
 
     def flat_grads(
         self, xt, t, noise, ab, cond=None

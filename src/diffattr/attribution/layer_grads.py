@@ -451,11 +451,10 @@ def check_per_sample(plan: list[HookedLayer], batch: int) -> None:
 
 def recorded_bytes_per_pair(plan: list[HookedLayer], batch: int) -> int:
     """Bytes the recorded calls of a ``batch``-pair pass hold per pair as float32 factors:
-    inputs (a convolution's unfolded patches) and outputs with their gradients."""
+    inputs (twice: the grouped weight-gradient call regroups them) and outputs with their
+    gradients (three times: output, gradient, regrouped gradient)."""
     n = 0
     for layer in plan:
         for a, o in zip(layer.inputs, layer.outputs, strict=True):
-            m = layer.module
-            k = m.weight[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
-            n += a.numel() * k + 3 * o.numel()
+            n += 2 * a.numel() + 3 * o.numel()
     return 4 * n // max(1, batch)
