@@ -177,22 +177,26 @@ class GradientComputer:
 
     ``param_names`` selects the differentiated parameters; the rest are held fixed.
 
-    ``strategy``: ``layers`` assembles the per-pair gradients of a micro-batch layer by layer
-    from one batched forward and backward pass (:mod:`diffattr.attribution.layer_grads`; models
-    made of Linear, Conv2d, GroupNorm and LayerNorm layers, i.e. diffusers UNets). ``vmap``
-    takes them with ``vmap(grad(f))`` (any model). ``backward`` uses ordinary batched backward
-    passes: without per-timestep normalisation a sample's gradient is that of
-    (1/K) Σ_t f(x_t, t), i.e. one backward pass over its K pairs as a batch; with it, one
-    backward pass per pair. Same quantity, rounding aside. Measured on CPU (2 threads, one
-    process, one run): ``layers`` took 0.90–0.96× vmap's time on the 35.7M-parameter `cifar`
-    UNet and 0.72–0.95× on the 0.46M `tiny` one; for unnormalised averages ``backward`` took
-    0.66× ``layers``' time on `cifar` (K = 10) but 1.3× on `tiny`; a backward pass per pair is
-    slower than vmap (1.4–2.6×). So ``auto`` picks ``backward`` for unnormalised averages on
-    models of at least BACKWARD_MIN_PARAMS parameters, else ``layers`` where the model
-    allows it, else ``backward`` for unnormalised averages over at least
-    BACKWARD_MIN_TIMESTEPS timesteps and ``vmap`` otherwise. Attention runs through SDPA
-    under ``layers`` and through the classic processor otherwise (vmap has no batching rule for
-    SDPA; :meth:`flat_grads` uses vmap under ``backward``).
+    ``strategy``: ``layers`` runs one batched forward and backward pass over micro-batches of
+    whole samples (all K of a sample's timesteps, several samples per pass; a sample's
+    timesteps in chunks when K exceeds the pass) and takes each layer's per-sample sum
+    Σ_t w_t g(z, t) as one batched product over the sample's timesteps × positions
+    (:func:`~diffattr.attribution.layer_grads.segment_sample_grads`; w_t = 1/‖g(z, t)‖ when
+    normalising, the norms taken first from the same factors), never forming a per-pair
+    gradient; models made of Linear, Conv2d, GroupNorm and LayerNorm layers, i.e. diffusers
+    UNets. :meth:`pair_grads` (used by journeys and tests) still gives per-pair gradients.
+    ``vmap`` takes per-pair gradients with ``vmap(grad(f))`` (any model). ``backward`` uses
+    ordinary batched backward passes: without per-timestep normalisation a sample's gradient is
+    that of (1/K) Σ_t f(x_t, t), i.e. one backward pass over its K pairs as a batch; with it,
+    one backward pass per pair. Same quantity, rounding aside (benchmarks/featurize.py times
+    them side by side). ``auto`` picks ``backward`` for unnormalised averages on models of at
+    least BACKWARD_MIN_PARAMS parameters, else ``layers`` where the model allows it, else
+    ``backward`` for unnormalised averages over at least BACKWARD_MIN_TIMESTEPS timesteps and
+    ``vmap`` otherwise. Attention runs through SDPA under ``layers`` and through the classic
+    processor otherwise (vmap has no batching rule for SDPA; :meth:`flat_grads` uses vmap
+    under ``backward``).
+    ``micro_batch``: pairs per gradient call; None (default) lets ``layers`` size its passes
+    from memory (:meth:`layer_pairs`) and the others use DEFAULT_MICRO_BATCH.
     ``dtype``: precision of the forward and backward passes (a cast copy of the parameters;
     the model itself is not changed). The measure, the gradients handed out, their norms and
     the timestep average are float32 whatever ``dtype``.
@@ -362,10 +366,9 @@ class GradientComputer:
                 yield self._pair_inputs(x0, ids, flat_rows, flat_ts), len(rows)
             return
         chunks = -(-K // pairs)
-        size = -(-K // chunks)
         for r in range(len(ids)):
-            for s in range(0, K, size):
-                ts = times[r][s : s + size]
+            for part in np.array_split(np.asarray(times[r]), chunks):
+                ts = part.tolist()
                 yield self._pair_inputs(x0, ids, [r] * len(ts), ts), 1
 
     def layer_pairs(self, x0: torch.Tensor, cond: torch.Tensor | None = None) -> int:
