@@ -1,17 +1,19 @@
 """Per-sample-gradient throughput on CPU: diffattr featurize vs traker (MadryLab TRAK).
 
-    .venv/bin/python benchmarks/featurize.py [--quick] [--out benchmarks/results/featurize.md]
+    .venv/bin/python benchmarks/featurize.py [--quick] [--cases tiny,cifar,digits8-K100,t2i-lora]
+        [--base-src OTHER_CHECKOUT/src] [--out benchmarks/results/featurize.md]
 
 Both sides do the same work on the same model, images, timesteps and keyed noise: for each
 sample, the gradient of the diffusion loss ‖ε_θ(x_t, t) − ε‖²/d w.r.t. all parameters, averaged
 over K timesteps (unnormalised), then projected to k dimensions.
 
-- diffattr: ``GradientComputer.compute`` on featurize batches (``--batch`` samples, split into
-  micro-batches of ``--micro-batch`` (sample, timestep) pairs), then the projector on each
-  featurize batch, exactly the inner loop of ``featurize`` (without the store writes).
+- diffattr: ``GradientComputer.compute`` on featurize batches (``batch`` samples, split into
+  micro-batches of (sample, timestep) pairs chosen by the library, as ``featurize`` does), then
+  the projector on each featurize batch, exactly the inner loop of ``featurize`` (without the
+  store writes).
 - traker: ``FunctionalGradientComputer`` with a model-output function that averages the loss
   over the sample's K timesteps (so one gradient per sample, as in a ``TRAKer.featurize`` call),
-  on micro-batches of the same number of pairs, flattened with ``NoOpProjector``; then its CPU
+  on calls of ``micro_batch`` pairs, flattened with ``NoOpProjector``; then its CPU
   ``BasicProjector`` (Rademacher, the same k) on each featurize batch. traker has no sparse
   projection, so the countsketch row compares with its Rademacher projector at the same k.
 - dattri (TRAIS-Lab): the gradient function of its ``AttributionTask`` (``vmap(grad(loss))``
@@ -26,6 +28,22 @@ over K timesteps (unnormalised), then projected to k dimensions.
 diffattr's gradient strategies (``layers``, ``vmap``, ``backward``, and ``logra``) are also
 timed side by side on the same work, unnormalised and normalised per timestep, and a profile
 of the default strategy on normalised features says where the time goes.
+
+Further cases, each timed on its own work:
+
+- ``digits8-K100``: the digits8 LDS benchmark's features (benchmarks/lds_digits8.sh): N = 900
+  digits 8×8 (train 500 + val 200 + generated 200) × K = 100 timesteps, DAS measure, per-timestep
+  normalisation, exact (identity) features, featurize batch 32, on a seeded random `tiny` UNet
+  (the trained one has the same cost), timed end to end through ``featurize`` (store writes
+  included); with ``--base-src`` the same call in a subprocess importing another checkout (the
+  code before a change), and the two stores compared row by row. The peers compute the same
+  features — per-pair gradients of the DAS measure, normalised, averaged per sample — on the
+  first ``--peer-samples`` samples, scaled linearly to N.
+- ``t2i-lora``: the text-to-image family's LoRA gradients on the tiny pipeline's UNet
+  (UNet2DConditionModel, rank-4 LoRA on the attention projections, B filled as after
+  fine-tuning), conditioned on per-sample caption embeddings, loss measure averaged over K
+  timesteps, per-sample gradients w.r.t. the LoRA parameters only (traker: ``grad_wrt``; dattri:
+  the model's trainable parameters).
 
 Throughput = samples × timesteps / (gradient time + projection time), i.e. per-sample
 gradients per second; each phase is timed (time.perf_counter) after one warm-up pass and the
@@ -65,7 +83,7 @@ try:  # optional peer: pip install dattri
 except ImportError:  # pragma: no cover - the table then says so
     AttributionTask = random_project = None
 
-from diffattr.attribution.gradients import GradientComputer, TimestepSpec
+from diffattr.attribution.gradients import GradientComputer, TimestepSpec, select_parameters
 from diffattr.attribution.layer_projection import LayerProjection
 from diffattr.attribution.measure import parse_measure
 from diffattr.attribution.projection import make_projector
@@ -88,7 +106,7 @@ class Case:
     samples: int
     timesteps: int
     batch: int  # samples per featurize batch (one projection call each)
-    micro_batch: int  # (sample, timestep) pairs per vmapped gradient call
+    micro_batch: int  # (sample, timestep) pairs per vmapped gradient call of the peers
     k: int
 
 
@@ -96,6 +114,8 @@ CASES = {
     "quick": [Case("tiny", 8, 1, 32, 2, 16, 32, 512), Case("cifar", 32, 3, 4, 1, 4, 4, 32)],
     "full": [Case("tiny", 8, 1, 64, 4, 32, 64, 1024), Case("cifar", 32, 3, 8, 2, 8, 4, 64)],
 }
+#: Cases run by default: the two presets' gradient/projection tables and the further work.
+ALL_CASES = ("tiny", "cifar", "digits8-K100", "t2i-lora")
 
 
 class TimestepAveragedLoss(AbstractModelOutput):
@@ -190,8 +210,7 @@ def run_case(
     work = case.samples * K
 
     ours_gc = GradientComputer(
-        model, parse_measure("loss"), schedule, spec, noise_seed=NOISE_SEED,
-        normalize=False, micro_batch=case.micro_batch,
+        model, parse_measure("loss"), schedule, spec, noise_seed=NOISE_SEED, normalize=False,
     )  # fmt: skip
     p = ours_gc.dim
     log(f"[{case.preset}] p={p:,}  {case.samples} samples x {K} timesteps  k={case.k}")
@@ -201,7 +220,7 @@ def run_case(
 
     logra_gc = GradientComputer(
         model, parse_measure("loss"), schedule, spec, noise_seed=NOISE_SEED, normalize=False,
-        micro_batch=case.micro_batch, layer_projection=LayerProjection(LOGRA_RANK),
+        layer_projection=LayerProjection(LOGRA_RANK),
     )  # fmt: skip
 
     def logra_features() -> list[torch.Tensor]:
@@ -352,7 +371,8 @@ def run_case(
         f"{case.preset}: first (warm-up) gradient pass {warmups['ours']:.2f} s ours, "
         f"{warmups['traker']:.2f} s traker; unprojected gradients of the two sides differ by "
         f"max|Δ|/max|g| = {warmups['maxdiff']:.1e}; featurize batch {case.batch} samples, "
-        f"gradient micro-batch {case.micro_batch} pairs, traker BasicProjector block_size {block}; "
+        f"peers' gradient calls {case.micro_batch} pairs, diffattr's chosen by the library "
+        f"({pass_pairs(ours_gc, case)}), traker BasicProjector block_size {block}; "
         f"diffattr gradient strategy {ours_gc.strategy!r}; one gradient = {flops / 1e9:.3f} GFLOP"
         + ("" if dattri_grad_fn is not None else "; dattri not installed, its columns are nan")
         + "."
@@ -361,6 +381,15 @@ def run_case(
 
 
 STRATEGIES = ("layers", "vmap", "backward")
+
+
+def pass_pairs(gc: GradientComputer, case: Case) -> str:
+    """The pairs per gradient pass diffattr used: ``layers`` passes are whole samples."""
+    if gc.strategy != "layers":
+        return f"{gc.micro_batch} pairs per pass"
+    limit = gc.layer_pass_pairs or gc.micro_batch
+    per_pass = min(case.batch, max(1, limit // case.timesteps)) * case.timesteps
+    return f"{per_pass} pairs per pass, at most {limit}"
 
 
 def strategy_rows(
@@ -373,8 +402,13 @@ def strategy_rows(
 
     computers = {
         (normalize, strategy): GradientComputer(
-            model, parse_measure("loss"), schedule, spec, noise_seed=NOISE_SEED,
-            normalize=normalize, micro_batch=case.micro_batch, strategy=strategy,
+            model,
+            parse_measure("loss"),
+            schedule,
+            spec,
+            noise_seed=NOISE_SEED,
+            normalize=normalize,
+            strategy=strategy,
         )  # fmt: skip
         for normalize in (False, True)
         for strategy in STRATEGIES
@@ -382,8 +416,7 @@ def strategy_rows(
     for normalize in (False, True):
         computers[(normalize, "logra")] = GradientComputer(
             model, parse_measure("loss"), schedule, spec, noise_seed=NOISE_SEED,
-            normalize=normalize, micro_batch=case.micro_batch,
-            layer_projection=LayerProjection(LOGRA_RANK),
+            normalize=normalize, layer_projection=LayerProjection(LOGRA_RANK),
         )  # fmt: skip
 
     def run(gc: GradientComputer) -> torch.Tensor:
@@ -406,7 +439,6 @@ def strategy_rows(
     del out
     default = GradientComputer(
         model, parse_measure("loss"), schedule, spec, noise_seed=NOISE_SEED, normalize=True,
-        micro_batch=case.micro_batch,
     )  # fmt: skip
     sl = batches(case.samples, case.batch)[0]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -420,6 +452,252 @@ def strategy_rows(
         f"by operator: {top}."
     )
     return rows, note
+
+
+class PairMeasure(AbstractModelOutput):
+    """traker model output: a diffattr measure of one (sample, timestep) pair's prediction."""
+
+    def __init__(self, measure) -> None:
+        super().__init__()
+        self.measure = measure
+
+    def get_output(self, model, weights, buffers, xt, t, target, ab):
+        out = torch.func.functional_call(model, (weights, buffers), (xt[None], t[None])).sample
+        return self.measure(out[0], target, ab)
+
+    def get_out_to_loss_grad(self, model, weights, buffers, batch):
+        return torch.ones(batch[0].shape[0], 1)
+
+
+def peer_pair_features(kind: str, model, measure, gc: GradientComputer, images, ids) -> tuple:
+    """A peer's per-pair gradients of ``measure`` on the pairs of ``gc`` (calls of
+    ``gc.micro_batch`` pairs), normalised per pair and averaged per sample (diffattr's default
+    features, computed outside the peer). Returns (features (n, p), seconds)."""
+    use_classic_attention(model)  # SDPA has no vmap rule on CPU
+    if kind == "traker":
+        tgc = FunctionalGradientComputer(model, PairMeasure(measure), gc.dim, torch.float32, "cpu")
+        flatten = NoOpProjector(device="cpu")
+
+        def grads(batch):
+            return flatten.project(tgc.compute_per_sample_grad(batch), model_id=0)
+
+    else:
+
+        def loss(params, data):
+            xt, t, target, ab = data
+            out = torch.func.functional_call(model, params, (xt[None], t[None])).sample
+            return measure(out[0], target, ab)
+
+        task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+        params = task.get_param(ckpt_idx=0)[0]
+        fn = task.get_grad_loss_func(in_dims=(None, 0))
+
+        def grads(batch):
+            return fn(params, batch).detach()
+
+    _, xt, t, target, ab = next(gc.pairs(images[:1], ids[:1]))
+    grads((xt, t, target, ab))  # warm-up
+    start = time.perf_counter()
+    out = torch.zeros(len(ids), gc.dim)
+    for rows, xt, t, target, ab in gc.pairs(images, ids):
+        g = grads((xt, t, target, ab))
+        out.index_add_(0, rows, g / g.norm(dim=1, keepdim=True))
+    out /= gc.timesteps.num
+    return out, time.perf_counter() - start
+
+
+def run_digits8(
+    quick: bool, base_src: str | None, peer_samples: int, log: Callable[[str], None]
+) -> tuple[list[dict], list[str]]:
+    """The digits8 LDS benchmark's features at K = 100 through ``featurize``, today's code
+    (``base_src``) on the same call, and the peers on a subset, scaled to N."""
+    import tempfile
+
+    from store_agreement import compare, featurize_digits, featurize_elsewhere
+
+    from diffattr.data import load_builtin
+
+    n, K = (64, 20) if quick else (900, 100)
+    settings = {"measure": "das", "timesteps": K}
+    notes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = featurize_digits(Path(tmp) / "ours", settings, n)
+        log(f"[digits8] featurize N={n} K={K}: {ours:.1f} s")
+        base = agreement = None
+        if base_src:
+            base = featurize_elsewhere(base_src, Path(tmp) / "base", settings, n)
+            agreement = compare(Path(tmp) / "ours", Path(tmp) / "base")
+            log(f"[digits8] the same with {base_src}: {base:.1f} s; {agreement}")
+        from diffattr.attribution.store import FeatureStore
+
+        ours_rows = torch.from_numpy(np.array(FeatureStore.load(Path(tmp) / "ours").features))
+    torch.manual_seed(0)
+    model = build_unet("tiny", 8, 1).eval()  # the model featurize_digits builds
+    data = load_builtin("digits")
+    m = min(peer_samples, n)
+    images, ids = data.images[:m], np.asarray(data.ids[:m], dtype=np.int64)
+    measure = parse_measure("das", (1, 8, 8))
+    gc = GradientComputer(model, measure, NoiseSchedule(), TimestepSpec(K), noise_seed=NOISE_SEED,
+                          micro_batch=64)  # fmt: skip
+    peers = {}
+    for kind in ("traker", "dattri") if AttributionTask is not None else ("traker",):
+        feats, sec = peer_pair_features(kind, model, measure, gc, images, ids)
+        diff = float(((feats - ours_rows[:m]).norm(dim=1) / ours_rows[:m].norm(dim=1)).max())
+        peers[kind] = (sec * n / m, diff)
+        log(f"[digits8] {kind} on {m} samples: {sec:.1f} s (row rel. difference {diff:.1e})")
+    best = min(t for t, _ in peers.values())
+    row = {
+        "case": f"digits8 K={K}", "work": f"{n}x{K}", "what": "DAS, normalised, exact; "
+        "featurize end to end", "ours": ours, "base": base,
+        "traker": peers["traker"][0], "dattri": peers.get("dattri", (float("nan"),))[0],
+        "rate": n * K / ours, "vs_peer": best / ours,
+    }  # fmt: skip
+    notes.append(
+        f"digits8 K={K}: N = {n} digits × K = {K}, featurize batch 32, one timed run each. "
+        + (f"Today's code ({base_src}, same call in a subprocess): {base:.1f} s, "
+           f"{base / ours:.2f}× this run's time; the two stores agree to max row "
+           f"‖Δφ‖/‖φ‖ = {agreement['features']:.1e} (error column {agreement['error']:.1e}). "
+           if base is not None else "")
+        + "Peers timed on the first "
+        + f"{m} samples ({m * K} pairs, calls of 64 pairs) and scaled ×{n / m:.1f} (linear in "
+        + "the samples); their features agree with diffattr's to max row ‖Δφ‖/‖φ‖ = "
+        + ", ".join(f"{k} {v[1]:.1e}" for k, v in peers.items()) + "."
+    )  # fmt: skip
+    return [row], notes
+
+
+class CondTimestepAveragedLoss(AbstractModelOutput):
+    """traker model output for a conditioned UNet: mean over K timesteps of the loss."""
+
+    def __init__(self, alphas: torch.Tensor) -> None:
+        super().__init__()
+        self.alphas = alphas
+
+    def get_output(self, model, weights, buffers, x0, t, noise, cond):
+        a = self.alphas[t].view(-1, *([1] * (x0.dim() - 1)))
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        c = cond[None].expand(x0.shape[0], *cond.shape)
+        out = torch.func.functional_call(model, (weights, buffers), (xt, t, c)).sample
+        return (out - noise).pow(2).mean(dim=(1, 2, 3)).mean()
+
+    def get_out_to_loss_grad(self, model, weights, buffers, batch):
+        return torch.ones(batch[0].shape[0], 1)
+
+
+def run_t2i(quick: bool, reps: int, log: Callable[[str], None]) -> tuple[list[dict], list[str]]:
+    """LoRA per-sample gradients of the tiny text-to-image UNet: diffattr vs the peers."""
+    from diffusers import UNet2DConditionModel
+
+    from diffattr.text2image.lora import LORA_PARAMS, LoraSpec, attach_lora
+    from diffattr.text2image.pipeline import SD_SCHEDULE, TINY_MAX_TOKENS, TINY_UNET
+
+    n, K, per_call = (16, 2, 32) if quick else (64, 10, 64)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, **TINY_UNET).eval()
+    attach_lora(unet, LoraSpec(), seed=0)
+    with torch.no_grad():  # B starts at 0 (zero gradients for A): as after fine-tuning
+        for name, p in unet.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.05)
+    names = select_parameters(unet, LORA_PARAMS)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn((n, 4, 8, 8), generator=g)
+    cond = torch.randn((n, TINY_MAX_TOKENS, TINY_UNET["cross_attention_dim"]), generator=g)
+    ids = np.arange(n, dtype=np.int64)
+    schedule, spec = SD_SCHEDULE, TimestepSpec(K, "uniform", NOISE_SEED)
+    batch = 32
+    sides: dict[str, Callable] = {}
+    computers = {}
+    for key, normalize in (("ours", False), ("ours-normalised", True)):
+        gc = GradientComputer(unet, parse_measure("loss"), schedule, spec, noise_seed=NOISE_SEED,
+                              normalize=normalize, param_names=names)  # fmt: skip
+        computers[key] = gc
+        sides[key] = partial(
+            lambda gc: torch.cat([gc.compute(latents[sl], ids[sl], cond[sl])[0]
+                                  for sl in batches(n, batch)]), gc)  # fmt: skip
+    p = computers["ours"].dim
+    alphas = schedule.alphas_cumprod()
+    T = schedule.num_train_timesteps
+
+    def inputs(sl: slice):
+        ts = np.stack([spec.for_sample(int(i), T) for i in ids[sl]])
+        noise = torch.stack([
+            torch.stack([keyed_noise(ATTRIBUTION_NOISE_KEY, NOISE_SEED, int(i), int(t), (4, 8, 8))
+                         for t in tr]) for i, tr in zip(ids[sl], ts, strict=True)
+        ])  # fmt: skip
+        x0 = latents[sl].unsqueeze(1).expand(-1, K, 4, 8, 8).contiguous()
+        return x0, torch.as_tensor(ts), noise, cond[sl]
+
+    samples_per_call = max(1, per_call // K)
+    tgc = FunctionalGradientComputer(unet, CondTimestepAveragedLoss(alphas), p, torch.float32,
+                                     "cpu", grad_wrt=names)  # fmt: skip
+    flatten = NoOpProjector(device="cpu")
+
+    def traker_side():
+        use_classic_attention(unet)
+        return torch.cat([flatten.project(tgc.compute_per_sample_grad(inputs(sl)), model_id=0)
+                          for sl in batches(n, samples_per_call)])  # fmt: skip
+
+    sides["traker"] = traker_side
+    if AttributionTask is not None:
+
+        def loss(params, data):
+            x0, t, noise, c = data
+            a = alphas[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            cc = c[None].expand(x0.shape[0], *c.shape)
+            out = torch.func.functional_call(unet, params, (xt, t, cc)).sample
+            return (out - noise).pow(2).mean(dim=(1, 2, 3)).mean()
+
+        task = AttributionTask(loss_func=loss, model=unet, checkpoints=unet.state_dict())
+        dparams = task.get_param(ckpt_idx=0)[0]
+        dfn = task.get_grad_loss_func(in_dims=(None, 0))
+
+        def dattri_side():
+            use_classic_attention(unet)
+            return torch.cat([dfn(dparams, inputs(sl)).detach()
+                              for sl in batches(n, samples_per_call)])  # fmt: skip
+
+        sides["dattri"] = dattri_side
+    warm, sec, out = timed(sides, reps)
+    for key, t in sec.items():
+        log(f"[t2i-lora] {key:16s} {t:8.3f} s (first pass {warm[key]:.2f} s)")
+    ref = out["ours"]
+    diffs = {k: float((out[k] - ref).abs().max() / ref.abs().max())
+             for k in ("traker", "dattri") if k in out}  # fmt: skip
+    best = min(sec[k] for k in ("traker", "dattri") if k in sec)
+    rows = [{
+        "case": "t2i-lora", "work": f"{n}x{K}", "what": f"loss, {what}; LoRA p = {p:,}",
+        "ours": sec[key], "base": None, "traker": sec["traker"],
+        "dattri": sec.get("dattri", float("nan")), "rate": n * K / sec[key],
+        "vs_peer": best / sec[key],
+    } for key, what in (("ours", "unnormalised"), ("ours-normalised", "normalised"))]  # fmt: skip
+    note = (
+        f"t2i-lora: tiny pipeline UNet ({sum(x.numel() for x in unet.parameters()):,} parameters,"
+        f" LoRA rank 4 on to_q/to_k/to_v/to_out.0: p = {p:,}), {n} samples × K = {K}, caption "
+        f"embeddings {TINY_MAX_TOKENS}×{TINY_UNET['cross_attention_dim']}, featurize batch "
+        f"{batch}; diffattr strategy {computers['ours'].strategy!r}; peers vmap over samples "
+        f"({samples_per_call} per call); peers' unnormalised gradients differ from diffattr's by "
+        + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+        + " (max|Δ|/max|g|); the normalised row is diffattr's default feature, compared with "
+        "the peers' unnormalised work."
+    )
+    return rows, [note]
+
+
+def work_table(rows: list[dict]) -> str:
+    lines = [
+        "| case | samples×t | features | diffattr s | before this change s | traker s | dattri s "
+        "| diffattr grads/s | diffattr ÷ faster peer's time⁻¹ |",
+        "|" + "---|" * 9,
+    ]
+    for r in rows:
+        base = "" if r["base"] is None else f"{r['base']:.1f}"
+        lines.append(
+            f"| {r['case']} | {r['work']} | {r['what']} | {r['ours']:.2f} | {base} "
+            f"| {r['traker']:.2f} | {r['dattri']:.2f} | {r['rate']:.1f} | {r['vs_peer']:.2f}× |"
+        )
+    return "\n".join(lines)
 
 
 def strategy_table(rows: list[dict], flops: dict[str, int], gflops: float) -> str:
@@ -473,24 +751,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small run (< 3 minutes)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per phase")
-    parser.add_argument("--presets", nargs="+", default=None, help="subset of: tiny cifar")
+    parser.add_argument(
+        "--cases",
+        default=",".join(ALL_CASES),
+        help=f"comma-separated subset of {','.join(ALL_CASES)} (default: all)",
+    )
+    parser.add_argument(
+        "--base-src",
+        default=None,
+        help="src directory of another checkout (the code before a change): "
+        "digits8-K100 also runs it, in a subprocess, and compares the stores",
+    )
+    parser.add_argument(
+        "--peer-samples",
+        type=int,
+        default=8,
+        help="digits8-K100: samples the peers are timed on (scaled to N)",
+    )
     args = parser.parse_args(argv)
+    chosen = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(chosen) - set(ALL_CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(ALL_CASES)}")
 
     torch.set_num_threads(THREADS)
     command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
     print(f"command: {command}", flush=True)
     mode = "quick" if args.quick else "full"
     reps = args.reps or (2 if args.quick else 3)
-    cases = [c for c in CASES[mode] if args.presets is None or c.preset in args.presets]
+    cases = [c for c in CASES[mode] if c.preset in chosen]
 
     start = time.perf_counter()
     gflops = matmul_gflops()
     print(f"fp32 matmul 2048x2048: {gflops:.1f} GFLOP/s ({THREADS} threads)", flush=True)
-    rows, srows, notes = [], [], []
+    rows, srows, notes, wrows = [], [], [], []
+    log = partial(print, flush=True)
     for case in cases:
-        case_rows, case_srows, case_notes = run_case(case, reps, lambda s: print(s, flush=True))
+        case_rows, case_srows, case_notes = run_case(case, reps, log)
         rows += case_rows
         srows += case_srows
+        notes += case_notes
+    if "digits8-K100" in chosen:
+        case_rows, case_notes = run_digits8(args.quick, args.base_src, args.peer_samples, log)
+        wrows += case_rows
+        notes += case_notes
+    if "t2i-lora" in chosen:
+        case_rows, case_notes = run_t2i(args.quick, reps, log)
+        wrows += case_rows
         notes += case_notes
     flops = {r["preset"].split()[0]: r["flops"] for r in rows}
     elapsed = time.perf_counter() - start
@@ -505,16 +812,34 @@ def main(argv: list[str] | None = None) -> int:
             f"torch.set_num_threads({THREADS}); fp32 matmul 2048×2048: {gflops:.1f} GFLOP/s "
             f"before the run, {gflops_end:.1f} GFLOP/s after it (a drop means other load). "
             f"torch {torch.__version__}, traker {version('traker')}, dattri {dattri_version()}. "
-            f"Mode {mode}, median of {reps} timed repetitions after one warm-up; "
-            f"total wall time {elapsed:.0f} s.",
+            f"Mode {mode}, cases {','.join(chosen)}; median of {reps} timed repetitions after "
+            f"one warm-up (digits8: one run each); total wall time {elapsed:.0f} s.",
             "",
-            table(rows, (gflops + gflops_end) / 2),
-            "",
-            "diffattr's gradient strategies on the same work (unnormalised: the peers' quantity; "
-            "normalised per timestep: diffattr's default features), timed in the same rounds:",
-            "",
-            strategy_table(srows, flops, (gflops + gflops_end) / 2),
-            "",
+            *(
+                [
+                    table(rows, (gflops + gflops_end) / 2),
+                    "",
+                    "diffattr's gradient strategies on the same work (unnormalised: the peers' "
+                    "quantity; normalised per timestep: diffattr's default features), timed in the "
+                    "same rounds:",
+                    "",
+                    strategy_table(srows, flops, (gflops + gflops_end) / 2),
+                    "",
+                ]
+                if rows
+                else []
+            ),
+            *(
+                [
+                    "Further work, each case timed end to end on its own (seconds for the whole "
+                    "work; peers' digits8 times scaled from a subset, see the notes):",
+                    "",
+                    work_table(wrows),
+                    "",
+                ]
+                if wrows
+                else []
+            ),
             *[f"- {n}" for n in notes],
             "",
         ]

@@ -5,7 +5,7 @@ import torch
 from diffattr.attribution.gradients import GradientComputer, TimestepSpec, select_parameters
 from diffattr.attribution.measure import VARIANTS, make_measure
 from diffattr.diffusion.schedule import ATTRIBUTION_NOISE_KEY, NoiseSchedule, keyed_noise
-from diffattr.errors import ConfigError
+from diffattr.errors import ConfigError, NumericalError
 
 
 def loop_gradient(model, measure, x0, sid, timesteps, normalize, names=None):
@@ -241,3 +241,45 @@ def test_gradient_memory_cap_from_environment_and_device(tiny_model, monkeypatch
         monkeypatch.setenv("DIFFATTR_GRADIENT_MEMORY_MIB", bad)
         with pytest.raises(ConfigError, match="DIFFATTR_GRADIENT_MEMORY_MIB"):
             gradients.gradient_memory(4 * p * 3, "cpu")
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_layers_passes_of_whole_samples_and_of_timestep_chunks(tiny_model, small_set, normalize):
+    x0, ids = small_set.images[:3], small_set.ids[:3].numpy()
+    spec = TimestepSpec(5)
+
+    def make(**kw):
+        return GradientComputer(tiny_model, make_measure("das"), NoiseSchedule(), spec,
+                                normalize=normalize, **kw)  # fmt: skip
+
+    ref, err_ref, _ = make(strategy="vmap", micro_batch=4).compute(x0, ids)
+    for pairs, sizes in ((2, [2, 2, 1] * 3), (12, [10, 5]), (None, [15])):
+        gc = make(strategy="layers", micro_batch=pairs)
+        got, err, _ = gc.compute(x0, ids)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+        torch.testing.assert_close(err, err_ref, rtol=1e-5, atol=1e-7)
+        passes = list(gc.segment_batches(x0, ids, gc.layer_pairs(x0)))
+        assert [b[0].numel() for b, _ in passes] == sizes
+        for (rows, *_), segments in passes:  # segments: consecutive samples, equal lengths
+            assert rows.numel() % segments == 0
+            assert torch.equal(rows.reshape(segments, -1), rows.reshape(segments, -1)[:, :1]
+                               .expand(segments, rows.numel() // segments))  # fmt: skip
+    assert make(strategy="layers").layer_pass_pairs is None  # chosen on the first pass
+    auto = make(strategy="layers")
+    assert 1 <= auto.layer_pairs(x0) <= gradients_module().AUTO_MAX_PAIRS
+
+
+def gradients_module():
+    from diffattr.attribution import gradients
+
+    return gradients
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_layers_names_the_sample_with_a_non_finite_gradient(tiny_model, small_set, normalize):
+    x0, ids = small_set.images[:3].clone(), small_set.ids[:3].numpy()
+    x0[1, 0, 2, 2] = float("nan")
+    gc = GradientComputer(tiny_model, make_measure("das"), NoiseSchedule(), TimestepSpec(2),
+                          normalize=normalize, strategy="layers")  # fmt: skip
+    with pytest.raises(NumericalError, match=f"sample id {int(ids[1])}"):
+        gc.compute(x0, ids)

@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from diffattr.attribution.layer_grads import assemble_sample_grads, layer_plan, recording
+from diffattr.attribution.layer_grads import (
+    ConvOuter,
+    assemble_sample_grads,
+    conv_ghost_sq_norms,
+    layer_plan,
+    recording,
+    segment_sample_grads,
+    term_pair_sq_norms,
+)
 from diffattr.errors import ConfigError
 
 
@@ -27,6 +35,21 @@ def assembled(model, inputs, loss):
         return assemble_sample_grads(plan, values.sum(), inputs.shape[0])
 
 
+def segment_sums(model, inputs, loss, segments, normalize):
+    """{name: (segments, d)} from :func:`segment_sample_grads`, and the pair norms."""
+    names = [n for n, _ in model.named_parameters()]
+    plan = layer_plan(model, names)
+    got: dict[str, torch.Tensor] = {}
+
+    def emit(name, g):
+        got[name] = got[name] + g if name in got else g
+
+    with torch.enable_grad(), recording(plan):
+        values = torch.stack([loss(y[None]) for y in model(inputs)])
+        norms = segment_sample_grads(plan, values.sum(), inputs.shape[0], segments, emit, normalize)
+    return got, norms
+
+
 def check(model, inputs, loss=lambda y: (y.sin() * y).sum()):
     torch.manual_seed(0)
     ref = reference(model, inputs, loss)
@@ -34,6 +57,22 @@ def check(model, inputs, loss=lambda y: (y.sin() * y).sum()):
     assert set(got) == set(ref)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-5 * float(ref[n].abs().max()))
+    # per-segment sums Σ_j w_j g_j over consecutive pairs, w_j = 1 or 1/‖g_j‖
+    b = inputs.shape[0]
+    flat = torch.cat([ref[n].reshape(b, -1) for n in ref], dim=1)
+    for segments in [s for s in range(1, b + 1) if b % s == 0]:
+        for normalize in (False, True):
+            sums, norms = segment_sums(model, inputs, loss, segments, normalize)
+            w = 1 / flat.norm(dim=1) if normalize else torch.ones(b)
+            want = (w[:, None] * flat).reshape(segments, b // segments, -1).sum(dim=1)
+            have = torch.cat(
+                [sums.get(n, torch.zeros(segments, ref[n][0].numel())) for n in ref], dim=1
+            )
+            torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+            if normalize:
+                torch.testing.assert_close(norms, flat.norm(dim=1), rtol=1e-4, atol=0.0)
+            else:
+                assert norms is None
 
 
 @pytest.mark.parametrize(
@@ -50,6 +89,30 @@ def check(model, inputs, loss=lambda y: (y.sin() * y).sum()):
 def test_conv2d(conv):
     torch.manual_seed(1)
     check(nn.Conv2d(4, 6, **conv), torch.randn(3, 4, 7, 6))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=3, padding=1, stride=2),
+        dict(kernel_size=3, padding=0, stride=2),
+        dict(kernel_size=1),
+        dict(kernel_size=(3, 2), padding=(2, 0), dilation=2),
+        dict(kernel_size=5, padding=1, stride=(2, 3)),
+    ],
+)
+def test_conv_ghost_norms_equal_the_gradients_norms(conv):
+    torch.manual_seed(5)
+    m = nn.Conv2d(3, 5, **conv)
+    a = torch.randn(4, 3, 7, 6)
+    d = torch.randn_like(m(a))
+    explicit = ConvOuter(m, a, d).grouped_sums(4)  # one segment per pair: its gradient
+    ref = reference(m, a, lambda y: (y * d[0:1]).sum())  # only for the first pair's check
+    torch.testing.assert_close(explicit[0], ref["weight"][0].reshape(-1), rtol=1e-4, atol=1e-5)
+    want = explicit.pow(2).sum(dim=1)
+    torch.testing.assert_close(conv_ghost_sq_norms(m, a, d), want, rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(term_pair_sq_norms(ConvOuter(m, a, d)), want, rtol=1e-4, atol=0.0)
 
 
 def test_linear_on_tokens_and_vectors():

@@ -28,7 +28,9 @@ from diffattr.attribution.layer_grads import (
     SUPPORTED_DESCRIPTION,
     assemble_sample_grads,
     layer_plan,
+    recorded_bytes_per_pair,
     recording,
+    segment_sample_grads,
 )
 from diffattr.attribution.layer_projection import LayerProjection, LayerProjector
 from diffattr.attribution.measure import Measure
@@ -133,6 +135,15 @@ GRADIENT_MEMORY_ENV = "DIFFATTR_GRADIENT_MEMORY_MIB"
 CUDA_GRADIENT_MEMORY_FRACTION = 1 / 16
 #: How per-sample gradients are taken (see :class:`GradientComputer`).
 GRADIENT_STRATEGIES = ("auto", "layers", "vmap", "backward")
+#: Default pairs per gradient call for ``vmap`` and ``backward`` (``micro_batch=None``).
+DEFAULT_MICRO_BATCH = 64
+#: Most pairs per ``layers`` pass when the micro-batch is chosen automatically. Time per pair
+#: is a fixed cost per pass (hooks, Python, small kernels) plus a per-pair cost, and beyond a
+#: few hundred pairs the pass's tensors leave the caches. Measured on the 0.46M-parameter `tiny`
+#: UNet (2 CPU threads, one process, interleaved): normalised DAS features at K = 100 ran at
+#: 660, 774, 815 and 675 pairs/s with 100, 200, 400 and 800 pairs per pass; unnormalised at
+#: K = 4, 605, 779 and 682 pairs/s with 64, 128 and 256.
+AUTO_MAX_PAIRS = 400
 #: ``auto`` takes unnormalised averages by backward passes on models this large …
 BACKWARD_MIN_PARAMS = 4_000_000
 #: … and, where ``layers`` cannot be used, from this many timesteps on.
@@ -166,22 +177,26 @@ class GradientComputer:
 
     ``param_names`` selects the differentiated parameters; the rest are held fixed.
 
-    ``strategy``: ``layers`` assembles the per-pair gradients of a micro-batch layer by layer
-    from one batched forward and backward pass (:mod:`diffattr.attribution.layer_grads`; models
-    made of Linear, Conv2d, GroupNorm and LayerNorm layers, i.e. diffusers UNets). ``vmap``
-    takes them with ``vmap(grad(f))`` (any model). ``backward`` uses ordinary batched backward
-    passes: without per-timestep normalisation a sample's gradient is that of
-    (1/K) Σ_t f(x_t, t), i.e. one backward pass over its K pairs as a batch; with it, one
-    backward pass per pair. Same quantity, rounding aside. Measured on CPU (2 threads, one
-    process, one run): ``layers`` took 0.90–0.96× vmap's time on the 35.7M-parameter `cifar`
-    UNet and 0.72–0.95× on the 0.46M `tiny` one; for unnormalised averages ``backward`` took
-    0.66× ``layers``' time on `cifar` (K = 10) but 1.3× on `tiny`; a backward pass per pair is
-    slower than vmap (1.4–2.6×). So ``auto`` picks ``backward`` for unnormalised averages on
-    models of at least BACKWARD_MIN_PARAMS parameters, else ``layers`` where the model
-    allows it, else ``backward`` for unnormalised averages over at least
-    BACKWARD_MIN_TIMESTEPS timesteps and ``vmap`` otherwise. Attention runs through SDPA
-    under ``layers`` and through the classic processor otherwise (vmap has no batching rule for
-    SDPA; :meth:`flat_grads` uses vmap under ``backward``).
+    ``strategy``: ``layers`` runs one batched forward and backward pass over micro-batches of
+    whole samples (all K of a sample's timesteps, several samples per pass; a sample's
+    timesteps in chunks when K exceeds the pass) and takes each layer's per-sample sum
+    Σ_t w_t g(z, t) as one batched product over the sample's timesteps × positions
+    (:func:`~diffattr.attribution.layer_grads.segment_sample_grads`; w_t = 1/‖g(z, t)‖ when
+    normalising, the norms taken first from the same factors), never forming a per-pair
+    gradient; models made of Linear, Conv2d, GroupNorm and LayerNorm layers, i.e. diffusers
+    UNets. :meth:`pair_grads` (used by journeys and tests) still gives per-pair gradients.
+    ``vmap`` takes per-pair gradients with ``vmap(grad(f))`` (any model). ``backward`` uses
+    ordinary batched backward passes: without per-timestep normalisation a sample's gradient is
+    that of (1/K) Σ_t f(x_t, t), i.e. one backward pass over its K pairs as a batch; with it,
+    one backward pass per pair. Same quantity, rounding aside (benchmarks/featurize.py times
+    them side by side). ``auto`` picks ``backward`` for unnormalised averages on models of at
+    least BACKWARD_MIN_PARAMS parameters, else ``layers`` where the model allows it, else
+    ``backward`` for unnormalised averages over at least BACKWARD_MIN_TIMESTEPS timesteps and
+    ``vmap`` otherwise. Attention runs through SDPA under ``layers`` and through the classic
+    processor otherwise (vmap has no batching rule for SDPA; :meth:`flat_grads` uses vmap
+    under ``backward``).
+    ``micro_batch``: pairs per gradient call; None (default) lets ``layers`` size its passes
+    from memory (:meth:`layer_pairs`) and the others use DEFAULT_MICRO_BATCH.
     ``dtype``: precision of the forward and backward passes (a cast copy of the parameters;
     the model itself is not changed). The measure, the gradients handed out, their norms and
     the timestep average are float32 whatever ``dtype``.
@@ -196,7 +211,7 @@ class GradientComputer:
         noise_seed: int = 0,
         normalize: bool = True,
         param_names: list[str] | None = None,
-        micro_batch: int = 64,
+        micro_batch: int | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         strategy: str = "auto",
@@ -211,7 +226,9 @@ class GradientComputer:
         self.model = model.to(device).eval()
         self.measure, self.schedule, self.timesteps = measure, schedule, timesteps
         self.noise_seed, self.normalize = noise_seed, normalize
-        self.requested_micro_batch = max(1, micro_batch)
+        #: None: chosen per pass (``layers``: from memory, up to AUTO_MAX_PAIRS; else 64).
+        self.auto_micro_batch = micro_batch is None
+        self.requested_micro_batch = max(1, micro_batch or DEFAULT_MICRO_BATCH)
         self.device = torch.device(device)
         self.dtype = dtype
         names = param_names or select_parameters(model)
@@ -274,6 +291,13 @@ class GradientComputer:
         self.alphas = schedule.alphas_cumprod().to(self.device)
         self._grad_fn = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0))
         self._grad_fn_cond = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0, 0))
+        offsets, offset = {}, 0
+        for n in self.params:
+            offsets[n] = offset
+            offset += self.out_dims[n]
+        self._offsets = offsets
+        #: Pairs per ``layers`` pass when chosen automatically (set by the first pass).
+        self.layer_pass_pairs: int | None = None
 
     def _f(self, params, xt, t, target, ab, cond=None):
         args = (xt[None], t[None]) if cond is None else (xt[None], t[None], cond[None])
@@ -303,20 +327,67 @@ class GradientComputer:
             for t in self.timesteps.for_sample(int(sid), T):
                 rows.append(r)
                 ts.append(int(t))
-        shape = tuple(x0.shape[1:])
         step = group or self.micro_batch
         for s in range(0, len(rows), step):
-            r = torch.tensor(rows[s : s + step])
-            t = torch.tensor(ts[s : s + step])
-            noise = torch.stack(
-                [
-                    keyed_noise(ATTRIBUTION_NOISE_KEY, self.noise_seed, int(ids[i]), int(tt), shape)
-                    for i, tt in zip(r.tolist(), t.tolist(), strict=True)
-                ]
-            ).to(self.device)
-            t, x = t.to(self.device), x0[r].to(self.device)
-            xt = self.schedule.add_noise(x, noise, t)
-            yield r, xt, t, self.schedule.target(x, noise, t), self.alphas[t]
+            yield self._pair_inputs(x0, ids, rows[s : s + step], ts[s : s + step])
+
+    def _pair_inputs(
+        self, x0: torch.Tensor, ids: np.ndarray, rows: list[int], ts: list[int]
+    ) -> tuple[torch.Tensor, ...]:
+        """(row, x_t, t, target, ᾱ_t) of the given pairs."""
+        shape = tuple(x0.shape[1:])
+        r, t = torch.tensor(rows), torch.tensor(ts)
+        noise = torch.stack(
+            [
+                keyed_noise(ATTRIBUTION_NOISE_KEY, self.noise_seed, int(ids[i]), int(tt), shape)
+                for i, tt in zip(rows, ts, strict=True)
+            ]
+        ).to(self.device)
+        t, x = t.to(self.device), x0[r].to(self.device)
+        xt = self.schedule.add_noise(x, noise, t)
+        return r, xt, t, self.schedule.target(x, noise, t), self.alphas[t]
+
+    def segment_batches(
+        self, x0: torch.Tensor, ids: np.ndarray, pairs: int
+    ) -> Iterator[tuple[tuple[torch.Tensor, ...], int]]:
+        """Micro-batches of at most ``pairs`` pairs made of whole segments: m = ⌊pairs/K⌋
+        consecutive samples with all K of their timesteps each (K ≤ pairs), or one sample's
+        timesteps in ⌈K/pairs⌉ nearly equal chunks. Yields (:meth:`pairs`' tuple, number of
+        segments); segment j of a micro-batch is its pairs j·L … (j+1)·L − 1, one sample."""
+        T = self.schedule.num_train_timesteps
+        K = self.timesteps.num
+        times = [[int(t) for t in self.timesteps.for_sample(int(sid), T)] for sid in ids]
+        if pairs >= K:
+            m = max(1, pairs // K)
+            for s in range(0, len(ids), m):
+                rows = list(range(s, min(len(ids), s + m)))
+                flat_rows = [r for r in rows for _ in range(K)]
+                flat_ts = [t for r in rows for t in times[r]]
+                yield self._pair_inputs(x0, ids, flat_rows, flat_ts), len(rows)
+            return
+        chunks = -(-K // pairs)
+        for r in range(len(ids)):
+            for part in np.array_split(np.asarray(times[r]), chunks):
+                ts = part.tolist()
+                yield self._pair_inputs(x0, ids, [r] * len(ts), ts), 1
+
+    def layer_pairs(self, x0: torch.Tensor, cond: torch.Tensor | None = None) -> int:
+        """Pairs per ``layers`` pass: the micro-batch given, or (automatic) as many as
+        gradient_memory(MICRO_BATCH_BYTES) holds of one pass's recorded factors per pair
+        (measured once by a one-pair forward pass), at most AUTO_MAX_PAIRS."""
+        if not self.auto_micro_batch:
+            return self.micro_batch
+        if self.layer_pass_pairs is None:
+            probe = self._pair_inputs(x0[:1], np.zeros(1, dtype=np.int64), [0], [0])
+            c = None if cond is None else cond[:1].to(self.device, self.dtype)
+            self._use_attention()
+            with torch.no_grad(), recording(self._plan):
+                functional_call(self.model, (self.params, self.fixed),
+                                self._model_args(probe[1], probe[2], c))  # fmt: skip
+                per_pair = recorded_bytes_per_pair(self._plan, 1)
+            budget = gradient_memory(MICRO_BATCH_BYTES, self.device)
+            self.layer_pass_pairs = max(1, min(AUTO_MAX_PAIRS, budget // max(1, per_pair)))
+        return self.layer_pass_pairs
 
     def flat_grads(
         self, xt, t, noise, ab, cond=None
@@ -435,6 +506,55 @@ class GradientComputer:
         flat = torch.cat([g.reshape(1, -1).float() for g in grads], dim=1)
         return flat, *self._error_residual(out, noise)
 
+    def _add_segment_grads(
+        self,
+        out: torch.Tensor,
+        batch: tuple[torch.Tensor, ...],
+        segments: int,
+        ids: np.ndarray,
+        cond: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """out[sample] += Σ_t w_t g(sample, t) over a micro-batch of whole segments
+        (:meth:`segment_batches`), each layer's sum one batched product over the segments'
+        timesteps × positions (:func:`~diffattr.attribution.layer_grads.segment_sample_grads`);
+        w_t = 1/‖g‖ when normalising. Returns the per-pair (error, residual)."""
+        rows, xt, t, target, ab = batch
+        c = None if cond is None else cond[rows].to(self.device, self.dtype)
+        first = int(rows[0])
+        block = out.narrow(0, first, segments)
+
+        sums = torch.zeros(segments, dtype=torch.float32, device=out.device)
+
+        def emit(name: str, g: torch.Tensor) -> None:
+            block.narrow(1, self._offsets[name], g.shape[1]).add_(g)
+            sums.add_(g.sum(dim=1))  # NaN/Inf check without another pass over the block
+
+        args = self._model_args(xt, t, c)
+        self._use_attention()
+        try:
+            with torch.enable_grad(), recording(self._plan):
+                y = functional_call(self.model, (self.params, self.fixed), args).sample.float()
+                values = vmap(self.measure)(y, target, ab)
+                norms = segment_sample_grads(
+                    self._plan, values.sum(), xt.shape[0], segments, emit, self.normalize,
+                    None if self.layer_projector is None else self.layer_projector.layer_factors,
+                )  # fmt: skip
+        except (RuntimeError, NotImplementedError) as exc:
+            self._dtype_error(exc)
+            raise
+        if norms is not None:
+            bad = ~torch.isfinite(norms).cpu()
+            bad_rows = rows[bad]
+        else:
+            finite = torch.isfinite(sums).cpu()
+            bad_rows = torch.arange(first, first + segments)[~finite]
+        if bad_rows.numel():
+            raise NumericalError(
+                f"non-finite gradient for sample id {int(ids[int(bad_rows[0])])}",
+                hint="check the model checkpoint and the input image for NaN/Inf",
+            )
+        return self._error_residual(y, target)
+
     def _dtype_error(self, exc: BaseException) -> None:
         """Raise a ConfigError when ``exc`` says the gradient dtype is unsupported here."""
         if self.dtype == torch.float32 or "not implemented for" not in str(exc):
@@ -457,9 +577,15 @@ class GradientComputer:
         out = torch.zeros(B, self.dim, dtype=torch.float32, device=self.device)
         err = torch.zeros(B, dtype=torch.float64)
         res = torch.zeros(B, dtype=torch.float64)
+        if self.strategy == "layers":
+            for batch, segments in self.segment_batches(x0, ids, self.layer_pairs(x0, cond)):
+                e, r = self._add_segment_grads(out, batch, segments, ids, cond)
+                err.index_add_(0, batch[0], e.detach().cpu().double())
+                res.index_add_(0, batch[0], r.detach().cpu().double())
+            return out.div_(K), (err / K).float(), (res / K).float()
         for rows, xt, t, noise, ab in self._batches(x0, ids):
             c = None if cond is None else cond[rows].to(self.device, self.dtype)
-            if self.strategy in ("vmap", "layers"):
+            if self.strategy == "vmap":
                 grads, e, r = self.pair_grads(xt, t, noise, ab, c)
                 grad_rows = rows
                 norms = self._add_pair_grads(out, rows, grads)  # also a cheap NaN/Inf check

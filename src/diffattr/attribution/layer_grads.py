@@ -171,15 +171,7 @@ def assemble_sample_grads(
     Every recorded call must be per sample (leading dimension ``batch``): a layer applied to
     something shared by the batch has no per-sample gradient this way (ConfigError).
     """
-    for layer in plan:
-        for a, o in zip(layer.inputs, layer.outputs, strict=True):
-            if a.dim() < 2 or a.shape[0] != batch or o.shape[0] != batch:
-                name = next(iter(layer.params.values())).rpartition(".")[0] or "the model"
-                raise ConfigError(
-                    f"layer {name} was called on an input of shape {tuple(a.shape)}, not one "
-                    f"row per sample of the batch of {batch}",
-                    hint="use gradient strategy 'vmap' for this model",
-                )
+    check_per_sample(plan, batch)
     outputs = [o for layer in plan for o in layer.outputs]
     deltas = torch.autograd.grad(total, outputs, allow_unused=True)
     grads: dict[str, torch.Tensor] = {}
@@ -199,3 +191,270 @@ def assemble_sample_grads(
                 name = layer.params[local]
                 grads[name] = grads[name] + g if name in grads else g
     return grads
+
+
+# --- Per-sample sums over a sample's pairs, contracted inside each layer's product -----------
+#
+# A sample z's K (sample, timestep) pairs form a segment. Its timestep-averaged feature needs
+# Σ_t w_t g(z, t) only (w_t = 1, or 1/‖g(z, t)‖ with per-timestep normalisation), and for a
+# weight
+#
+#     Σ_t w_t Σ_s δ_{t,s} a_{t,s}ᵀ = Σ_{(t,s)} (w_t δ_{t,s}) a_{t,s}ᵀ
+#
+# is one matrix product over the segment's K·S positions: one batched product per layer over
+# the micro-batch gives per-sample (not per-pair) gradients, and no per-pair gradient is formed.
+# The pair norms come first, from the same factors: ‖Σ_s δ_s a_sᵀ‖²_F directly, or when
+# positions are few by ‖δᵀa‖²_F = Σ_{s,s'} (δ_s·δ_s')(a_s·a_s') (the "ghost norm").
+
+
+@dataclass
+class Outer:
+    """A weight's per-pair gradient in factored form, Σ_s d[:, :, s] a[:, :, s]ᵀ, with
+    d (b, out, S) and a (b, in, S); flattened row-major it is the (out·in) gradient."""
+
+    d: torch.Tensor
+    a: torch.Tensor
+
+
+@dataclass
+class ConvOuter:
+    """A convolution weight's per-pair gradient as its input a (b, C_in, H, W) and output
+    gradient d (b, C_out, H', W'): Σ_s d_s (patch_s)ᵀ, taken by the convolution's own
+    weight-gradient kernel without unfolding patches (im2col)."""
+
+    module: nn.Conv2d
+    a: torch.Tensor
+    d: torch.Tensor
+
+    def grouped_sums(self, segments: int) -> torch.Tensor:
+        """(segments, C_out·C_in·k_h·k_w): Σ over each segment's pairs of the weight
+        gradient, one grouped weight-gradient call with the segments as groups (segment j's
+        pairs are the batch of group j)."""
+        m, a, d = self.module, self.a, self.d
+        b = a.shape[0]
+        L = b // segments
+        ag = a.reshape(segments, L, *a.shape[1:]).transpose(0, 1).reshape(L, -1, *a.shape[2:])
+        dg = d.reshape(segments, L, *d.shape[1:]).transpose(0, 1).reshape(L, -1, *d.shape[2:])
+        shape = (segments * m.out_channels, m.in_channels, *m.kernel_size)
+        weight = torch.empty(shape, dtype=a.dtype, device=a.device)
+        g = torch.ops.aten.convolution_backward(
+            dg, ag, weight, None, list(m.stride), list(m.padding), list(m.dilation), False,
+            [0, 0], segments, [False, True, False],
+        )[1]  # fmt: skip
+        return g.reshape(segments, -1)
+
+
+#: A parameter's per-pair gradient: factored (:class:`Outer`, :class:`ConvOuter`) or
+#: explicit (b, d).
+Term = Outer | ConvOuter | torch.Tensor
+#: Elements of a per-pair gradient block the direct norm computation holds at once.
+NORM_BLOCK_ELEMENTS = 1 << 24
+
+
+def layer_factors(
+    module: nn.Module, a: torch.Tensor, delta: torch.Tensor, which: set[str]
+) -> dict[str, Term]:
+    """{``weight``/``bias``: per-pair gradient term} of one call of ``module`` (float32)."""
+    B = a.shape[0]
+    if isinstance(module, nn.Linear):
+        d = flat_positions(delta).float()
+        out: dict[str, Term] = {}
+        if "weight" in which:
+            out["weight"] = Outer(d.transpose(1, 2), flat_positions(a).float().transpose(1, 2))
+        if "bias" in which:
+            out["bias"] = d.sum(dim=1)
+        return out
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        d = delta.reshape(B, delta.shape[1], -1).float()
+        out = {}
+        if "weight" in which:
+            out["weight"] = ConvOuter(module, a.float(), delta.float())
+        if "bias" in which:
+            out["bias"] = d.sum(dim=2)
+        return out
+    exact = layer_sample_grads(module, a, delta, which)
+    return {k: v.reshape(B, -1).float() for k, v in exact.items()}
+
+
+def term_pair_sq_norms(term: Term) -> torch.Tensor:
+    """(b,) squared Frobenius norms of the per-pair gradients: the ghost-norm identity when
+    S·(out + in) < out·in (cheaper), else the explicit products in blocks of pairs."""
+    if isinstance(term, ConvOuter):
+        m, b = term.module, term.a.shape[0]
+        s_in, s_out = term.a[0, 0].numel(), term.d[0, 0].numel()
+        k2 = m.kernel_size[0] * m.kernel_size[1]
+        ghost = s_in**2 * m.in_channels + s_out**2 * (m.out_channels + k2)
+        ghost = ghost < m.out_channels * m.in_channels * k2 * s_out
+        size = s_in**2 if ghost else m.weight.numel()
+        step = max(1, NORM_BLOCK_ELEMENTS // size)
+        parts = []
+        for s in range(0, b, step):
+            a, d = term.a[s : s + step], term.d[s : s + step]
+            if ghost:
+                parts.append(conv_ghost_sq_norms(m, a, d))
+            else:
+                g = ConvOuter(m, a, d).grouped_sums(a.shape[0])
+                parts.append(torch.linalg.vector_norm(g, dim=1).pow(2))
+        return torch.cat(parts)
+    if not isinstance(term, Outer):
+        return term.pow(2).sum(dim=1)
+    d, a = term.d, term.a
+    b, o, S = d.shape
+    i = a.shape[1]
+    if S * (o + i) < o * i:
+        dd = torch.bmm(d.transpose(1, 2), d)
+        aa = torch.bmm(a.transpose(1, 2), a)
+        return (dd * aa).sum(dim=(1, 2))
+    step = max(1, NORM_BLOCK_ELEMENTS // (o * i))
+    parts = []
+    for s in range(0, b, step):
+        g = torch.bmm(d[s : s + step], a[s : s + step].transpose(1, 2))
+        parts.append(torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).pow(2))
+    return torch.cat(parts)
+
+
+def _valid_outputs(u: int, stride: int, dilation: int, pad: int, n_in: int, n_out: int):
+    """Output positions [lo, hi) whose kernel tap u reads an input inside the image, and the
+    input position of the first (input = o·stride + u·dilation − pad)."""
+    lo = max(0, -(-(pad - u * dilation) // stride))
+    hi = min(n_out, (n_in - 1 - u * dilation + pad) // stride + 1)
+    return lo, hi, lo * stride + u * dilation - pad
+
+
+def conv_ghost_sq_norms(module: nn.Conv2d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """(b,) ‖∇_W f‖²_F of a convolution per pair without forming the gradient or patches:
+    ‖Σ_s d_s p_sᵀ‖² = Σ_{s,s'} (d_s·d_s')(p_s·p_s'), and the patches' inner products are sums
+    of the input's Gram matrix over the kernel taps u, p_s·p_s' = Σ_u a_{s+u}·a_{s'+u}
+    (taps outside the zero-padded image contribute nothing)."""
+    b, c, h, w = a.shape
+    o, ho, wo = d.shape[1:]
+    x = a.reshape(b, c, h * w)
+    gram = torch.bmm(x.transpose(1, 2), x).view(b, h, w, h, w)
+    p = gram.new_zeros(b, ho, wo, ho, wo)
+    (kh, kw), (sh, sw) = module.kernel_size, module.stride
+    (dh, dw), (ph, pw) = module.dilation, module.padding
+    for ui in range(kh):
+        ilo, ihi, i0 = _valid_outputs(ui, sh, dh, ph, h, ho)
+        if ihi <= ilo:
+            continue
+        si = slice(i0, i0 + sh * (ihi - ilo - 1) + 1, sh)
+        for uj in range(kw):
+            jlo, jhi, j0 = _valid_outputs(uj, sw, dw, pw, w, wo)
+            if jhi <= jlo:
+                continue
+            sj = slice(j0, j0 + sw * (jhi - jlo - 1) + 1, sw)
+            p[:, ilo:ihi, jlo:jhi, ilo:ihi, jlo:jhi] += gram[:, si, sj, si, sj]
+    y = d.reshape(b, o, ho * wo)
+    return (torch.bmm(y.transpose(1, 2), y) * p.view(b, ho * wo, ho * wo)).sum(dim=(1, 2))
+
+
+def _by_segment(x: torch.Tensor, segments: int) -> torch.Tensor:
+    """(b, C, S) → (segments, C, L·S), L = b / segments: a segment's positions side by side."""
+    b, c, s = x.shape
+    if segments == b:
+        return x
+    return x.reshape(segments, b // segments, c, s).transpose(1, 2).reshape(segments, c, -1)
+
+
+def term_segment_sums(
+    term: Term, segments: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(segments, d): Σ over each segment's pairs of w_pair · (per-pair gradient), the pairs of
+    segment j being rows j·L … (j+1)·L − 1; one batched product for a factored term."""
+    if isinstance(term, ConvOuter):
+        d = term.d if weights is None else term.d * weights.view(-1, *[1] * (term.d.dim() - 1))
+        return ConvOuter(term.module, term.a, d).grouped_sums(segments)
+    if not isinstance(term, Outer):
+        v = term if weights is None else term * weights[:, None]
+        return v.reshape(segments, -1, v.shape[1]).sum(dim=1)
+    d = term.d if weights is None else term.d * weights[:, None, None]
+    g = torch.bmm(_by_segment(d, segments), _by_segment(term.a, segments).transpose(1, 2))
+    return g.reshape(segments, -1)
+
+
+def _materialised(term: Term) -> torch.Tensor:
+    if isinstance(term, ConvOuter):
+        return term.grouped_sums(term.a.shape[0])
+    if isinstance(term, Outer):
+        g = torch.bmm(term.d, term.a.transpose(1, 2))
+        return g.reshape(g.shape[0], -1)
+    return term
+
+
+def segment_sample_grads(
+    plan: list[HookedLayer],
+    total: torch.Tensor,
+    batch: int,
+    segments: int,
+    emit: Callable[[str, torch.Tensor], None],
+    normalize: bool,
+    factors: Callable | None = None,
+) -> torch.Tensor | None:
+    """Backpropagate ``total`` to the recorded layer outputs and hand ``emit(name, G)`` the
+    per-segment sums G (segments, d) = Σ_{pairs j of the segment} w_j g_j of every parameter,
+    for ``batch`` pairs in ``segments`` equal consecutive segments; w_j = 1/‖g_j‖ (the pair's
+    gradient over all planned parameters) when ``normalize``, else 1.
+
+    ``factors(index, module, a, delta, which)`` gives a layer call's terms (default
+    :func:`layer_factors`; logra passes its projected factors). Returns the (batch,) pair
+    norms when ``normalize`` (the caller checks them for NaN/Inf), else None. A parameter the
+    pass never reached gets no ``emit``.
+    """
+    check_per_sample(plan, batch)
+    outputs = [o for layer in plan for o in layer.outputs]
+    deltas = torch.autograd.grad(total, outputs, allow_unused=True)
+    terms: list[tuple[str, Term]] = []
+    i = 0
+    for index, layer in enumerate(plan):
+        which = set(layer.params)
+        calls = []
+        for a, o in zip(layer.inputs, layer.outputs, strict=True):
+            delta = deltas[i]
+            i += 1
+            if delta is None:
+                delta = torch.zeros_like(o)
+            if factors is None:
+                calls.append(layer_factors(layer.module, a, delta, which))
+            else:
+                calls.append(factors(index, layer.module, a, delta, which))
+        if len(calls) == 1:
+            terms += [(layer.params[k], t) for k, t in calls[0].items()]
+        elif calls:  # a layer called more than once: its pair gradient is the sum of calls
+            for k in calls[0]:
+                terms.append((layer.params[k], sum(_materialised(c[k]) for c in calls)))
+    weights = norms = None
+    if normalize:
+        sq = torch.zeros(batch, dtype=torch.float32, device=total.device)
+        for _, term in terms:
+            sq += term_pair_sq_norms(term)
+        norms = sq.sqrt()
+        if not torch.isfinite(norms).all():
+            return norms
+        weights = 1.0 / norms.clamp_min(1e-30)
+    for name, term in terms:
+        emit(name, term_segment_sums(term, segments, weights))
+    return norms
+
+
+def check_per_sample(plan: list[HookedLayer], batch: int) -> None:
+    """ConfigError unless every recorded call has one row per pair of the batch."""
+    for layer in plan:
+        for a, o in zip(layer.inputs, layer.outputs, strict=True):
+            if a.dim() < 2 or a.shape[0] != batch or o.shape[0] != batch:
+                name = next(iter(layer.params.values())).rpartition(".")[0] or "the model"
+                raise ConfigError(
+                    f"layer {name} was called on an input of shape {tuple(a.shape)}, not one "
+                    f"row per sample of the batch of {batch}",
+                    hint="use gradient strategy 'vmap' for this model",
+                )
+
+
+def recorded_bytes_per_pair(plan: list[HookedLayer], batch: int) -> int:
+    """Bytes the recorded calls of a ``batch``-pair pass hold per pair as float32 factors:
+    inputs (twice: the grouped weight-gradient call regroups them) and outputs with their
+    gradients (three times: output, gradient, regrouped gradient)."""
+    n = 0
+    for layer in plan:
+        for a, o in zip(layer.inputs, layer.outputs, strict=True):
+            n += 2 * a.numel() + 3 * o.numel()
+    return 4 * n // max(1, batch)

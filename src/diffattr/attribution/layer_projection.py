@@ -30,6 +30,8 @@ from torch import nn
 
 from diffattr.attribution.layer_grads import (
     HookedLayer,
+    Outer,
+    Term,
     conv_patches,
     flat_positions,
     layer_sample_grads,
@@ -135,6 +137,30 @@ class LayerProjector:
         if "weight" in which:
             cols = self._projected_inputs(module, a, p_in)  # (B, k_i, L)
             out["weight"] = torch.bmm(d, cols.transpose(1, 2)).reshape(B, -1)
+        if "bias" in which:
+            out["bias"] = d.sum(dim=2)
+        return out
+
+    def layer_factors(
+        self, index: int, module: nn.Module, a: torch.Tensor, delta: torch.Tensor, which: set[str]
+    ) -> dict[str, Term]:
+        """The projected per-pair gradients of one call of layer ``index`` as terms
+        (:func:`~diffattr.attribution.layer_grads.segment_sample_grads`): φ_W = Σ_s (P_out δ_s)
+        (P_in a_s)ᵀ factored, φ_b and norm-layer vectors explicit."""
+        mats = self.matrices[index]
+        B = a.shape[0]
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            exact = layer_sample_grads(module, a, delta, which)
+            return {k: _right(v.float(), mats[k]) for k, v in exact.items()}
+        p_out, p_in = mats["out"], mats.get("in")
+        if isinstance(module, nn.Conv2d):
+            d = delta.reshape(B, delta.shape[1], -1).float()  # (B, out, L)
+        else:
+            d = flat_positions(delta).float().transpose(1, 2)  # (B, out, S)
+        d = d if p_out is None else torch.matmul(p_out, d)  # (B, k_o, L)
+        out: dict[str, Term] = {}
+        if "weight" in which:
+            out["weight"] = Outer(d, self._projected_inputs(module, a, p_in))
         if "bias" in which:
             out["bias"] = d.sum(dim=2)
         return out
