@@ -422,5 +422,5 @@ def test_uint8_png_and_grid(tmp_path: Path) -> None:
 def test_a_resize_that_would_not_fit_in_memory_is_refused_before_allocating():
     from diffattr.data import load_dataset
 
-    with pytest.raises(DataError, match="more than half of this machine"):
+    with pytest.raises(DataError, match="more than an eighth of this machine"):
         load_dataset("digits", size=100_000)  # 1797 × 100,000² floats: ~72 TB
