@@ -19,7 +19,7 @@ callers then fall back to ``vmap``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -171,18 +171,10 @@ def assemble_sample_grads(
     Every recorded call must be per sample (leading dimension ``batch``): a layer applied to
     something shared by the batch has no per-sample gradient this way (ConfigError).
     """
-    check_per_sample(plan, batch)
-    outputs = [o for layer in plan for o in layer.outputs]
-    deltas = torch.autograd.grad(total, outputs, allow_unused=True)
     grads: dict[str, torch.Tensor] = {}
-    i = 0
-    for index, layer in enumerate(plan):
+    for index, layer, calls in layer_calls(plan, total, batch):
         which = set(layer.params)
-        for a, o in zip(layer.inputs, layer.outputs, strict=True):
-            delta = deltas[i]
-            i += 1
-            if delta is None:
-                delta = torch.zeros_like(o)
+        for a, delta in calls:
             if projector is None:
                 parts = layer_sample_grads(layer.module, a, delta, which)
             else:
@@ -191,6 +183,23 @@ def assemble_sample_grads(
                 name = layer.params[local]
                 grads[name] = grads[name] + g if name in grads else g
     return grads
+
+
+def layer_calls(
+    plan: list[HookedLayer], total: torch.Tensor, batch: int
+) -> Iterator[tuple[int, HookedLayer, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """(index, layer, [(input a, output gradient δ) of each recorded call]) for every planned
+    layer, δ = ∂total/∂output (zeros where the output did not reach ``total``); checks first
+    that every call has one row per pair of the ``batch``."""
+    check_per_sample(plan, batch)
+    outputs = [o for layer in plan for o in layer.outputs]
+    deltas = iter(torch.autograd.grad(total, outputs, allow_unused=True))
+    for index, layer in enumerate(plan):
+        calls = []
+        for a, o in zip(layer.inputs, layer.outputs, strict=True):
+            delta = next(deltas)
+            calls.append((a, torch.zeros_like(o) if delta is None else delta))
+        yield index, layer, calls
 
 
 # --- Per-sample sums over a sample's pairs, contracted inside each layer's product -----------
@@ -372,7 +381,8 @@ def term_segment_sums(
     return g.reshape(segments, -1)
 
 
-def _materialised(term: Term) -> torch.Tensor:
+def materialised(term: Term) -> torch.Tensor:
+    """(b, d): a term's per-pair gradients, formed."""
     if isinstance(term, ConvOuter):
         return term.grouped_sums(term.a.shape[0])
     if isinstance(term, Outer):
@@ -400,28 +410,20 @@ def segment_sample_grads(
     norms when ``normalize`` (the caller checks them for NaN/Inf), else None. A parameter the
     pass never reached gets no ``emit``.
     """
-    check_per_sample(plan, batch)
-    outputs = [o for layer in plan for o in layer.outputs]
-    deltas = torch.autograd.grad(total, outputs, allow_unused=True)
     terms: list[tuple[str, Term]] = []
-    i = 0
-    for index, layer in enumerate(plan):
+    for index, layer, recorded in layer_calls(plan, total, batch):
         which = set(layer.params)
-        calls = []
-        for a, o in zip(layer.inputs, layer.outputs, strict=True):
-            delta = deltas[i]
-            i += 1
-            if delta is None:
-                delta = torch.zeros_like(o)
-            if factors is None:
-                calls.append(layer_factors(layer.module, a, delta, which))
-            else:
-                calls.append(factors(index, layer.module, a, delta, which))
+        calls = [
+            layer_factors(layer.module, a, delta, which)
+            if factors is None
+            else factors(index, layer.module, a, delta, which)
+            for a, delta in recorded
+        ]
         if len(calls) == 1:
             terms += [(layer.params[k], t) for k, t in calls[0].items()]
         elif calls:  # a layer called more than once: its pair gradient is the sum of calls
             for k in calls[0]:
-                terms.append((layer.params[k], sum(_materialised(c[k]) for c in calls)))
+                terms.append((layer.params[k], sum(materialised(c[k]) for c in calls)))
     weights = norms = None
     if normalize:
         sq = torch.zeros(batch, dtype=torch.float32, device=total.device)

@@ -35,6 +35,7 @@ from diffattr.attribution.layer_grads import (
     conv_patches,
     flat_positions,
     layer_sample_grads,
+    materialised,
 )
 from diffattr.errors import ConfigError
 from diffattr.seeding import generator
@@ -121,25 +122,10 @@ class LayerProjector:
     def layer_features(
         self, index: int, module: nn.Module, a: torch.Tensor, delta: torch.Tensor, which: set[str]
     ) -> dict[str, torch.Tensor]:
-        """Projected per-sample gradients {local name: (B, d)} of one call of layer ``index``."""
-        mats = self.matrices[index]
-        B = a.shape[0]
-        if not isinstance(module, nn.Linear | nn.Conv2d):
-            exact = layer_sample_grads(module, a, delta, which)
-            return {k: _right(v.float(), mats[k]) for k, v in exact.items()}
-        p_out, p_in = mats["out"], mats.get("in")
-        if isinstance(module, nn.Conv2d):
-            d = delta.reshape(B, delta.shape[1], -1).float()  # (B, out, L)
-        else:
-            d = flat_positions(delta).float().transpose(1, 2)  # (B, out, S)
-        d = d if p_out is None else torch.matmul(p_out, d)  # (B, k_o, L)
-        out: dict[str, torch.Tensor] = {}
-        if "weight" in which:
-            cols = self._projected_inputs(module, a, p_in)  # (B, k_i, L)
-            out["weight"] = torch.bmm(d, cols.transpose(1, 2)).reshape(B, -1)
-        if "bias" in which:
-            out["bias"] = d.sum(dim=2)
-        return out
+        """Projected per-sample gradients {local name: (B, d)} of one call of layer ``index``
+        (:meth:`layer_factors`, each formed)."""
+        terms = self.layer_factors(index, module, a, delta, which)
+        return {k: materialised(t) for k, t in terms.items()}
 
     def layer_factors(
         self, index: int, module: nn.Module, a: torch.Tensor, delta: torch.Tensor, which: set[str]
