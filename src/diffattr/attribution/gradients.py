@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -427,6 +428,26 @@ class GradientComputer:
             raise
         return grads, err, res
 
+    @contextmanager
+    def _batched_pass(self, record: bool) -> Iterator[None]:
+        """One ordinary batched forward and backward pass: this strategy's attention,
+        gradients on, the planned layers' calls recorded when ``record``; an unsupported
+        gradient dtype becomes a ConfigError."""
+        self._use_attention()
+        try:
+            with torch.enable_grad(), recording(self._plan) if record else nullcontext():
+                yield
+        except (RuntimeError, NotImplementedError) as exc:
+            self._dtype_error(exc)
+            raise
+
+    def _measured(self, params, xt, t, target, ab, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model output y (float32), per-pair measure values f(y, target, ᾱ_t)) of a batch of
+        pairs under ``params``."""
+        args = self._model_args(xt, t, cond)
+        out = functional_call(self.model, (params, self.fixed), args).sample.float()
+        return out, vmap(self.measure)(out, target, ab)
+
     def _model_args(self, xt, t, cond) -> tuple[torch.Tensor, ...]:
         """The model's inputs for a batch of pairs: (x_t, t) or (x_t, t, conditioning)."""
         return (xt.to(self.dtype), t) if cond is None else (xt.to(self.dtype), t, cond)
@@ -443,18 +464,11 @@ class GradientComputer:
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """The same as :meth:`param_grads`, assembled per layer from one batched forward and
         backward pass (:mod:`diffattr.attribution.layer_grads`)."""
-        args = self._model_args(xt, t, cond)
-        self._use_attention()
-        try:
-            with torch.enable_grad(), recording(self._plan):
-                out = functional_call(self.model, (self.params, self.fixed), args).sample.float()
-                values = vmap(self.measure)(out, noise, ab)
-                grads = assemble_sample_grads(
-                    self._plan, values.sum(), xt.shape[0], self.layer_projector
-                )
-        except (RuntimeError, NotImplementedError) as exc:
-            self._dtype_error(exc)
-            raise
+        with self._batched_pass(record=True):
+            out, values = self._measured(self.params, xt, t, noise, ab, cond)
+            grads = assemble_sample_grads(
+                self._plan, values.sum(), xt.shape[0], self.layer_projector
+            )
         b = xt.shape[0]
         for n, p in self.params.items():  # a layer the forward pass never reached
             if n not in grads:
@@ -493,16 +507,9 @@ class GradientComputer:
         """(1, p) gradient of Σ_pairs f over a micro-batch of pairs by one ordinary backward
         pass, plus the per-pair (error, residual)."""
         params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
-        args = self._model_args(xt, t, cond)
-        self._use_attention()
-        try:
-            with torch.enable_grad():
-                out = functional_call(self.model, (params, self.fixed), args).sample.float()
-                values = vmap(self.measure)(out, noise, ab)
-                grads = torch.autograd.grad(values.sum(), list(params.values()))
-        except (RuntimeError, NotImplementedError) as exc:
-            self._dtype_error(exc)
-            raise
+        with self._batched_pass(record=False):
+            out, values = self._measured(params, xt, t, noise, ab, cond)
+            grads = torch.autograd.grad(values.sum(), list(params.values()))
         flat = torch.cat([g.reshape(1, -1).float() for g in grads], dim=1)
         return flat, *self._error_residual(out, noise)
 
@@ -529,19 +536,12 @@ class GradientComputer:
             block.narrow(1, self._offsets[name], g.shape[1]).add_(g)
             sums.add_(g.sum(dim=1))  # NaN/Inf check without another pass over the block
 
-        args = self._model_args(xt, t, c)
-        self._use_attention()
-        try:
-            with torch.enable_grad(), recording(self._plan):
-                y = functional_call(self.model, (self.params, self.fixed), args).sample.float()
-                values = vmap(self.measure)(y, target, ab)
-                norms = segment_sample_grads(
-                    self._plan, values.sum(), xt.shape[0], segments, emit, self.normalize,
-                    None if self.layer_projector is None else self.layer_projector.layer_factors,
-                )  # fmt: skip
-        except (RuntimeError, NotImplementedError) as exc:
-            self._dtype_error(exc)
-            raise
+        with self._batched_pass(record=True):
+            y, values = self._measured(self.params, xt, t, target, ab, c)
+            norms = segment_sample_grads(
+                self._plan, values.sum(), xt.shape[0], segments, emit, self.normalize,
+                None if self.layer_projector is None else self.layer_projector.layer_factors,
+            )  # fmt: skip
         if norms is not None:
             bad = ~torch.isfinite(norms).cpu()
             bad_rows = rows[bad]
