@@ -45,20 +45,25 @@ def check_weights(unet_dir: Path, allow_pickle: bool) -> list[Path]:
     pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES]
     if not files:
         raise CheckpointError(f"{unet_dir} holds no model weights (.safetensors)")
-    if pickled and not safe and not allow_pickle:
+    if not safe:
+        refuse_pickle(pickled[0], allow_pickle)
+    return safe or pickled
+
+
+def refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    """A :class:`CheckpointError` for a pickle-based weight file unless ``allow_pickle``."""
+    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise CheckpointError(
-            f"{pickled[0]} is a pickle-based weight file: loading it runs code from whoever "
-            "wrote it",
+            f"{path} is a pickle-based weight file: loading it runs code from whoever wrote it",
             hint="convert it to safetensors, or pass --allow-pickle if you trust its source",
         )
-    return safe or pickled
 
 
 def fingerprint_files(files: list[Path]) -> str:
     """sha256 over the names and bytes of ``files`` (computed once per process while no
     file's size or modification time changes)."""
-    stamp = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    return _fingerprint(stamp)
+    stats = [(p, p.stat()) for p in files]
+    return _fingerprint(tuple((str(p.resolve()), s.st_size, s.st_mtime_ns) for p, s in stats))
 
 
 @functools.lru_cache(maxsize=64)

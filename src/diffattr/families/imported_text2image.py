@@ -26,10 +26,10 @@ import torch
 
 from diffattr.errors import CheckpointError, ConfigError, DiffattrError
 from diffattr.families.imported import (
-    PICKLE_SUFFIXES,
     check_weights,
     fingerprint_files,
     recorded_training,
+    refuse_pickle,
 )
 from diffattr.families.text2image import TextToImageFamily
 from diffattr.run import RunDir
@@ -45,29 +45,20 @@ WEIGHT_PARTS = ("unet", "vae", "text_encoder")
 def find_lora(pipeline: Path, lora: Path | None, allow_pickle: bool) -> Path | None:
     """The LoRA weight file: ``lora`` (a file, or a folder holding one of
     :data:`LORA_WEIGHT_NAMES`), else one in the pipeline folder itself, else None."""
-    if lora is None:
-        folder, required = pipeline, False
-    elif lora.is_dir():
-        folder, required = lora, True
-    elif lora.is_file():
-        folder, required = None, True
-    else:
+    if lora is not None and not lora.exists():
         raise CheckpointError(f"LoRA weights {lora} do not exist")
     found = lora
-    if folder is not None:
+    if lora is None or lora.is_dir():
+        folder = lora or pipeline
         found = next((folder / n for n in LORA_WEIGHT_NAMES if (folder / n).is_file()), None)
-        if found is None:
-            if required:
-                raise CheckpointError(
-                    f"{folder} holds no LoRA weights ({' or '.join(LORA_WEIGHT_NAMES)})",
-                    hint="pass --lora FILE: the weights your LoRA training saved",
-                )
+        if found is None and lora is None:
             return None
-    if found.suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise CheckpointError(
-            f"{found} is a pickle-based weight file: loading it runs code from whoever wrote it",
-            hint="convert it to safetensors, or pass --allow-pickle if you trust its source",
-        )
+        if found is None:
+            raise CheckpointError(
+                f"{folder} holds no LoRA weights ({' or '.join(LORA_WEIGHT_NAMES)})",
+                hint="pass --lora FILE: the weights your LoRA training saved",
+            )
+    refuse_pickle(found, allow_pickle)
     return found
 
 
@@ -212,7 +203,10 @@ class ImportedTextToImageFamily(TextToImageFamily):
             self.base(run), unet=False, schedule=self.schedule(run),
             safetensors_only=not src.get("allow_pickle", False),
         )  # fmt: skip
-        return replace(comps, unet=self.model(run)) if unet else comps
+        if not unet:
+            return comps
+        lora, allow_pickle = self.lora(run), src.get("allow_pickle", False)
+        return replace(comps, unet=load_unet(self.base(run), lora, allow_pickle))
 
     def model(self, run: RunDir) -> torch.nn.Module:
         """The pipeline's UNet, with the imported LoRA adapters when there are some."""
