@@ -10,7 +10,8 @@ over K timesteps (unnormalised), then projected to k dimensions.
 - diffattr: ``GradientComputer.compute`` on featurize batches (``batch`` samples, split into
   micro-batches of (sample, timestep) pairs chosen by the library, as ``featurize`` does), then
   the projector on each featurize batch, exactly the inner loop of ``featurize`` (without the
-  store writes).
+  store writes); the gradients are written into an output allocated before timing
+  (``compute(out=…)``; featurize reuses one buffer per call), the peers allocate theirs.
 - traker: ``FunctionalGradientComputer`` with a model-output function that averages the loss
   over the sample's K timesteps (so one gradient per sample, as in a ``TRAKer.featurize`` call),
   on calls of ``micro_batch`` pairs, flattened with ``NoOpProjector``; then its CPU
@@ -51,8 +52,9 @@ median over the repetitions is reported. Threads: torch.set_num_threads(2).
 
 Hardware fraction: the FLOPs of one (sample, timestep) gradient — a forward and a backward
 pass at batch 1, counted by ``torch.utils.flop_counter.FlopCounterMode`` — times diffattr's
-gradient rate, over the fp32 matmul rate measured in the same run (for logra, which does less
-work than a full gradient, this is an effective rate and can exceed 100%).
+gradient rate, over the fp32 matmul rate (2048×2048) timed in the same interleaved rounds as
+the gradients (so both see the same load on a shared machine). For logra, which does less work
+than a full gradient, this is an effective rate and can exceed 100%.
 """
 
 from __future__ import annotations
@@ -154,6 +156,8 @@ def timed(fns: dict, reps: int) -> tuple[dict, dict, dict]:
             t0 = time.perf_counter()
             out[key] = fn()
             times[key].append(time.perf_counter() - t0)
+    spread = ", ".join(f"{key}: " + "/".join(f"{t:.3f}" for t in ts) for key, ts in times.items())
+    print(f"    repetitions (s): {spread}", flush=True)
     return warm, {key: statistics.median(t) for key, t in times.items()}, out
 
 
@@ -161,6 +165,22 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     sec = timed({"mm": lambda: a @ b}, reps)[1]["mm"]
     return 2 * n**3 / sec / 1e9
+
+
+#: fp32 matmuls of 2048×2048 per round of the matmul side timed with a case's gradients.
+ROUND_MATMULS = 4
+
+
+def matmul_side(n: int = 2048) -> tuple[Callable[[], None], Callable[[float], float]]:
+    """A function to time in the same interleaved rounds as a case's gradient sides (so the
+    hardware fraction's denominator sees the same load), and its seconds → GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def run() -> None:
+        for _ in range(ROUND_MATMULS):
+            torch.mm(a, b)
+
+    return run, lambda sec: ROUND_MATMULS * 2 * n**3 / sec / 1e9
 
 
 def project_all(proj, grads: list[torch.Tensor], traker: bool) -> list[torch.Tensor]:
@@ -215,8 +235,15 @@ def run_case(
     p = ours_gc.dim
     log(f"[{case.preset}] p={p:,}  {case.samples} samples x {K} timesteps  k={case.k}")
 
+    # diffattr writes each featurize batch's gradients into an output it is given (featurize
+    # reuses one buffer); here one (N, p) block allocated before timing, so the timed passes
+    # do not include the kernel mapping fresh pages for every batch's output. The peers'
+    # APIs allocate their outputs per call.
+    ours_out = torch.zeros(case.samples, p)
+
     def ours_grads() -> list[torch.Tensor]:
-        return [ours_gc.compute(images[sl], ids[sl])[0] for sl in batches(case.samples, case.batch)]
+        return [ours_gc.compute(images[sl], ids[sl], out=ours_out[sl])[0]
+                for sl in batches(case.samples, case.batch)]  # fmt: skip
 
     logra_gc = GradientComputer(
         model, parse_measure("loss"), schedule, spec, noise_seed=NOISE_SEED, normalize=False,
@@ -294,10 +321,13 @@ def run_case(
     traker_dense = BasicProjector(p, case.k, 0, "rademacher", "cpu", block_size=block)
     traker_proj = {"identity": NoOpProjector(device="cpu"), "dense": traker_dense}
 
+    matmul_run, matmul_rate = matmul_side()
     grad_sides = {"ours": ours_grads, "ours-logra": logra_features, "traker": traker_grads}
     if dattri_grad_fn is not None:
         grad_sides["dattri"] = dattri_grads
-    grad_warm, grad_t, grads = timed(grad_sides, reps)
+    grad_warm, grad_t, grads = timed({**grad_sides, "matmul": matmul_run}, reps)
+    case_gflops = matmul_rate(grad_t["matmul"])
+    log(f"  fp32 matmul in the same rounds: {case_gflops:.1f} GFLOP/s")
     for side in grad_sides:
         log(f"  {side:6s} gradients: {grad_t[side]:8.3f} s  (first pass {grad_warm[side]:.2f} s)")
     ours_all, traker_all = torch.cat(grads["ours"]), torch.cat(grads["traker"])
@@ -364,6 +394,7 @@ def run_case(
                 "dattri_rate": dattri_rate,
                 "ratio": ours_rate / best_peer,
                 "flops": flops,
+                "gflops": case_gflops,
                 "grad_rate": work / grad_s,
             }
         )
@@ -371,6 +402,9 @@ def run_case(
         f"{case.preset}: first (warm-up) gradient pass {warmups['ours']:.2f} s ours, "
         f"{warmups['traker']:.2f} s traker; unprojected gradients of the two sides differ by "
         f"max|Δ|/max|g| = {warmups['maxdiff']:.1e}; featurize batch {case.batch} samples, "
+        f"diffattr's gradients written into an (N, p) output allocated before timing "
+        f"(GradientComputer.compute(out=…); featurize reuses one buffer the same way), the "
+        f"peers' allocated per call; "
         f"peers' gradient calls {case.micro_batch} pairs, diffattr's chosen by the library "
         f"({pass_pairs(ours_gc, case)}), traker BasicProjector block_size {block}; "
         f"diffattr gradient strategy {ours_gc.strategy!r}; one gradient = {flops / 1e9:.3f} GFLOP"
@@ -424,7 +458,10 @@ def strategy_rows(
                           for sl in batches(case.samples, case.batch)])  # fmt: skip
 
     fns = {key: partial(run, gc) for key, gc in computers.items()}
-    _, sec, out = timed(fns, reps)
+    matmul_run, matmul_rate = matmul_side()
+    _, sec, out = timed({**fns, "matmul": matmul_run}, reps)
+    gflops = matmul_rate(sec.pop("matmul"))
+    out.pop("matmul")
     rows = []
     for (normalize, strategy), t in sec.items():
         ref = out[(normalize, "vmap")]
@@ -433,7 +470,7 @@ def strategy_rows(
         rows.append(
             {"preset": case.preset, "normalize": normalize, "strategy": strategy, "sec": t,
              "vs_vmap": t / sec[(normalize, "vmap")], "maxdiff": diff,
-             "rate": case.samples * case.timesteps / t}
+             "rate": case.samples * case.timesteps / t, "gflops": gflops}
         )  # fmt: skip
         log(f"  strategy {strategy:8s} normalise={normalize!s:5s}: {t:8.3f} s")
     del out
@@ -700,14 +737,14 @@ def work_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def strategy_table(rows: list[dict], flops: dict[str, int], gflops: float) -> str:
+def strategy_table(rows: list[dict], flops: dict[str, int]) -> str:
     lines = [
         "| preset | features | strategy | gradient s | time ÷ vmap's | per-sample grads/s "
         "| gradient FLOP/s ÷ matmul FLOP/s | max|Δ|/max|g| vs vmap |",
         "|" + "---|" * 8,
     ]
     for r in rows:
-        frac = r["rate"] * flops[r["preset"]] / (gflops * 1e9)
+        frac = r["rate"] * flops[r["preset"]] / (r["gflops"] * 1e9)
         lines.append(
             f"| {r['preset']} | {'normalised' if r['normalize'] else 'unnormalised'} "
             f"| {r['strategy']} | {r['sec']:.3f} | {r['vs_vmap']:.2f} | {r['rate']:.2f} "
@@ -717,7 +754,7 @@ def strategy_table(rows: list[dict], flops: dict[str, int], gflops: float) -> st
     return "\n".join(lines)
 
 
-def table(rows: list[dict], gflops: float) -> str:
+def table(rows: list[dict]) -> str:
     head = (
         "| preset | params | samples×t | diffattr projection | peers' projection "
         "| diffattr grad s | diffattr proj s | traker grad s | traker proj s "
@@ -727,7 +764,7 @@ def table(rows: list[dict], gflops: float) -> str:
     )
     lines = [head, "|" + "---|" * 16]
     for r in rows:
-        frac = r["grad_rate"] * r["flops"] / (gflops * 1e9)
+        frac = r["grad_rate"] * r["flops"] / (r["gflops"] * 1e9)
         lines.append(
             f"| {r['preset']} | {r['params']:,} | {r['work']} | {r['ours_projection']} "
             f"| {r['traker_projection']} | {r['ours_grad']:.3f} | {r['ours_proj']:.3f} "
@@ -737,6 +774,16 @@ def table(rows: list[dict], gflops: float) -> str:
             f"| {100 * frac:.0f}% |"
         )
     return "\n".join(lines)
+
+
+def matmul_rates(rows: list[dict], srows: list[dict]) -> dict[str, float]:
+    """{table: its matmul GFLOP/s} (one per preset's gradient and strategy rounds)."""
+    out = {}
+    for r in rows:
+        out[f"{r['preset'].split()[0]} gradients"] = r["gflops"]
+    for r in srows:
+        out[f"{r['preset']} strategies"] = r["gflops"]
+    return out
 
 
 def dattri_version() -> str:
@@ -810,20 +857,24 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"torch.set_num_threads({THREADS}); fp32 matmul 2048×2048: {gflops:.1f} GFLOP/s "
-            f"before the run, {gflops_end:.1f} GFLOP/s after it (a drop means other load). "
+            f"before the run, {gflops_end:.1f} GFLOP/s after it (a lower figure means other "
+            f"load); each table's fractions divide by the rate of {ROUND_MATMULS} such matmuls "
+            f"timed in the same interleaved rounds as its gradients: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in matmul_rates(rows, srows).items())
+            + " GFLOP/s. "
             f"torch {torch.__version__}, traker {version('traker')}, dattri {dattri_version()}. "
             f"Mode {mode}, cases {','.join(chosen)}; median of {reps} timed repetitions after "
             f"one warm-up (digits8: one run each); total wall time {elapsed:.0f} s.",
             "",
             *(
                 [
-                    table(rows, (gflops + gflops_end) / 2),
+                    table(rows),
                     "",
                     "diffattr's gradient strategies on the same work (unnormalised: the peers' "
                     "quantity; normalised per timestep: diffattr's default features), timed in the "
                     "same rounds:",
                     "",
-                    strategy_table(srows, flops, (gflops + gflops_end) / 2),
+                    strategy_table(srows, flops),
                     "",
                 ]
                 if rows

@@ -125,11 +125,16 @@ def test_bf16_gradients_give_their_own_store_and_close_scores(setup):
     assert min(corr) > 0.95, corr
 
 
-def test_large_batches_are_featurized_in_groups(setup, monkeypatch):
+@pytest.mark.parametrize("projector", ["countsketch", "identity"])
+def test_large_batches_are_featurized_in_groups(setup, monkeypatch, projector):
+    """Groups of a batch give the rows of one whole batch; with the identity projector every
+    group's features are the reused gradient buffer itself, so each must be copied out
+    before the next group overwrites it."""
     from diffattr.attribution import featurize as featurize_module
 
     model, train, _, tmp = setup
-    settings = FeatureSettings(timesteps=1, projector="countsketch", proj_dim=64)
+    dim = 64 if projector == "countsketch" else None
+    settings = FeatureSettings(timesteps=1, projector=projector, proj_dim=dim)
     whole = Attributor(model, train, tmp / "a", settings=settings, progress=False).featurize()
     p = sum(q.numel() for q in model.parameters())
     monkeypatch.setattr(featurize_module, "GRADIENT_BLOCK_BYTES", 4 * p * 5)  # 5 samples

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from diffattr.allocator import keep_freed_memory
 from diffattr.attribution.layer_grads import (
     SUPPORTED_DESCRIPTION,
     assemble_sample_grads,
@@ -200,7 +201,8 @@ class GradientComputer:
     from memory (:meth:`layer_pairs`) and the others use DEFAULT_MICRO_BATCH.
     ``dtype``: precision of the forward and backward passes (a cast copy of the parameters;
     the model itself is not changed). The measure, the gradients handed out, their norms and
-    the timestep average are float32 whatever ``dtype``.
+    the timestep average are float32 whatever ``dtype``. Building one lets the C allocator
+    keep freed memory for the process's later passes (:mod:`diffattr.allocator`).
     """
 
     def __init__(
@@ -224,6 +226,7 @@ class GradientComputer:
                 f"unknown gradient strategy {strategy!r}",
                 hint=f"choose from {', '.join(GRADIENT_STRATEGIES)}",
             )
+        keep_freed_memory()  # a pass's same-sized temporaries reuse memory, not fresh pages
         self.model = model.to(device).eval()
         self.measure, self.schedule, self.timesteps = measure, schedule, timesteps
         self.noise_seed, self.normalize = noise_seed, normalize
@@ -520,20 +523,29 @@ class GradientComputer:
         segments: int,
         ids: np.ndarray,
         cond: torch.Tensor | None,
+        overwrite: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """out[sample] += Σ_t w_t g(sample, t) over a micro-batch of whole segments
+        """out[sample] += (1/K) Σ_t w_t g(sample, t) over a micro-batch of whole segments
         (:meth:`segment_batches`), each layer's sum one batched product over the segments'
         timesteps × positions (:func:`~diffattr.attribution.layer_grads.segment_sample_grads`);
-        w_t = 1/‖g‖ when normalising. Returns the per-pair (error, residual)."""
+        w_t = 1/‖g‖ when normalising; with ``overwrite`` (the segments are whole samples)
+        out[sample] = … instead, so ``out`` need not be zeroed first. Returns the per-pair
+        (error, residual)."""
         rows, xt, t, target, ab = batch
         c = None if cond is None else cond[rows].to(self.device, self.dtype)
         first = int(rows[0])
         block = out.narrow(0, first, segments)
 
         sums = torch.zeros(segments, dtype=torch.float32, device=out.device)
+        unwritten = set(self.params)
 
         def emit(name: str, g: torch.Tensor) -> None:
-            block.narrow(1, self._offsets[name], g.shape[1]).add_(g)
+            cols = block.narrow(1, self._offsets[name], g.shape[1])
+            if overwrite:
+                cols.copy_(g)
+            else:
+                cols.add_(g)
+            unwritten.discard(name)
             sums.add_(g.sum(dim=1))  # NaN/Inf check without another pass over the block
 
         with self._batched_pass(record=True):
@@ -541,7 +553,11 @@ class GradientComputer:
             norms = segment_sample_grads(
                 self._plan, values.sum(), xt.shape[0], segments, emit, self.normalize,
                 None if self.layer_projector is None else self.layer_projector.layer_factors,
+                scale=1.0 / self.timesteps.num,
             )  # fmt: skip
+        if overwrite:  # a parameter the pass never reached has a zero gradient
+            for name in unwritten:
+                block.narrow(1, self._offsets[name], self.out_dims[name]).zero_()
         if norms is not None:
             bad = ~torch.isfinite(norms).cpu()
             bad_rows = rows[bad]
@@ -555,6 +571,26 @@ class GradientComputer:
             )
         return self._error_residual(y, target)
 
+    def output_block(
+        self, rows: int, buffer: torch.Tensor | None = None, zeroed: bool = True
+    ) -> torch.Tensor:
+        """A (rows, p) float32 block, zeroed unless ``zeroed`` is False (every element is then
+        written before it is read): a view of ``buffer`` when given (ConfigError if it is too
+        small or not float32 on this device), else a new tensor."""
+        if buffer is None:
+            make = torch.zeros if zeroed else torch.empty
+            return make(rows, self.dim, dtype=torch.float32, device=self.device)
+        n = rows * self.dim
+        if (buffer.dtype != torch.float32 or buffer.device != self.device
+                or buffer.numel() < n or not buffer.is_contiguous()):  # fmt: skip
+            raise ConfigError(
+                f"gradient output buffer of {buffer.numel()} {buffer.dtype} elements on "
+                f"{buffer.device} cannot hold {rows}×{self.dim} float32 on {self.device}",
+                hint="pass a contiguous float32 tensor on the computer's device",
+            )
+        block = buffer.view(-1)[:n].view(rows, self.dim)
+        return block.zero_() if zeroed else block
+
     def _dtype_error(self, exc: BaseException) -> None:
         """Raise a ConfigError when ``exc`` says the gradient dtype is unsupported here."""
         if self.dtype == torch.float32 or "not implemented for" not in str(exc):
@@ -566,23 +602,33 @@ class GradientComputer:
         ) from None
 
     def compute(
-        self, x0: torch.Tensor, ids: np.ndarray, cond: torch.Tensor | None = None
+        self,
+        x0: torch.Tensor,
+        ids: np.ndarray,
+        cond: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ḡ (B, p) float32, error e (B,) and residual r (B,) for a batch of samples.
 
         ``cond`` (B, …): per-sample conditioning passed to the model with x_t and t.
+        ``out``: a float32 tensor of at least B·p elements on this device to write ḡ into
+        (overwritten; ḡ is a view of it), e.g. one buffer reused across batches, which spares
+        the operating system mapping fresh pages for every batch's (B, p) block.
         """
         B = x0.shape[0]
         K = self.timesteps.num
-        out = torch.zeros(B, self.dim, dtype=torch.float32, device=self.device)
         err = torch.zeros(B, dtype=torch.float64)
         res = torch.zeros(B, dtype=torch.float64)
         if self.strategy == "layers":
-            for batch, segments in self.segment_batches(x0, ids, self.layer_pairs(x0, cond)):
-                e, r = self._add_segment_grads(out, batch, segments, ids, cond)
+            pairs = self.layer_pairs(x0, cond)
+            whole = pairs >= K  # one pass per sample: its row is written, not accumulated
+            out = self.output_block(B, out, zeroed=not whole)
+            for batch, segments in self.segment_batches(x0, ids, pairs):
+                e, r = self._add_segment_grads(out, batch, segments, ids, cond, whole)
                 err.index_add_(0, batch[0], e.detach().cpu().double())
                 res.index_add_(0, batch[0], r.detach().cpu().double())
-            return out.div_(K), (err / K).float(), (res / K).float()
+            return out, (err / K).float(), (res / K).float()  # out already holds Σ_t/K
+        out = self.output_block(B, out)
         for rows, xt, t, noise, ab in self._batches(x0, ids):
             c = None if cond is None else cond[rows].to(self.device, self.dtype)
             if self.strategy == "vmap":

@@ -399,11 +399,14 @@ def segment_sample_grads(
     emit: Callable[[str, torch.Tensor], None],
     normalize: bool,
     factors: Callable | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor | None:
     """Backpropagate ``total`` to the recorded layer outputs and hand ``emit(name, G)`` the
-    per-segment sums G (segments, d) = Σ_{pairs j of the segment} w_j g_j of every parameter,
-    for ``batch`` pairs in ``segments`` equal consecutive segments; w_j = 1/‖g_j‖ (the pair's
-    gradient over all planned parameters) when ``normalize``, else 1.
+    per-segment sums G (segments, d) = c Σ_{pairs j of the segment} w_j g_j of every
+    parameter, for ``batch`` pairs in ``segments`` equal consecutive segments; w_j = 1/‖g_j‖
+    (the pair's gradient over all planned parameters) when ``normalize``, else 1, and c =
+    ``scale`` (e.g. 1/K for a timestep average: folded into w, or into the backward pass's
+    seed, so it costs no pass over the sums).
 
     ``factors(index, module, a, delta, which)`` gives a layer call's terms (default
     :func:`layer_factors`; logra passes its projected factors). Returns the (batch,) pair
@@ -411,7 +414,8 @@ def segment_sample_grads(
     pass never reached gets no ``emit``.
     """
     terms: list[tuple[str, Term]] = []
-    for index, layer, recorded in layer_calls(plan, total, batch):
+    seed = total if normalize or scale == 1.0 else total * scale
+    for index, layer, recorded in layer_calls(plan, seed, batch):
         which = set(layer.params)
         calls = [
             layer_factors(layer.module, a, delta, which)
@@ -432,7 +436,7 @@ def segment_sample_grads(
         norms = sq.sqrt()
         if not torch.isfinite(norms).all():
             return norms
-        weights = 1.0 / norms.clamp_min(1e-30)
+        weights = scale / norms.clamp_min(1e-30)
     for name, term in terms:
         emit(name, term_segment_sums(term, segments, weights))
     return norms
