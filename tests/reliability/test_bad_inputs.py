@@ -389,8 +389,8 @@ def test_skipped_samples_score_zero_and_are_named(tmp_path, monkeypatch, capsys)
     train = load_builtin("digits").subset(np.arange(12))
     compute = GradientComputer.compute
 
-    def poisoned(self, x0, ids, cond=None):
-        g, e, r = compute(self, x0, ids, cond)
+    def poisoned(self, x0, ids, cond=None, out=None):
+        g, e, r = compute(self, x0, ids, cond, out)
         g[torch.as_tensor(np.asarray(ids) == 5)] = float("nan")
         return g, e, r
 
