@@ -161,19 +161,14 @@ def timed(fns: dict, reps: int) -> tuple[dict, dict, dict]:
     return warm, {key: statistics.median(t) for key, t in times.items()}, out
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    sec = timed({"mm": lambda: a @ b}, reps)[1]["mm"]
-    return 2 * n**3 / sec / 1e9
-
-
-#: fp32 matmuls of 2048×2048 per round of the matmul side timed with a case's gradients.
+#: fp32 matmuls of 2048×2048 per timed round of the matmul rate.
 ROUND_MATMULS = 4
 
 
 def matmul_side(n: int = 2048) -> tuple[Callable[[], None], Callable[[float], float]]:
-    """A function to time in the same interleaved rounds as a case's gradient sides (so the
-    hardware fraction's denominator sees the same load), and its seconds → GFLOP/s."""
+    """A round of ROUND_MATMULS fp32 n×n matmuls, to time alone or in the same interleaved
+    rounds as a case's gradient sides (so the hardware fraction's denominator sees the same
+    load), and its seconds → GFLOP/s."""
     a, b = torch.randn(n, n), torch.randn(n, n)
 
     def run() -> None:
@@ -181,6 +176,12 @@ def matmul_side(n: int = 2048) -> tuple[Callable[[], None], Callable[[float], fl
             torch.mm(a, b)
 
     return run, lambda sec: ROUND_MATMULS * 2 * n**3 / sec / 1e9
+
+
+def matmul_gflops(reps: int = 5) -> float:
+    """The fp32 matmul rate timed on its own (before and after the cases)."""
+    run, rate = matmul_side()
+    return rate(timed({"matmul": run}, reps)[1]["matmul"])
 
 
 def project_all(proj, grads: list[torch.Tensor], traker: bool) -> list[torch.Tensor]:

@@ -319,8 +319,8 @@ class _Filler:
         self._announced: set[int | None] = set()
         #: One buffer for every group's unprojected gradients (GradientComputer.compute's
         #: ``out``), allocated on first use: the operating system maps fresh pages for a new
-        #: (group × p) block on every call otherwise (on the `tiny` UNet at K = 4 that was
-        #: 15% of the gradient time).
+        #: (group × p) block on every call otherwise (on the `tiny` UNet at K = 4, with glibc's
+        #: default thresholds, that was 15% of the gradient time).
         self._gradient_buffer: torch.Tensor | None = None
 
     def fill(self, todo: np.ndarray, bar, wait_interval: float) -> None:
