@@ -32,6 +32,8 @@ from diffattr.attribution.scores import Scores
 KINDS = (("val", "held-out real targets"), ("gen", "generated targets"))
 DPI = 144  # the report shows PNGs at 96 px per inch: crisp on high-density screens
 CEILING = "noise ceiling"
+#: Rows that are references, not methods: the ceiling and the agreement of two seeds.
+REFERENCES = frozenset({CEILING, "seed agreement"})
 # A colour per method, stable across figures (tab10 order).
 PALETTE = [
     "#1f77b4",
@@ -181,7 +183,7 @@ def lds_rows(rows: Iterable[dict[str, Any]] | None) -> list[dict[str, Any]]:
 
 def lds_kinds(rows: Iterable[dict[str, Any]] | None) -> list[tuple[str, str]]:
     """The (kind, label) pairs some method row has a finite LDS for."""
-    rows = [r for r in lds_rows(rows) if r["method"] != CEILING]
+    rows = [r for r in lds_rows(rows) if r["method"] not in REFERENCES]
     return [(k, label) for k, label in KINDS if any(_lds_of(r, k) is not None for r in rows)]
 
 
@@ -195,7 +197,7 @@ def lds_summary_rows(rows: Iterable[dict[str, Any]] | None) -> list[dict[str, An
     """One row per method, noise ceiling excluded: its largest K and projection dimension."""
     best: dict[str, dict[str, Any]] = {}
     for r in lds_rows(rows):
-        if r["method"] == CEILING:
+        if r["method"] in REFERENCES:
             continue
         old = best.get(r["method"])
         key = (_size(r, "timesteps"), _size(r, "proj_dim"))
@@ -290,7 +292,7 @@ def plot_lds_vs(
     chosen: dict[tuple[str, float, Any], dict[str, Any]] = {}
     for r in lds_rows(rows):
         x = _finite(r.get(key))
-        if r["method"] == CEILING or x is None or x <= 0 or _lds_of(r, kind) is None:
+        if r["method"] in REFERENCES or x is None or x <= 0 or _lds_of(r, kind) is None:
             continue
         line = r.get(other) if key == "proj_dim" else None
         slot = (r["method"], x, line)

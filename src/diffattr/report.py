@@ -351,8 +351,8 @@ def make_plots(
         "Linear datamodeling score: Spearman correlation between the losses predicted from the "
         "scores and those measured on models retrained on random half subsets; λ cross-fitted; "
         "each method at its largest K. Thick bars: 95% bootstrap CI over targets; thin bars "
-        "with caps: over subsets × targets. Dashed: the noise ceiling (agreement between "
-        "retraining seeds).",
+        "with caps: over subsets × targets. Dashed: the noise ceiling (the highest LDS the "
+        "seed-averaged measurement allows: Spearman–Brown from the agreement of two seeds).",
         [(f"lds-{k}.png", lambda k=k: P.plot_lds(lds_rows, k, colors)) for k in kinds],
         no_lds if not lds_rows else "the LDS results hold no finite LDS values",
     )

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from diffattr.data import ImageDataset, load_dataset, train_val_split
+from diffattr.data import DEFAULT_BACKGROUND, ImageDataset, load_dataset, train_val_split
 from diffattr.errors import DiffattrError
 from diffattr.fsio import atomic_write_json, read_json
 
@@ -31,6 +31,7 @@ class DataSpec:
     val_count: int | None = None  # None: a fifth of the images, at most 200
     train_count: int | None = None
     split_seed: int = 0
+    background: str = DEFAULT_BACKGROUND  # what transparent pixels of colour images become
 
     def load(self) -> tuple[ImageDataset, ImageDataset]:
         """(train, val) datasets; ids are those of the full dataset."""
@@ -39,7 +40,9 @@ class DataSpec:
 
     def resolve(self) -> tuple[DataSpec, ImageDataset, ImageDataset]:
         """(this spec with its ``val_count`` fixed, train, val): what a new run records."""
-        full = load_dataset(self.data, size=self.size, mismatch=self.mismatch)
+        full = load_dataset(
+            self.data, size=self.size, mismatch=self.mismatch, background=self.background
+        )
         count = self.val_count if self.val_count is not None else min(200, len(full) // 5)
         train, val = train_val_split(
             full, val_count=count, seed=self.split_seed, train_count=self.train_count
@@ -141,6 +144,8 @@ class RunDir:
 
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     d = dict(d)
+    if "split_seed" in d:  # a data spec: runs from before backgrounds composited onto white
+        d.setdefault("background", DEFAULT_BACKGROUND)
     d.pop("checkpoint_every", None)
     d.pop("keep_checkpoints", None)
     return d

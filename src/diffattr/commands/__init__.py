@@ -1,7 +1,7 @@
 """The command layer: each module registers its subcommands with the CLI's parser.
 
 ``runs`` (demo, train, generate, finetune), ``attribute`` (featurize, score, report),
-``evaluate`` (lds build / eval, counterfactual); ``options`` holds the options they share.
+``evaluate`` (lds build / eval, counterfactual), ``data`` (data install); ``options`` holds the options they share.
 Handlers parse options, then call library functions; none branches on a method or family.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 def register_all(add) -> None:
     """Register every subcommand with ``add(name, help, examples, handler)``."""
-    from diffattr.commands import attribute, evaluate, runs
+    from diffattr.commands import attribute, data, evaluate, runs
 
-    for module in (runs, attribute, evaluate):
+    for module in (runs, attribute, evaluate, data):
         module.register(add)

@@ -49,7 +49,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--data",
         default="digits",
-        help="built-in dataset (digits, mnist, mnist16), image folder, or .npz (default: digits)",
+        help="built-in dataset (digits, mnist, emoji; a size suffix such as emoji16 resizes), "
+        "image folder, or .npz (default: digits)",
     )
     g.add_argument("--size", type=int, default=None, help="resize images to SIZE×SIZE")
     g.add_argument(
@@ -66,6 +67,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--train-count", type=int, default=None, help="cap on training images")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split")
+    g.add_argument(
+        "--background",
+        default="white",
+        metavar="COLOR",
+        help="what transparent pixels become: images with an alpha channel or a transparent "
+        "palette colour are composited onto it (a name, #rrggbb or r,g,b; default: white)",
+    )
 
 
 def add_train_args(p: argparse.ArgumentParser, steps: int = 3000) -> None:
@@ -95,6 +103,7 @@ def data_spec(args: argparse.Namespace, size: int | None = None) -> Any:
         val_count=args.val_count,
         train_count=args.train_count,
         split_seed=args.split_seed,
+        background=args.background,
     )
 
 

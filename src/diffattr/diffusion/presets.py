@@ -1,7 +1,9 @@
 """UNet presets built from config with diffusers (no downloads).
 
 ``tiny``: ≈0.46M parameters, two resolutions, attention at the lower one; trains in minutes on a
-laptop CPU at 8×8 or 16×16. ``cifar``: the 35.7M-parameter DDPM CIFAR-10 UNet used by the D-TRAK
+laptop CPU at 8×8. ``small``: ≈2.7M parameters, three resolutions (32/64/128 channels, attention
+only at the lowest), for 16×16 colour images: at 16×16×3 a training step of batch 32 costs about
+what ``tiny``'s does (0.25 against 0.17 s on one thread) while it learns far more structure. ``cifar``: the 35.7M-parameter DDPM CIFAR-10 UNet used by the D-TRAK
 and DAS papers (block channels 128/256/256/256, 2 layers per block, attention at 16×16).
 """
 
@@ -24,6 +26,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "layers_per_block": 1,
         "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
         "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+    },
+    "small": {
+        "block_out_channels": (32, 64, 128),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         "norm_num_groups": 8,
         "attention_head_dim": 8,
     },

@@ -298,8 +298,9 @@ def lds_per_target(gt: GroundTruth, scores: np.ndarray) -> np.ndarray:
     return spearman_columns(gt.predicted(scores), gt.measured())
 
 
-def noise_ceiling(gt: GroundTruth) -> np.ndarray:
-    """Per target, the Spearman correlation over subsets of F under one seed vs another."""
+def seed_agreement(gt: GroundTruth) -> np.ndarray:
+    """Per target, the Spearman correlation over subsets of F under one seed vs another
+    (averaged over seed pairs): how well one seed's retrainings predict another's."""
     if gt.F.shape[0] < 2:
         return np.full(gt.F.shape[2], np.nan)
     vals = [
@@ -308,3 +309,16 @@ def noise_ceiling(gt: GroundTruth) -> np.ndarray:
         for b in range(a + 1, gt.F.shape[0])
     ]
     return np.mean(vals, axis=0)
+
+
+def noise_ceiling(gt: GroundTruth) -> np.ndarray:
+    """Per target, the highest correlation any prediction can have with the seed-averaged F.
+
+    F averaged over S seeds has reliability ρ_S = S·r / (1 + (S − 1)·r) (Spearman–Brown, r the
+    agreement of two seeds); a predictor that knows the true F exactly correlates with the
+    average at √ρ_S, so the ceiling is √ρ_S (r clipped to [0, 1]). It bounds the LDS, which is
+    taken against the average; the single-seed agreement r (:func:`seed_agreement`) does not.
+    """
+    S = gt.F.shape[0]
+    r = np.clip(seed_agreement(gt), 0.0, 1.0)
+    return np.sqrt(S * r / (1.0 + (S - 1) * r))

@@ -25,6 +25,7 @@ from diffattr.evaluation.ground_truth import (
     GroundTruth,
     lds_per_target,
     noise_ceiling,
+    seed_agreement,
 )
 from diffattr.evaluation.kernel_cache import KernelCache, cache_inputs, kernel_cache
 from diffattr.evaluation.stats import bootstrap_lds_ci, bootstrap_mean_ci, finite_mean
@@ -199,7 +200,7 @@ def evaluate_benchmark(
     )
     rows: list[dict[str, Any]] = []
     keep = {screen: _screen_mask(ctx, screen) for screen in screens or []}
-    ceiling = noise_ceiling(gt)
+    ceilings = {"noise ceiling": noise_ceiling(gt), "seed agreement": seed_agreement(gt)}
     for method, options in methods:
         if method not in METHODS:
             get_method(method)  # raises the standard unknown-method error
@@ -222,12 +223,12 @@ def evaluate_benchmark(
                 rows.append(row)
     for name, kind in (("val", VAL), ("gen", GEN)):
         mask = gt.kinds == kind
-        if mask.any():
+        for label, per_target in ceilings.items() if mask.any() else ():
             rows.append(
                 {
-                    "method": "noise ceiling",
+                    "method": label,
                     "timesteps": None,
-                    name: {"lds": finite_mean(ceiling[mask])},  # NaN with one seed
+                    name: {"lds": finite_mean(per_target[mask])},  # NaN with one seed
                 }  # fmt: skip
             )
     return rows

