@@ -424,3 +424,25 @@ def test_a_resize_that_would_not_fit_in_memory_is_refused_before_allocating():
 
     with pytest.raises(DataError, match="more than an eighth of this machine"):
         load_dataset("digits", size=100_000)  # 1797 × 100,000² floats: ~72 TB
+
+
+def test_every_image_carries_its_source(tmp_path, digits):
+    assert digits.sources[17] == "digits:17"
+    assert digits.describe(17) == {"id": 17, "source": "digits:17", "group": "7"}
+    root = tmp_path / "f"
+    (root / "sub").mkdir(parents=True)
+    for name in ("b.png", "a.png", "sub/c.png"):
+        Image.fromarray(np.full((4, 4), 100, dtype=np.uint8)).save(root / name)
+    (root / "captions.txt").write_text("a.png\tan a\nb.png\ta b\nsub/c.png\ta c\n")
+    ds = load_image_folder(root)
+    assert ds.sources == ["a.png", "b.png", "sub/c.png"]  # ids follow the sorted paths
+    part = ds.subset([2, 0])
+    assert part.sources == ["sub/c.png", "a.png"]
+    assert part.describe(0) == {"id": 2, "source": "sub/c.png", "caption": "a c"}
+    save_npz(part, tmp_path / "p.npz")
+    back = load_npz(tmp_path / "p.npz")
+    assert back.sources == ["sub/c.png", "a.png"] and back.ids.tolist() == [2, 0]
+    np.savez(tmp_path / "plain.npz", images=np.zeros((3, 4, 4), dtype=np.uint8))
+    assert load_npz(tmp_path / "plain.npz").sources == ["npz:0", "npz:1", "npz:2"]
+    with pytest.raises(DataError, match="3 sources for 2 images"):
+        ImageDataset(torch.zeros(2, 1, 2, 2), torch.arange(2), sources=["a", "b", "c"])

