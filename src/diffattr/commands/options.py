@@ -9,7 +9,12 @@ import torch
 
 from diffattr.errors import ConfigError
 
-TARGETS_HELP = "samples (RUN/samples, default), val (held-out real images), or a samples .npz"
+TARGETS_HELP = (
+    "samples (RUN/samples, default), val (held-out real images), a samples .npz from "
+    "`diffattr generate`, or your images: an image file, a folder (searched recursively) or an "
+    ".npz of images; images of another size are resized only if the run resized its own "
+    "(--size or --mismatch resize), else refused"
+)
 
 
 def parse_list(text: str, kind: type, option: str) -> list:

@@ -16,7 +16,7 @@ import re
 import warnings
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "composite_rgba",
     "has_transparency",
     "parse_background",
+    "resize_images",
     "builtin_names",
     "is_builtin",
     "load_builtin",
@@ -307,6 +308,12 @@ def _resize(images: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         images.to(torch.float32), size=hw, mode="bilinear", antialias=True, align_corners=False
     )
     return out.clamp_(-1.0, 1.0).contiguous()
+
+
+def resize_images(dataset: ImageDataset, hw: Sequence[int]) -> ImageDataset:
+    """``dataset`` with its images resized to ``hw`` (antialiased bilinear, as ``--size``),
+    ids, labels, captions and sources kept."""
+    return replace(dataset, images=_resize(dataset.images, (int(hw[0]), int(hw[1]))))
 
 
 def _scale_to_unit(x: np.ndarray, max_value: float) -> torch.Tensor:
@@ -671,7 +678,9 @@ def load_image_folder(
         raise DataError(
             f"images in {root} have different sizes: {files[0][1]} is {first_w}x{first_h}, "
             f"{files[odd][1]} is {w2}x{h2}",
-            hint="pass mismatch='resize' (CLI: --mismatch resize) with a size to resize them all",
+            hint="pass mismatch='resize' (CLI: --mismatch resize) to resize them all"
+            + (f" to {size}×{size}" if size is not None else " (to --size, or else the first "
+               "image's size)"),
         )
     target = (size, size) if size is not None else (first_h, first_w)
 

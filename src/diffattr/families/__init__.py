@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from diffattr.errors import ConfigError, DataError, DiffattrError
+from diffattr.errors import ConfigError, DataError, DiffattrError, notice
 from diffattr.run import UNCONDITIONAL, DataSpec, RunDir
 
 #: Family name (``run.json``'s ``family``) → ``module:Class``, imported on first use.
@@ -38,23 +38,35 @@ def is_samples_file(path: Path) -> bool:
 
 def given_images(run: RunDir, path: Path) -> Any:
     """Images a user gives as targets (an image file, a folder searched recursively, or an
-    ``.npz`` of images), resized or refused as the run's training data is."""
-    from diffattr.data import load_dataset, load_image_folder
+    ``.npz`` of images), under the run's one size policy: images of the training images' size
+    are taken as they are; others are resized (with a note saying so) when the run resized its
+    own images (``--size`` or ``--mismatch resize``), else refused naming the option."""
+    from diffattr.data import load_dataset, resize_images
 
     if not path.exists():
         raise DataError(f"targets {str(path)!r} are neither 'samples', 'val' nor a file or folder")
     spec = run.data_spec()
-    if path.is_file() and path.suffix.lower() != ".npz":  # one image
-        images = load_image_folder(path, spec.size, spec.mismatch, background=spec.background)
-    else:
-        images = load_dataset(str(path), spec.size, spec.mismatch, spec.background)
+    images = load_dataset(str(path), None, spec.mismatch, spec.background)
     want = tuple(spec.load()[0].shape)
-    if tuple(images.shape) != want:
+    have = tuple(images.shape)
+    if have[0] != want[0]:
         raise DataError(
-            f"targets in {path} are {'×'.join(map(str, images.shape))} images, the run's "
-            f"training images {'×'.join(map(str, want))}",
-            hint="resize them, or give images of the training data's size and channels",
+            f"targets in {path} have {have[0]} channel(s), the run's training images {want[0]}",
+            hint="give images with the training data's channels (grey or colour)",
         )
+    if have[1:] != want[1:]:
+        size = "×".join(map(str, want[1:]))
+        if spec.size is None and spec.mismatch != "resize":
+            raise DataError(
+                f"targets in {path} are {'×'.join(map(str, have[1:]))} images, the run's "
+                f"training images {size}",
+                hint=f"give {size} images (the run was trained without --size or "
+                "--mismatch resize, so targets are not resized either)",
+            )
+        how = f"--size {spec.size}" if spec.size is not None else "--mismatch resize"
+        notice(f"targets in {path} resized from {'×'.join(map(str, have[1:]))} to {size}, as "
+               f"the run's training images were ({how})")  # fmt: skip
+        images = resize_images(images, want[1:])
     return images
 
 
