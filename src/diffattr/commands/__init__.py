@@ -1,7 +1,8 @@
 """The command layer: each module registers its subcommands with the CLI's parser.
 
 ``runs`` (demo, train, generate, finetune), ``attribute`` (featurize, score, report),
-``evaluate`` (lds build / eval, counterfactual), ``data`` (data install); ``options`` holds the options they share.
+``evaluate`` (lds build / eval, counterfactual), ``data`` (data install); ``options`` holds
+the options they share.
 Handlers parse options, then call library functions; none branches on a method or family.
 """
 

@@ -3,8 +3,9 @@
 ``tiny``: ≈0.46M parameters, two resolutions, attention at the lower one; trains in minutes on a
 laptop CPU at 8×8. ``small``: ≈2.7M parameters, three resolutions (32/64/128 channels, attention
 only at the lowest), for 16×16 colour images: at 16×16×3 a training step of batch 32 costs about
-what ``tiny``'s does (0.25 against 0.17 s on one thread) while it learns far more structure. ``cifar``: the 35.7M-parameter DDPM CIFAR-10 UNet used by the D-TRAK
-and DAS papers (block channels 128/256/256/256, 2 layers per block, attention at 16×16).
+what ``tiny``'s does (0.25 against 0.17 s on one thread) while it learns far more structure.
+``cifar``: the 35.7M-parameter DDPM CIFAR-10 UNet used by the D-TRAK and DAS papers (block
+channels 128/256/256/256, 2 layers per block, attention at 16×16).
 """
 
 from __future__ import annotations
