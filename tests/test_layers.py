@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "diffattr"
 LAYERS = {
     "foundations": (
         "data", "diffusion", "run", "parallel", "fsio", "errors", "seeding", "config", "quality",
-        "allocator",
+        "allocator", "threads",
     ),
     "engine": ("attribution",),
     "families": ("families", "text2image"),

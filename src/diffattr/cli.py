@@ -22,7 +22,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: the cores other processes leave idle, at least 1)",
+    )
     add_config_option(p)
 
 
@@ -62,16 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _limit_blas_threads(threads: int) -> None:
-    """Hold NumPy/SciPy BLAS to ``threads`` too (spinning BLAS threads on busy cores make
-    kernel solves many times slower)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - comes with scikit-learn
-        return
-    threadpool_limits(limits=threads)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from diffattr.config import apply_config
 
@@ -94,13 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise DiffattrError(f"--threads must be at least 1, got {args.threads}")
-            import torch
+        if args.threads is not None and args.threads < 1:
+            raise DiffattrError(f"--threads must be at least 1, got {args.threads}")
+        from diffattr.threads import configure_threads
 
-            torch.set_num_threads(args.threads)
-            _limit_blas_threads(args.threads)
+        configure_threads(args.threads)
         summary = args.handler(args)
     except DiffattrError as exc:
         if args.debug:

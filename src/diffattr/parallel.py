@@ -31,6 +31,42 @@ from diffattr.errors import ConfigError, DiffattrError
 T = TypeVar("T")
 
 EXECUTORS = ("inprocess", "local", "ray")
+#: Work expected to take longer than this (seconds) is announced with its estimate.
+ESTIMATE_AFTER = 60.0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class ProgressBar(tqdm):
+    """A progress bar that, after its first update, says once how long the whole work will
+    take when that is more than :data:`ESTIMATE_AFTER` seconds: elapsed × total / done.
+
+    The note goes to stderr even where the bar cannot draw (a log file), so a long featurize
+    or LDS build says what to expect from its first measured batch; not when disabled
+    (``--quiet``).
+    """
+
+    def update(self, n: float | None = 1) -> bool | None:
+        out = super().update(n)
+        if not getattr(self, "_estimated", False) and not self.disable and self.n:
+            self._estimated = True
+            elapsed = self.format_dict["elapsed"]
+            total = self.total or 0
+            whole = elapsed * total / self.n
+            if total > self.n and whole > ESTIMATE_AFTER:
+                from diffattr.errors import notice
+
+                notice(
+                    f"{self.desc or 'work'}: about {_duration(whole)} in all, judged from the "
+                    f"first {self.n:g} of {total:g} ({_duration(elapsed)})"
+                )
+        return out
 
 
 class Executor(ABC):
@@ -63,8 +99,10 @@ class InProcessExecutor(Executor):
 
     def map(self, fn, jobs, desc=""):
         jobs = list(jobs)
-        for job in tqdm(jobs, desc=desc, disable=not self.progress or not desc):
-            yield fn(job)
+        with ProgressBar(total=len(jobs), desc=desc, disable=not self.progress or not desc) as bar:
+            for job in jobs:
+                yield fn(job)
+                bar.update(1)
 
 
 def _init_worker(threads: int) -> None:
@@ -93,7 +131,7 @@ class LocalProcessExecutor(Executor):
             self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.threads,)
         ) as pool:
             futures = [pool.submit(fn, job) for job in jobs]
-            bar = tqdm(total=len(futures), desc=desc, disable=not self.progress or not desc)
+            bar = ProgressBar(total=len(futures), desc=desc, disable=not self.progress or not desc)
             for f in futures:
                 result = f.result()
                 bar.update(1)

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from diffattr.attribution.defaults import DEFAULT_TIMESTEPS
 from diffattr.attribution.gradients import (
@@ -40,6 +39,7 @@ from diffattr.diffusion.presets import model_fingerprint
 from diffattr.diffusion.schedule import NoiseSchedule
 from diffattr.errors import ConfigError, NumericalError, notice, warn
 from diffattr.fsio import first_missing_ancestor
+from diffattr.parallel import ProgressBar
 
 #: Full per-sample gradients are stored unprojected (exact kernel) up to this many bytes.
 DEFAULT_MAX_EXACT_BYTES = 4 * 2**30
@@ -251,7 +251,7 @@ def featurize(
     run = _Filler(store, computer, projector, images, ids, source, on_nonfinite, batch_size)
     run.conditioning = conditioning
     try:
-        with tqdm(total=todo.size, desc=desc, unit="img", disable=not progress) as bar:
+        with ProgressBar(total=todo.size, desc=desc, unit="img", disable=not progress) as bar:
             run.fill(todo, bar, wait_interval)
     except BaseException:
         run.claims.release_all()
