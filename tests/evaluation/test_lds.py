@@ -200,3 +200,24 @@ def test_method_list_parsing():
     assert method_label(*got[1]) == "das[leverage=True;residual=none]"
     with pytest.raises(ConfigError):
         parse_method_list("das[residual]")
+
+
+def test_noise_ceiling_bounds_the_seed_average():
+    """Spearman–Brown: F measured with S seeds has reliability S·r/(1 + (S−1)·r); the ceiling
+    is its square root, above the single-seed agreement r, and a prediction that knows the
+    true F reaches at most about it."""
+    from diffattr.evaluation.ground_truth import GroundTruth, noise_ceiling, seed_agreement
+    from diffattr.evaluation.stats import spearman_columns
+
+    rng = np.random.default_rng(0)
+    M, T, S = 400, 30, 2
+    truth = rng.normal(size=(M, T))
+    F = np.stack([truth + rng.normal(size=(M, T)) for _ in range(S)])  # r ≈ 0.5
+    gt = GroundTruth(np.zeros((M, 1), dtype=np.int64), F, np.zeros(T), None, np.arange(T))
+    r = seed_agreement(gt)
+    ceiling = noise_ceiling(gt)
+    assert np.allclose(ceiling, np.sqrt(2 * r / (1 + r)))
+    assert (ceiling > r).all()
+    perfect = spearman_columns(truth, F.mean(axis=0))  # the best any method can do
+    assert abs(perfect.mean() - ceiling.mean()) < 0.03
+    assert perfect.mean() > r.mean() + 0.1  # the old "ceiling" r was beaten by the truth
