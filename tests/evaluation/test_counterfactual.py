@@ -165,3 +165,112 @@ def test_removing_planted_duplicates_changes_the_target_more_than_random(tmp_pat
     assert by["planted"]["pixel_l2"][0] > 1.3 * random_l2
     assert by["planted"]["embedding_cos"][0] < random_cos
     assert set(images) >= {"original_alone", "reference", "planted"} and "control" not in images
+
+
+def test_pixel_nearest_is_a_baseline_of_every_comparison():
+    rng = np.random.default_rng(1)
+    values = {
+        m: {"pixel_l2": rng.random(5) + shift, "embedding_cos": 1 - rng.random(5) * 0.1}
+        for m, shift in (("random", 0.0), ("das", 1.0), ("das screen=pixel-cos:10%", 1.5),
+                         ("pixel-cos", 2.0))
+    }  # fmt: skip
+    by = {r["method"]: r for r in cf.summarize(values, bootstrap=50)}
+    assert list(by["das"]["paired"]) == ["random", "pixel-cos", "das screen=pixel-cos:10%"]
+    assert list(by["pixel-cos"]["paired"]) == ["random", "das", "das screen=pixel-cos:10%"]
+    table = cf.format_table(list(by.values()))
+    lines = [line.split(" | ")[0] for line in table.splitlines() if " vs " in line][::2]
+    assert lines == ["| das vs random", "| das screen=pixel-cos:10% vs random",
+                     "| pixel-cos vs random", "| das vs pixel-cos",
+                     "| das screen=pixel-cos:10% vs pixel-cos",
+                     "| das vs das screen=pixel-cos:10%"]  # fmt: skip
+
+
+def test_screen_labels_captions_and_cache_names():
+    from diffattr.attribution.screening import Screen
+
+    screen = Screen.parse("pixel-cos:10%")
+    assert cf.screened_label("das", screen) == "das screen=pixel-cos:10%"
+    assert cf.scores_cache_name("das") == "das"
+    assert cf.scores_cache_name("das", screen) == "das.screen-pixel-cos-10%-union"
+    assert cf.scores_cache_name("das", Screen.parse("pixel-cos:10%", "all")) != (
+        cf.scores_cache_name("das", screen)
+    )
+    recorded = {**screen.describe(), "candidates": 50, "union": 300}
+    assert cf.same_screen(recorded, screen) and cf.same_screen(None, None)
+    assert not cf.same_screen(recorded, None) and not cf.same_screen(None, screen)
+    assert not cf.same_screen(recorded, Screen.parse("pixel-cos:5%"))
+    assert cf.screenable("das") and cf.screenable("das[leverage=true]") and cf.screenable("trak")
+    assert not cf.screenable("pixel-cos") and not cf.screenable("combine[methods=das+ekfac]")
+    assert cf.column_caption("das screen=pixel-cos:10%", 11) == "das scr10%"
+    assert cf.column_caption("combine[methods=das+ekfac]", 11) == "das+ekfac"
+    assert cf.column_caption("pixel-cos", 11) == "pixel-cos"
+    assert cf.column_caption("dtrak[residual=none;leverage=true]", 11) == "dtrak[none~"
+    both = "combine[methods=das+ekfac]"
+    rules = cf.removal_rules(["pixel-cos", "das", both], [screen], 25, 500)
+    assert rules == [("pixel-cos", "pixel-cos", None), ("das", "das", None),
+                     ("das screen=pixel-cos:10%", "das", screen), (both, both, None)]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"M = 20 of 500 .* k = 25"):
+        cf.removal_rules(["das"], [Screen.parse("pixel-cos:20")], 25, 500)
+    with pytest.raises(ConfigError, match="applies to none"):
+        cf.removal_rules(["pixel-cos"], [screen], 25, 500)
+
+
+def test_screened_rows_reuse_the_unscreened_results(tiny_run, tmp_path, monkeypatch):
+    """A run with --screen adds `das screen=…` rows removing only each target's screen
+    candidates; the unscreened rows, scores and retrainings of an earlier run are reused."""
+    from diffattr.attribution.scores import Scores
+
+    out = tmp_path / "cf"
+    argv = [str(tiny_run), "--out", str(out), "--method", "das,pixel-cos", "--k", "2",
+            "--num-targets", "2", "--timesteps", "2", "--picture-targets", "2",
+            "--executor", "inprocess", "--bootstrap", "50", "--quiet"]  # fmt: skip
+    run_command(argv)
+    before = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    with pytest.raises(ConfigError, match=r"M = 1 of 16 .* k = 2"):
+        run_command([*argv, "--screen", "pixel-cos:1"])
+    with pytest.raises(ConfigError, match="applies to none of the methods pixel-cos"):
+        only_pixel = [a.replace("das,pixel-cos", "pixel-cos") for a in argv]
+        run_command([*only_pixel, "--screen", "pixel-cos:4"])
+
+    import diffattr.diffusion.training as training
+
+    trained: list[int] = []
+    real_train = training.train
+
+    def counted(*a, **k):
+        trained.append(1)
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(training, "train", counted)
+    # M = 4 (25% of 16) and M = k = 2: the latter removes exactly the 2 pixel-nearest images.
+    run_command([*argv, "--screen", "pixel-cos:25%,pixel-cos:2"])
+    rows = json.loads((out / "results.json").read_text())
+    by = {r["method"]: r for r in rows}
+    wide, narrow = "das screen=pixel-cos:25%", "das screen=pixel-cos:2"
+    assert list(by) == ["random", "das", wide, narrow, "pixel-cos", "none"]
+    for m in ("random", "das", "pixel-cos", "none"):  # unchanged, from the cached retrainings
+        assert by[m]["pixel_l2"] == before[m]["pixel_l2"]
+        assert by[m]["retrain"] == before[m]["retrain"]
+    assert by["das"]["scores_source"] == str(out / "scores" / "das")
+    assert by[wide]["screen"] == {"similarity": "pixel-cos", "size": 0.25, "kernel": "union",
+                                  "M": 4, "screened_method": "das"}  # fmt: skip
+    assert by[wide]["scores_source"] == "computed"
+    assert Scores.load(out / "scores" / "das.screen-pixel-cos-25%-union").meta["screen"]["size"]
+    pixel = Scores.load(out / "scores" / "pixel-cos")
+    for row, removed in zip([0, 1], by[wide]["removed_ids"], strict=True):
+        nearest = pixel.train_ids[np.argsort(-pixel.values[row], kind="stable")]
+        assert set(removed) <= set(nearest[:4].tolist())  # within the target's candidates
+        assert len(removed) == 2
+    assert [sorted(r) for r in by[narrow]["removed_ids"]] == [
+        sorted(r) for r in by["pixel-cos"]["removed_ids"]
+    ]
+    assert by[narrow]["retrain"] == by["pixel-cos"]["retrain"]  # same removals: one model
+    new = {key for m in (wide, narrow) for key in by[m]["retrain"]} - {
+        key for r in before.values() for key in r["retrain"]
+    }
+    assert len(trained) == len(new)  # only the new removal sets were trained
+    table = (out / "results.md").read_text()
+    assert f"| {wide} vs pixel-cos |" in table and f"| {wide} vs random |" in table
+    assert "das scr25% (= das screen=pixel-cos:25%)" in table  # the picture's column
+    z = np.load(out / "images.npz")
+    assert z[wide].shape == z["das"].shape

@@ -137,7 +137,8 @@ def _lds_without_step(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_counterfactual(args: argparse.Namespace) -> dict[str, Any]:
-    from diffattr.attribution.method_spec import method_label, parse_method_list
+    from diffattr.attribution.method_spec import method_label, parse_method_list, split_top_level
+    from diffattr.attribution.screening import Screen
     from diffattr.evaluation.counterfactual import CounterfactualConfig, run_counterfactual
     from diffattr.fsio import ensure_writable_dir
     from diffattr.parallel import executor_from_args
@@ -154,6 +155,11 @@ def cmd_counterfactual(args: argparse.Namespace) -> dict[str, Any]:
         reference=args.reference,
         picture_targets=args.picture_targets,
         bootstrap=args.bootstrap,
+        screens=[
+            Screen.parse(text, args.screen_kernel)
+            for text in split_top_level(args.screen or "", ",")
+            if text.strip()
+        ],
     )
     with executor_from_args(args) as executor:
         summary = run_counterfactual(
@@ -251,7 +257,12 @@ def register(add) -> None:
         q.add_argument("--quiet", action="store_true", help="no progress bars")
         q.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
         q.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-        q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        q.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="CPU threads (default: the cores other processes leave idle, at least 1)",
+        )
 
 
     p = add(
@@ -263,6 +274,8 @@ def register(add) -> None:
             --out bench/cf-digits --workers 2
         diffattr counterfactual runs/digits --method das --k 0.02 --reference original \\
             --out bench/cf-digits
+        diffattr counterfactual runs/digits --method pixel-cos,das --screen pixel-cos:10% \\
+            --k 25 --out bench/cf-digits
         """,
         cmd_counterfactual,
     )
@@ -293,6 +306,22 @@ def register(add) -> None:
     p.add_argument("--picture-targets", type=int, default=6, help="rows of counterfactual.png")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--rescore", action="store_true", help="recompute scores, ignoring RUN/scores")
+    p.add_argument(
+        "--screen",
+        default=None,
+        metavar="SIMILARITY:M[,…]",
+        help="also remove, for each method scoring the model's features (das, dtrak, …; not "
+        "pixel-cos, ekfac, combine), the top k of its scores on each target's M most similar "
+        "training images only (as `diffattr score --screen`; M ≥ k): one more row per screen, "
+        "labelled 'das screen=pixel-cos:10%%'",
+    )
+    p.add_argument(
+        "--screen-kernel",
+        choices=["union", "candidates", "all"],
+        default="union",
+        help="with --screen: fit the kernel on the union of all targets' candidates "
+        "(default), on each target's own candidates, or on all training images",
+    )
     add_lambda_args(p)
     add_executor_args(p)
     add_feature_args(p)

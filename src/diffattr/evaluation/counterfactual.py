@@ -26,12 +26,26 @@ one model and ``images-<sampler><steps>.npz`` (the regenerated seeds), written a
 killed evaluation resumes without retraining finished models, identical removal sets (the k = 0
 control shared by all targets; methods agreeing on a target's top k) are trained once, and
 adding targets or methods later reuses everything already done.
+
+Screened rows (``screens``, ``diffattr counterfactual --screen pixel-cos:10%``): for every
+method that scores the model's features (not image methods such as ``pixel-cos``, nor methods
+that compute their own features from the model, such as ``ekfac`` and ``combine``), a second
+removal rule ``das screen=pixel-cos:10%``: the method's scores as ``diffattr score --screen``
+computes them (each target scored on its M training images most similar by the screen's
+similarity, M ≥ k), the top k of those removed. Its scores are cached apart from the
+unscreened method's (``OUT/scores/<label>.screen-<similarity>-<M>-<kernel>/``, checked against
+the screen recorded in their ``meta.json``); its retrainings are keyed by what they remove like
+every other's, so a target on which both variants remove the same images is retrained once.
+
+Paired sign tests compare every method with each baseline present — ``random`` and
+``pixel-cos`` nearest removal, the baseline any attribution must beat — and with each other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -48,6 +62,7 @@ from diffattr.fsio import atomic_write_bytes, atomic_write_json, atomic_write_np
 from diffattr.seeding import derive_seed
 
 if TYPE_CHECKING:  # the rest is imported where used: the CLI parser stays quick to build
+    from diffattr.attribution.screening import Screen
     from diffattr.data import ImageDataset
     from diffattr.diffusion.sampling import Samples
     from diffattr.diffusion.training import TrainConfig
@@ -57,6 +72,10 @@ if TYPE_CHECKING:  # the rest is imported where used: the CLI parser stays quick
 #: Key namespace of the random removals ("CFA1").
 COUNTERFACTUAL_KEY = 0x43464131
 RANDOM = "random"
+#: Pixel-cosine nearest removal: the baseline any attribution must beat.
+PIXEL_NEAREST = "pixel-cos"
+#: Baselines every other method is compared with (sign tests), in this order, when present.
+BASELINES = (RANDOM, PIXEL_NEAREST)
 CONTROL = "none"
 METRICS = ("pixel_l2", "embedding_cos")
 #: For each metric, +1 if larger values mean a bigger change of the image, −1 otherwise.
@@ -70,7 +89,8 @@ class CounterfactualConfig:
     ``k``: images removed per target, a count (≥ 1), a fraction of the training set (< 1) or
     0 (nothing removed). ``methods``: method labels as on the command line (``das``,
     ``das[leverage=true]``); the random null is always added. ``reference``: ``retrain``
-    (a k = 0 retraining, default) or ``original`` (the run's model).
+    (a k = 0 retraining, default) or ``original`` (the run's model). ``screens``: for each
+    method scoring the model's features, one more removal rule per screen (module docstring).
     """
 
     methods: list[str] = field(default_factory=lambda: ["das", "dtrak"])
@@ -82,6 +102,7 @@ class CounterfactualConfig:
     picture_targets: int = 6
     bootstrap: int = 2000
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
+    screens: list[Screen] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.reference not in ("retrain", "original"):
@@ -112,6 +133,51 @@ def resolve_k(k: float, num_train: int) -> int:
     if count >= num_train:
         raise ConfigError(f"--k {k} would remove {count} of {num_train} training images")
     return count
+
+
+def screened_label(label: str, screen: Screen) -> str:
+    """The row of ``label`` screened by ``screen``, named as ``lds eval`` names it
+    (``das screen=pixel-cos:10%``)."""
+    return f"{label} screen={screen}"
+
+
+def screenable(label: str) -> bool:
+    """Whether a screen can restrict method ``label``: it scores the model's features, which
+    :meth:`~diffattr.attribution.attributor.Attributor.score` computes for the candidates
+    (image methods and methods computing their own features from the model: no)."""
+    from diffattr.attribution.method_spec import parse_method_list
+    from diffattr.attribution.methods import get_method
+
+    [(name, options)] = parse_method_list(label)
+    method = get_method(name, **options)
+    return method.measure is not None and not method.needs_model
+
+
+def removal_rules(
+    methods: Sequence[str], screens: Sequence[Screen], k: int, num_train: int
+) -> list[tuple[str, str, Screen | None]]:
+    """(row label, method label, screen or None) of each removal rule but ``random``: every
+    method, each screenable one followed by its screened variants. Refuses a screen keeping
+    fewer than ``k`` images per target, and screens that apply to no method."""
+    for screen in screens:
+        m = screen.count(num_train)
+        if m < k:
+            raise ConfigError(
+                f"--screen {screen} keeps M = {m} of {num_train} training images per target, "
+                f"fewer than the k = {k} removed (--k)",
+                hint=f"use a screen of at least {k} images, or a smaller --k",
+            )
+    rules: list[tuple[str, str, Screen | None]] = []
+    for label in methods:
+        rules.append((label, label, None))
+        if screens and screenable(label):
+            rules += [(screened_label(label, s), label, s) for s in screens]
+    if screens and len(rules) == len(methods):
+        raise ConfigError(
+            f"--screen applies to none of the methods {', '.join(methods) or '(none)'}",
+            hint="screen a method that scores the model's features: das, dtrak, trak, …",
+        )
+    return rules
 
 
 def top_proponents(scores: np.ndarray, k: int) -> np.ndarray:
@@ -247,11 +313,12 @@ def summarize(
     values: dict[str, dict[str, np.ndarray]], bootstrap: int = 2000, seed: int = 0
 ) -> list[dict[str, Any]]:
     """One row per method: per-target values, median, mean and bootstrap 95% CI per metric,
-    and paired sign tests against ``random`` and the other (non-control) methods."""
+    and paired sign tests against the :data:`BASELINES` present (``random``, ``pixel-cos``)
+    first, then the other (non-control) methods."""
     from diffattr.evaluation.stats import bootstrap_mean_ci
 
     rows = []
-    compared = [m for m in values if m not in (RANDOM, CONTROL)]
+    compared = [m for m in values if m != CONTROL]
     for method, metrics in values.items():
         row: dict[str, Any] = {"method": method}
         for name in METRICS:
@@ -260,10 +327,9 @@ def summarize(
             row[f"{name}_median"] = float(np.median(v))
             row[f"{name}_mean"] = float(np.mean(v))
             row[f"{name}_ci"] = list(bootstrap_mean_ci(v, num=bootstrap, seed=seed))
-        others = [RANDOM] if RANDOM in values else []
-        if method in compared:
-            others += [m for m in compared if m != method]
         if method != RANDOM and method != CONTROL:
+            others = [b for b in BASELINES if b in values and b != method]
+            others += [m for m in compared if m != method and m not in others]
             row["paired"] = {
                 other: {
                     name: sign_test(metrics[name], values[other][name], DIRECTION[name])
@@ -276,7 +342,8 @@ def summarize(
 
 
 def format_table(rows: list[dict[str, Any]], header: str = "") -> str:
-    """Markdown: per-method summary, then the paired sign tests."""
+    """Markdown: per-method summary, then the paired sign tests: every method against each
+    baseline (``random``, then ``pixel-cos``), then the remaining pairs, each pair once."""
 
     def ci(r: dict[str, Any], name: str) -> str:
         lo, hi = r[f"{name}_ci"]
@@ -296,8 +363,10 @@ def format_table(rows: list[dict[str, Any]], header: str = "") -> str:
         )
     pairs = [
         (r["method"], other, name, d[name])
+        for stage in (*BASELINES, None)  # against each baseline, then the rest
         for r in rows
         for other, d in r.get("paired", {}).items()
+        if stage is None or other == stage
         for name in METRICS
     ]
     seen: set[frozenset[str]] = set()
@@ -340,13 +409,18 @@ def method_scores(
     settings: Any = None,
     attributor_options: dict[str, Any] | None = None,
     rescore: bool = False,
+    screen: Screen | None = None,
+    model_fp: str | None = None,
 ) -> tuple[Scores, str]:
-    """Scores of all samples by method ``label``, and where they came from.
+    """Scores of all samples by method ``label`` (restricted by ``screen`` if given), and
+    where they came from.
 
-    Reuses ``cache_dir/<label>/`` (scores computed by an earlier call) or the run's
-    ``RUN/scores/<label>-samples/`` (``diffattr score``) when their feature settings match
-    those of the run's attributor for ``settings`` (and ``attributor_options``: λ, batch
-    size, device, progress); otherwise computes them and saves them to ``cache_dir/<label>/``.
+    Reuses ``cache_dir/<name>/`` (:func:`scores_cache_name`: scores computed by an earlier
+    call) or the run's ``RUN/scores/<label>-samples/`` (``diffattr score``) when their feature
+    settings match those of the run's attributor for ``settings`` (and ``attributor_options``:
+    λ, batch size, device, progress), their screen is ``screen`` (none for None) and the model
+    fingerprint they record, if any, is ``model_fp``; otherwise computes them and saves them to
+    ``cache_dir/<name>/`` with ``model_fp``.
     """
     from diffattr.attribution.method_spec import parse_method_list
     from diffattr.attribution.methods import METHODS, TRAJECTORIES, get_method
@@ -361,7 +435,8 @@ def method_scores(
     wanted = att.settings.to_dict() if att.method.measure is not None else None
     samples = load_samples(samples_path)
     num = len(samples)
-    candidates = [cache_dir / label]
+    own = cache_dir / scores_cache_name(label, screen)
+    candidates = [own]
     if not rescore:
         candidates.append(run.scores_dir / f"{label}-samples")
     for d in candidates:
@@ -372,15 +447,35 @@ def method_scores(
             set(s.train_ids.tolist()) == set(train_set.ids.tolist())
             and np.array_equal(s.target_ids, np.arange(num))
             and (wanted is None or _same(s.meta.get("features"), wanted))
+            and same_screen(s.meta.get("screen"), screen)
+            and s.meta.get("model_fingerprint", model_fp) == model_fp
         ):
             return s, str(d)
     if TRAJECTORIES in att.method.requirements():
         targets = family.trajectory_targets(run, str(samples_path))
     else:
         targets = family.targets(run, str(samples_path))[1]
-    scores = att.score(targets, np.arange(num))
-    scores.save(cache_dir / label)
+    scores = att.score(targets, np.arange(num), screen=screen)
+    if model_fp is not None:
+        scores.meta["model_fingerprint"] = model_fp
+    scores.save(own)
     return scores, "computed"
+
+
+def scores_cache_name(label: str, screen: Screen | None = None) -> str:
+    """Folder of ``OUT/scores/`` holding ``label``'s scores: the label, or for a screened
+    variant ``das.screen-pixel-cos-10%-union`` (never an unscreened method's folder)."""
+    if screen is None:
+        return label
+    return f"{label}.screen-{str(screen).replace(':', '-')}-{screen.kernel}"
+
+
+def same_screen(recorded: dict[str, Any] | None, screen: Screen | None) -> bool:
+    """Whether scores whose ``meta.json`` records screen ``recorded`` were made with
+    ``screen`` (None: unscreened scores only)."""
+    if screen is None or not recorded:
+        return screen is None and not recorded
+    return _same({k: recorded.get(k) for k in ("similarity", "size", "kernel")}, screen.describe())
 
 
 def aligned_values(scores: Scores, train_set: ImageDataset, targets: Sequence[int]) -> np.ndarray:
@@ -562,12 +657,29 @@ def evaluate_removals(
     return rows, images
 
 
+def column_caption(label: str, width: int) -> str:
+    """``label`` in at most ``width`` characters, for a picture's column: a screened variant
+    as ``das scr10%``; if too long, option names dropped, then a single option's value alone
+    (``combine[methods=das+ekfac]`` → ``das+ekfac``), then cut."""
+    base, sep, screen = label.partition(" screen=")
+    suffix = f" scr{screen.rpartition(':')[2]}" if sep else ""
+    if len(base + suffix) > width:
+        base = re.sub(r"[\w-]+=", "", base)
+    one_option = base.endswith("]") and "[" in base and ";" not in base
+    if len(base + suffix) > width and one_option:
+        base = base[base.index("[") + 1 : -1]
+    text = base + suffix
+    return text if len(text) <= width else text[: max(1, width - 1)] + "~"
+
+
 def picture(
     images: dict[str, np.ndarray], methods: Sequence[str], num: int, path: Path,
     targets: Sequence[int] | None = None,
 ) -> list[str]:  # fmt: skip
     """PNG grid: one row per target (first ``num``, labelled with its sample index from
-    ``targets``): reference, random, then ``methods``, each column named above it."""
+    ``targets``): reference, random, then ``methods``, each column named above it (shortened
+    by :func:`column_caption` to fit). Returns the columns, each as ``caption (= label)``
+    where the caption is not the label."""
     from diffattr.data import make_grid, save_png
 
     columns = ["reference", *[m for m in (RANDOM, *methods) if m in images]]
@@ -575,9 +687,32 @@ def picture(
     tiles = [torch.from_numpy(images[c][t]) for t in range(n) for c in columns]
     grid = make_grid(torch.stack(tiles), nrow=len(columns))
     size = int(tiles[0].shape[-1])
+    scale = max(1, 64 // size)
+    captions = [column_caption(c, (size + 1) * scale // 6) for c in columns]
     rows = [f"#{targets[t] if targets is not None else t}" for t in range(n)]
-    save_png(grid, path, scale=max(1, 64 // size), labels=(columns, rows, size))
-    return columns
+    save_png(grid, path, scale=scale, labels=(captions, rows, size))
+    pairs = zip(captions, columns, strict=True)
+    return [c if c == label else f"{c} (= {label})" for c, label in pairs]
+
+
+def describe_screens(
+    screens: Sequence[Screen], rules: Sequence[tuple[str, str, Screen | None]], k: int,
+    num_train: int,
+) -> str:  # fmt: skip
+    """The header's sentence on screened rows ('' without screens)."""
+    if not screens:
+        return ""
+    unscreened = [label for _, label, _ in rules if not screenable(label)]
+    text = "".join(
+        f"`METHOD screen={s}`: the method's scores on each target's M = {s.count(num_train)} "
+        f"training images most similar by {s.similarity} only (kernel: {s.kernel}), its top "
+        f"k = {k} of those removed. "
+        for s in screens
+    )
+    if unscreened:
+        shown = ", ".join(unscreened)
+        text += f"Not screened (image methods, or features computed from the model): {shown}. "
+    return text
 
 
 def run_counterfactual(
@@ -590,10 +725,10 @@ def run_counterfactual(
     rescore: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The whole evaluation: scores → top-k removals (and random ones) → retrain → regenerate
-    → ``OUT/results.json`` (rows usable as ``counterfactual_rows`` of the report),
-    ``OUT/results.md``, ``OUT/counterfactual.png``, ``OUT/images.npz`` and
-    ``OUT/counterfactual.json`` (settings, score sources)."""
+    """The whole evaluation: scores → top-k removals (and random ones; screened variants for
+    ``config.screens``) → retrain → regenerate → ``OUT/results.json`` (rows usable as
+    ``counterfactual_rows`` of the report), ``OUT/results.md``, ``OUT/counterfactual.png``,
+    ``OUT/images.npz`` and ``OUT/counterfactual.json`` (settings, score sources)."""
     config.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -601,6 +736,10 @@ def run_counterfactual(
 
     spec, train_config = run.data_spec(), family_of(run).train_config(run)
     train_set, _ = spec.load()
+    k = resolve_k(config.k, len(train_set))
+    rules = removal_rules(
+        [m for m in config.methods if m != RANDOM], config.screens, k, len(train_set)
+    )  # a screen smaller than k is refused before anything is written
     samples_path = run.samples_dir / "samples.npz"
     samples, fp = _check_samples(run, samples_path)
     manifest = {
@@ -620,22 +759,26 @@ def run_counterfactual(
             hint=f"generate more with `diffattr generate {run.path} --num {last}`",
         )
     targets = list(range(config.first_target, last))
-    k = resolve_k(config.k, len(train_set))
-    methods = [m for m in config.methods if m != RANDOM]
+    methods = [row for row, _, _ in rules]
     removals = {RANDOM: random_removals(len(train_set), k, targets, config.seed)}
     sources = {RANDOM: f"seeded random (seed {config.seed})"}
-    for label in methods:
-        scores, sources[label] = method_scores(
+    for row, label, screen in rules:
+        scores, sources[row] = method_scores(
             run, label, train_set, samples_path, out / "scores", settings,
-            {"progress": progress, **(attributor_options or {})}, rescore,
-        )
-        removals[label] = top_proponents(aligned_values(scores, train_set, targets), k)
+            {"progress": progress, **(attributor_options or {})}, rescore, screen, fp,
+        )  # fmt: skip
+        removals[row] = top_proponents(aligned_values(scores, train_set, targets), k)
     rows, images = evaluate_removals(
         run, out, removals, targets, executor, config.reference, config.encoder,
         config.bootstrap, progress,
     )  # fmt: skip
+    screened = {row: (label, s) for row, label, s in rules if s is not None}
     for r in rows:
         r["scores_source"] = sources.get(r["method"])
+        if r["method"] in screened:
+            label, screen = screened[r["method"]]
+            count = screen.count(len(train_set))
+            r["screen"] = {**screen.describe(), "M": count, "screened_method": label}
     columns = ["reference", RANDOM, *methods]
     if config.picture_targets > 0:
         columns = picture(
@@ -648,6 +791,7 @@ def run_counterfactual(
         f"reference: {'a k = 0 retraining' if config.reference == 'retrain' else 'the run model'}"
         ". Larger pixel L2 / smaller embedding cosine (in-domain autoencoder): bigger change. "
         f"`{CONTROL}`: k = 0 retraining vs the run's model (0 = bit-exact). "
+        f"{describe_screens(config.screens, rules, k, len(train_set))}"
         f"counterfactual.png columns: {', '.join(columns)}."
     )
     table = format_table(rows, header)
