@@ -197,6 +197,11 @@ def test_screenshot(chromium, run_dir, tmp_path, name, size):
         shutil.copyfile(shot, ARTIFACTS / name)
 
 
+#: The training data as the Attributor records them, sized like the digits8 benchmark's (the
+#: confidence bins apply to such data only).
+LIKE = {"shape": [1, 8, 8], "count": 500}
+
+
 @pytest.fixture(scope="module")
 def sure_report(tmp_path_factory, digits) -> Path:
     """A report on a planted copy of training image 5 and an ordinary digit, with held-out
@@ -209,7 +214,7 @@ def sure_report(tmp_path_factory, digits) -> Path:
     das[0, [5, 9]] = [12.0, 6.0]
     das[1, 17] = -1.2
     scores = {
-        "das": Scores(das, train.ids.numpy(), np.array([0, 1]), "das"),
+        "das": Scores(das, train.ids.numpy(), np.array([0, 1]), "das", {"train_data": LIKE}),
         "dtrak": Scores(rng.normal(size=(2, 24)), train.ids.numpy(), np.array([0, 1]), "dtrak"),
     }
     path = tmp_path_factory.mktemp("sure") / "report.html"
@@ -275,3 +280,66 @@ def test_ranking_panel_opens_and_fits(chromium, sure_report, tmp_path, size):
     assert panels == 2 * 2 and rows == 20 and thumbs == 20  # every ranked image shown
     assert 100 < width <= 280 and height > 40
     assert page <= window
+
+
+@pytest.fixture(scope="module")
+def named_report(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A report of a run on 16 captioned digit files in a folder (3 steps), 2 targets; its
+    path and the files in the folder's sorted order (the ids)."""
+    from diffattr.data import load_builtin, save_png
+
+    root = tmp_path_factory.mktemp("named")
+    data, run = root / "data", root / "run"
+    digits = load_builtin("digits")
+    files = [f"shapes/digit-{i:02d}.png" for i in range(16)]
+    for i, rel in enumerate(files):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_png(digits.images[i], data / rel)
+    (data / "captions.txt").write_text("".join(f"{f}\ta digit\n" for f in files))
+    threads = torch.get_num_threads()
+    common = ["--quiet", "--threads", "1"]
+    try:
+        assert main(["train", "--data", str(data), "--out", str(run), "--val-count", "4",
+                     "--steps", "3", "--batch-size", "4", *common]) == 0  # fmt: skip
+        assert main(["generate", str(run), "--num", "2", "--steps", "2", *common]) == 0
+        assert main(["score", str(run), "--method", "das", "--timesteps", "1", *common]) == 0
+        assert main(["report", str(run), *common]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run / "report.html", files
+
+
+NAMES_PROBE = """<script>
+window.addEventListener('load', function () {
+  var panel = document.querySelector('details.panel');
+  panel.open = true;
+  setTimeout(function () {
+    var cells = Array.prototype.slice.call(panel.querySelectorAll('tbody td.name'));
+    var shown = cells.filter(function (c) { return c.getBoundingClientRect().width > 0; });
+    var tips = Array.prototype.slice.call(document.querySelectorAll('figure[title]'));
+    document.body.setAttribute('data-names', shown.map(function (c) {
+      return c.textContent; }).join('|'));
+    document.body.setAttribute('data-tips', tips.map(function (f) {
+      return f.getAttribute('title'); }).join('|'));
+  }, 500);
+});
+</script></body>"""
+
+
+def test_ranking_panel_and_hover_name_training_files(chromium, named_report, tmp_path):
+    """The opened ranking panel shows each ranked training image's file and caption; the
+    thumbnails' hover text names the file too."""
+    report, files = named_report
+    probe = tmp_path / "names.html"
+    probe.write_text(report.read_text().replace("</body>", NAMES_PROBE))
+    dom = _browse(
+        chromium, "--window-size=1200,2000", "--virtual-time-budget=10000", "--dump-dom",
+        probe.as_uri(),
+    ).stdout  # fmt: skip
+    found = re.search(r'data-names="([^"]*)"', dom)
+    assert found, "the probe did not run"
+    shown = found.group(1).split("|")
+    ranked = [s for s in shown if s in files]
+    assert len(ranked) == 12 and shown.count("a digit") == 12  # 16 − 4 held out, all ranked
+    tips = re.search(r'data-tips="([^"]*)"', dom).group(1)
+    assert any(f in tips for f in files)

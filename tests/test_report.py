@@ -237,6 +237,11 @@ def test_extra_figures_are_embedded(tmp_path, digits):
 # ---------------------------------------------------------------------------- confidence
 
 
+#: The training data as the Attributor records them, sized like the digits8 benchmark's (the
+#: confidence bins apply to such data only).
+LIKE = {"shape": [1, 8, 8], "count": 500}
+
+
 @pytest.fixture
 def sure(digits):
     """A planted copy of training image 5 and an ordinary digit as targets, 24 training
@@ -248,7 +253,7 @@ def sure(digits):
     das[0, [5, 9]] = [12.0, 6.0]
     das[1, 17] = -1.2  # target 1's strongest opponent
     scores = {
-        "das": Scores(das, train.ids.numpy(), np.array([0, 1]), "das"),
+        "das": Scores(das, train.ids.numpy(), np.array([0, 1]), "das", {"train_data": LIKE}),
         "dtrak": Scores(rng.normal(size=(2, 24)), train.ids.numpy(), np.array([0, 1]), "dtrak"),
     }
     return {

@@ -38,12 +38,19 @@ from PIL import Image
 
 from diffattr.attribution.confidence import (
     DEFINITION,
+    HELDOUT_REFERENCE,
+    LIKE_FACTOR,
     NEAR_COPY_QUANTILE,
+    NOT_LIKE,
     NearCopies,
     bin_lds,
+    calibration_words,
+    describe_data,
+    like_calibration,
     method_calibration,
     near_copies,
 )
+from diffattr.attribution.names import FIELDS, Names
 from diffattr.attribution.scores import Scores
 from diffattr.data import ImageDataset, to_uint8_images
 from diffattr.errors import DiffattrError
@@ -87,6 +94,9 @@ figure.opp img{border-color:var(--opp)}
 figure.target img{width:104px;height:104px;border-color:#333}
 figure.mini img{width:40px;height:40px}
 figcaption span{display:block;text-align:center;white-space:nowrap}
+figure.target figcaption span{white-space:normal;max-width:8.5rem;overflow-wrap:anywhere}
+figure.mini figcaption span{max-width:5.5rem;overflow:hidden;text-overflow:ellipsis}
+details.panel td.name{max-width:12rem;overflow-wrap:anywhere}
 .grid{display:grid;grid-template-columns:repeat(4,auto);gap:.3rem .35rem;justify-content:start}
 .figs{display:flex;gap:.35rem}
 .label{font-size:.7rem;color:var(--muted);margin:.35rem 0 .15rem;text-transform:uppercase;
@@ -216,13 +226,17 @@ def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _figure(uri: str, caption: str | Sequence[str], cls: str = "", alt: str | None = None) -> str:
-    """An image with a caption; a list caption puts each item on its own line."""
+def _figure(
+    uri: str, caption: str | Sequence[str], cls: str = "", alt: str | None = None, title: str = ""
+) -> str:
+    """An image with a caption; a list caption puts each item on its own line. ``title``:
+    shown on hover (the image's file, caption and group)."""
     lines = [caption] if isinstance(caption, str) else list(caption)
     text = " ".join(lines)
     spans = " ".join(f"<span>{_e(x)}</span>" for x in lines)
+    tip = f' title="{_e(title)}"' if title else ""
     return (
-        f'<figure class="{cls}"><img src="{uri}" alt="{_e(alt or text)}">'
+        f'<figure class="{cls}"{tip}><img src="{uri}" alt="{_e(alt or text)}">'
         f"<figcaption>{spans}</figcaption></figure>"
     )
 
@@ -502,6 +516,8 @@ def _lds_table(rows: list[dict[str, Any]]) -> str:
 
 
 KIND_WORDS = {"val": "held-out real", "gen": "generated"}
+#: Column headings of the names in the ranking panel.
+FIELD_WORDS = {"source": "file", "caption": "caption", "group": "group"}
 
 
 def histogram_svg(values: np.ndarray, bins: int = 24, label: str = "scores") -> str:
@@ -553,13 +569,30 @@ def histogram_svg(values: np.ndarray, bins: int = 24, label: str = "scores") -> 
     )
 
 
+def percentile_text(percentile: float | None, count: int | None) -> str:
+    """'more concentrated than p% of the run's held-out images' (or '' without a reference)."""
+    if percentile is None:
+        return ""
+    n = f" ({count} scored the same way)" if count else ""
+    return f"more concentrated than {percentile:.0f}% of the run's held-out real images{n}"
+
+
 def confidence_text(
-    method: str, kappa: float | None, bin_name: str | None, screened: bool, kind: str
+    method: str,
+    kappa: float | None,
+    bin_name: str | None,
+    screened: bool,
+    kind: str,
+    percentile: float | None = None,
+    status: str | None = None,
+    heldout_count: int | None = None,
 ) -> str:
-    """HTML: κ, its bin and the bin's measured mean LDS [CI] per benchmark (or why none)."""
+    """HTML: κ, its percentile among the run's held-out images, its bin and the bin's measured
+    mean LDS [CI] per benchmark (or why there is no bin: ``status``)."""
     k = DASH if kappa is None else f"{kappa:.3g}"
     entry = method_calibration(method)
-    head = f"confidence κ = {k}"
+    rel = percentile_text(percentile, heldout_count)
+    head = f"confidence κ = {k}" + (f": {rel}" if rel else "")
     if screened:
         return f"{head}; <em>not calibrated</em> (screened scores: κ over the candidates only)"
     if entry is None:
@@ -570,7 +603,7 @@ def confidence_text(
             "per-target LDS on every held-out benchmark"
         )
     if bin_name is None:
-        return head
+        return head + (f"; <em>{_e(status)}</em>" if status else "")
     rows = bin_lds(entry, bin_name, kind)
     measured = "; ".join(
         f"{r['mean']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] on {_e(r['benchmark'])} "
@@ -578,14 +611,18 @@ def confidence_text(
         for r in rows
     )
     return (
-        f"<span class='badge {bin_name}'>{bin_name} confidence</span> κ = {k}. "
-        f"Measured mean LDS of {KIND_WORDS.get(kind, kind)} targets in this bin: "
+        f"<span class='badge {bin_name}'>{bin_name} confidence</span> κ = {k}"
+        + (f", {rel}" if rel else "")
+        + f". Measured mean LDS of {KIND_WORDS.get(kind, kind)} targets in this bin: "
         f"{measured or DASH} ({_e(entry.get('settings', ''))})."
     )
 
 
-def near_copy_html(near: dict[str, Any] | None, train_uri: Callable[[int], str]) -> str:
-    """The near-copy verdict of one target (``near``: one target's fields), or ''."""
+def near_copy_html(
+    near: dict[str, Any] | None, train_uri: Callable[[int], str], names: Names | None = None
+) -> str:
+    """The near-copy verdict of one target (``near``: one target's fields), or ''; the
+    nearest training image named by id and, with ``names``, by file."""
     if near is None:
         return ""
     q = near["quantile"]
@@ -600,27 +637,40 @@ def near_copy_html(near: dict[str, Any] | None, train_uri: Callable[[int], str])
         + ")"
     )
     nearest = int(near["nearest_train_id"])
+    label = _e(names.label(nearest) if names is not None else f"#{nearest}")
     dist = f"pixel L2 {near['pixel_distance']:.3g}"
     if near.get("embedding_distance") is not None:
         dist += f", 1 − cos {near['embedding_distance']:.3g}"
     if near["flagged"]:
         return (
             "<div class='near copy' data-near-copy='true'><span class='badge copy'>near copy"
-            f"</span> nearest training image #{nearest} ({dist}) is at most the {rule}."
+            f"</span> nearest training image {label} ({dist}) is at most the {rule}."
             + _figure(train_uri(nearest), [f"#{nearest}", "nearest"], "opp",
-                      f"nearest training image {nearest}")
+                      f"nearest training image {nearest}", _hover(names, nearest))
             + "</div>"
         )  # fmt: skip
     return (
         f"<div class='near' data-near-copy='false'>not a near copy: nearest training image "
-        f"#{nearest} ({dist}) is farther than the {rule}.</div>"
+        f"{label} ({dist}) is farther than the {rule}.</div>"
     )
 
 
+def _hover(names: Names | None, image_id: int, score: float | None = None) -> str:
+    """The hover text of a training image: ``#ID file · caption · group`` (and its score)."""
+    text = names.label(image_id) if names is not None else f"#{int(image_id)}"
+    return text + ("" if score is None else f" · score {score:+.3g}")
+
+
 def ranking_panel(
-    values: np.ndarray, train_ids: np.ndarray, used: set[int], k: int, name: str
+    values: np.ndarray,
+    train_ids: np.ndarray,
+    used: set[int],
+    k: int,
+    name: str,
+    names: Names | None = None,
 ) -> str:
-    """A closed ``<details>``: the top-k ranking (thumbnail, id, score) and the histogram.
+    """A closed ``<details>``: the top-k ranking (thumbnail, id, file, caption and group where
+    known, score) and the histogram.
 
     Thumbnails are placeholders (``span.thumb``) that the page's script turns into images
     from one shared id → PNG map when the panel opens, so a training image ranked in many
@@ -630,18 +680,22 @@ def ranking_panel(
     order = np.argsort(-np.where(finite, values, -np.inf), kind="stable")[: min(k, finite.sum())]
     ids = [int(train_ids[i]) for i in order]
     used.update(ids)
+    fields = [f for f in FIELDS if names is not None and any(names.column(f, ids))]
     rows = "".join(
-        f"<tr><td class='num'>{r + 1}</td><td><span class='thumb' data-thumb='{i}' "
-        f"role='img' aria-label='training image {i}'></span></td><td class='num'>#{i}</td>"
-        f"<td class='num'>{values[j]:+.3g}</td></tr>"
+        f"<tr><td class='num'>{r + 1}</td><td title='{_e(_hover(names, i))}'><span "
+        f"class='thumb' data-thumb='{i}' role='img' aria-label='training image {i}'></span></td>"
+        f"<td class='num'>#{i}</td>"
+        + "".join(f"<td class='name'>{_e(names.row(i)[f] or DASH)}</td>" for f in fields)
+        + f"<td class='num'>{values[j]:+.3g}</td></tr>"
         for r, (i, j) in enumerate(zip(ids, order, strict=True))
     )
+    heads = "".join(f"<th>{FIELD_WORDS[f]}</th>" for f in fields)
     return (
         f"<details class='panel'><summary>{_e(name)}: top {len(order)} of {int(finite.sum())} "
         "scored training images, and the score histogram</summary>"
         + histogram_svg(values, label=f"{name} scores")
         + "<div class='scroll'><table><thead><tr><th>rank</th><th>image</th><th>training id"
-        f"</th><th>score</th></tr></thead><tbody>{rows}</tbody></table></div></details>"
+        f"</th>{heads}<th>score</th></tr></thead><tbody>{rows}</tbody></table></div></details>"
     )
 
 
@@ -657,8 +711,8 @@ def near_copy_rows(
     """Per target id, its near-copy fields: computed from ``heldout`` when given, else the
     first scores that carry them (``Scores.set_near_copies``); None when neither."""
     if heldout is not None:
-        nc: NearCopies = near_copies(targets, train.images, heldout, quantile, encoder)
-        meta = nc.to_meta(train.ids.numpy())
+        nc: NearCopies = near_copies(targets, train, heldout, quantile, encoder)
+        meta = nc.to_meta()
         rows = {}
         for t, tid in enumerate(target_list):
             rows[tid] = {
@@ -712,6 +766,14 @@ def calibration_table(methods: Sequence[str], kind: str) -> str:
     )
 
 
+def target_lines(names: Names | None, target_id: int) -> list[str]:
+    """A target's caption lines: its file (or samples row) or ``target ID``, then its caption
+    or prompt when it has one."""
+    row = names.row(target_id) if names is not None else {}
+    lines = [row.get("source") or f"target {target_id}"]
+    return lines + ([row["caption"]] if row.get("caption") else [])
+
+
 def render_report(
     targets: torch.Tensor,
     target_ids: np.ndarray,
@@ -733,8 +795,13 @@ def render_report(
     encoder: Callable[[Any], Any] | None = None,
     target_kind: str = "gen",
     k_ranking: int = 20,
+    target_names: Names | None = None,
 ) -> str:
     """The report as one HTML string.
+
+    Training images are named by id and, on hover and in the ranking panels, by file, caption
+    and group (what ``train`` carries); targets by ``target_names`` (file, or samples row, and
+    caption or prompt) unless ``target_captions`` are given.
 
     ``heldout``: real images not trained on (e.g. the run's validation images); with them each
     target gets a near-copy verdict: flagged when its nearest training image is at most the
@@ -762,8 +829,12 @@ def render_report(
             uri_cache[train_id] = png_data_uri(train.images[pos[train_id]])
         return uri_cache[train_id]
 
+    names = Names.of(train)
     target_uris = [png_data_uri(targets[t]) for t in range(len(target_list))]
-    captions = target_captions or [f"target {tid}" for tid in target_list]
+    captions = [
+        [c] if isinstance(c, str) else list(c)
+        for c in target_captions or [target_lines(target_names, tid) for tid in target_list]
+    ]
 
     # Per method: the row of each target and its top proponents / opponents.
     tops: dict[str, dict[str, Any]] = {}
@@ -775,6 +846,9 @@ def render_report(
             "screen": screen_note(s),
             "kappa": s.confidence(),
             "bins": s.confidence_bins(),
+            "percentile": s.confidence_percentiles(),
+            "status": s.calibration()[1],
+            "heldout_count": len((s.meta.get("confidence_reference") or {}).get("values", [])),
             "values": s.values,
             "train_ids": s.train_ids,
         }
@@ -824,11 +898,9 @@ def render_report(
             "<p class='note'>No attribution scores yet: run <code>diffattr score</code>.</p>"
         )
     else:
-        parts.append(
-            _summary_table(
-                tops, target_list, target_uris, captions, train_uri, k_summary, overlap_k, near
-            )
-        )
+        table = _summary_table(tops, target_list, target_uris, captions, train_uri,
+                               (k_summary, overlap_k), near, names)  # fmt: skip
+        parts.append(table)
     parts.append("</section>")
 
     # --- plots --------------------------------------------------------------------------
@@ -859,7 +931,7 @@ def render_report(
             "applies, chosen without ground truth.</p>" + _lds_table(lds_rows) + "</section>"
         )
 
-    parts.append(_confidence_section(list(scores), target_kind, near_copy_quantile, near))
+    parts.append(_confidence_section(list(scores), target_kind, near_copy_quantile, near, train))
     thumbs_at = len(parts)  # the ranking panels' shared thumbnails go here (filled below)
     ranked: set[int] = set()
 
@@ -869,14 +941,15 @@ def render_report(
         parts.append(
             "<p class='note'>Each target beside its top proponents (training images that most "
             "helped produce it; blue border, positive scores) and opponents (red border, most "
-            "negative scores), per method. Captions: training id and score.</p>"
+            "negative scores), per method. Captions: training id and score; hover over an "
+            "image for its file, caption and group, listed in each ranking too.</p>"
         )
     for t, tid in enumerate(target_list):
         parts.append(f"<section class='target' id='target-{tid}'><div class='row'>")
         parts.append(
             "<div>"
-            + _figure(target_uris[t], captions[t], "target")
-            + near_copy_html(None if near is None else near.get(tid), train_uri)
+            + _figure(target_uris[t], captions[t], "target", title=" · ".join(captions[t]))
+            + near_copy_html(None if near is None else near.get(tid), train_uri, names)
             + "</div>"
         )
         for name, top in tops.items():
@@ -889,11 +962,13 @@ def render_report(
             if top["screen"]:
                 parts.append(f"<div class='label'>{_e(top['screen'])}</div>")
             kappa = _float(top["kappa"][row])
+            pct = None if top["percentile"] is None else _float(top["percentile"][row])
+            bin_name, screened = top["bins"][row], bool(top["screen"])
+            text = confidence_text(name, kappa, bin_name, screened, target_kind, pct,
+                                   top["status"], top["heldout_count"])  # fmt: skip
             parts.append(
                 f"<div class='conf' data-confidence='{_sort_attr(kappa)}' "
-                f"data-bin='{top['bins'][row] or ''}'>"
-                + confidence_text(name, kappa, top["bins"][row], bool(top["screen"]), target_kind)
-                + "</div>"
+                f"data-percentile='{_sort_attr(pct)}' data-bin='{bin_name or ''}'>{text}</div>"
             )
             for label, ids, vals, cls in (
                 ("proponents", pid, pval, ""),
@@ -910,12 +985,12 @@ def render_report(
                             [f"#{int(i)}", f"{v:+.3g}"],
                             cls,
                             f"{label[:-1]}: training image {int(i)}, score {v:+.3g}",
+                            _hover(names, int(i), float(v)),
                         )
                     )
                 parts.append("</div>")
-            parts.append(
-                ranking_panel(top["values"][row], top["train_ids"], ranked, k_ranking, name)
-            )
+            values = top["values"][row]
+            parts.append(ranking_panel(values, top["train_ids"], ranked, k_ranking, name, names))
             parts.append("</div>")
         parts.append("</div></section>")
     thumbs = json.dumps({str(i): train_uri(i) for i in sorted(ranked)})
@@ -928,12 +1003,13 @@ def _summary_table(
     tops: dict[str, dict[str, Any]],
     target_list: list[int],
     target_uris: list[str],
-    captions: list[str],
+    captions: list[list[str]],
     train_uri: Callable[[int], str],
-    k_summary: int,
-    overlap_k: int,
+    ks: tuple[int, int],
     near: dict[int, dict[str, Any]] | None = None,
+    names: Names | None = None,
 ) -> str:
+    k_summary, overlap_k = ks
     methods = list(tops)
     several = len(methods) > 1
     parts = [
@@ -972,7 +1048,7 @@ def _summary_table(
         flagged = near is not None and bool(near.get(tid, {}).get("flagged"))
         cells = [
             f"<td data-sort='{tid}'><a href='#target-{tid}'>"
-            + _figure(target_uris[t], captions[t], "mini")
+            + _figure(target_uris[t], captions[t], "mini", title=" · ".join(captions[t]))
             + "</a>"
             + ("<span class='badge copy'>near copy</span>" if flagged else "")
             + "</td>"
@@ -992,17 +1068,19 @@ def _summary_table(
                     [f"#{int(i)}", f"{v:+.3g}"],
                     "mini",
                     f"training image {int(i)}, score {v:+.3g}",
+                    _hover(names, int(i), float(v)),
                 )
                 for i, v in zip(ids[row, :k_summary], vals[row, :k_summary], strict=True)
                 if np.isfinite(v)
             )
             top1 = _float(vals[row, 0]) if vals.shape[1] else None
             kappa, bin_name = _float(tops[m]["kappa"][row]), tops[m]["bins"][row]
+            pct = None if tops[m]["percentile"] is None else _float(tops[m]["percentile"][row])
             conf = (
                 f"<span class='badge {bin_name}'>{bin_name}</span> κ {_fmt(kappa, '{:.3g}')}"
                 if bin_name
                 else f"κ {_fmt(kappa, '{:.3g}')}"
-            )
+            ) + ("" if pct is None else f" · above {pct:.0f}% of held-out")
             cells.append(
                 f"<td data-sort='{_sort_attr(top1)}' data-label='{_e(m)}'>"
                 f"<div class='figs'>{figs}</div><div class='conf'>{conf}</div></td>"
@@ -1020,13 +1098,21 @@ def _summary_table(
 
 
 def _confidence_section(
-    methods: list[str], kind: str, quantile: float, near: dict[int, Any] | None
+    methods: list[str],
+    kind: str,
+    quantile: float,
+    near: dict[int, Any] | None,
+    train: ImageDataset | None = None,
 ) -> str:
-    """'How sure': the confidence's definition, calibration table and the near-copy rule."""
+    """'How sure': how to read the numbers, whether this run's data are like the benchmarks',
+    the calibration table and the near-copy rule."""
     table = calibration_table(methods, kind)
     flagged = sum(bool(v.get("flagged")) for v in (near or {}).values())
     return (
-        "<section id='confidence'><h2>How sure can we be?</h2><p class='note'>Per target and "
+        "<section id='confidence'><h2>How sure can we be?</h2>"
+        + how_to_read(quantile)
+        + ("" if train is None else like_note(train.shape, len(train)))
+        + "<p class='note'>Per target and "
         f"method, the confidence κ is the {_e(DEFINITION)}: a few training images standing "
         "far out of the bulk. On the LDS benchmarks (<code>benchmarks/confidence.py</code>) "
         "targets with a higher κ had a higher LDS (their attribution predicted retraining "
@@ -1043,6 +1129,47 @@ def _confidence_section(
             else " Not checked in this report (no held-out images given)."
         )
         + "</p></section>"
+    )
+
+
+def like_note(shape: tuple[int, int, int], count: int) -> str:
+    """Whether this run's training data are like a calibration benchmark's, in one line."""
+    bench = like_calibration(shape, count)
+    data = _e(describe_data(shape, count))
+    if bench:
+        return (
+            f"<p class='note' id='like'>This run's training data ({data}) are like {bench}'s: "
+            "bins are shown.</p>"
+        )
+    return (
+        f"<p class='note' id='like'>This run's training data ({data}) are not like the "
+        f"benchmarks': no bins (<em>{NOT_LIKE}</em>); read κ against the held-out images.</p>"
+    )
+
+
+def how_to_read(quantile: float) -> str:
+    """The plain-words paragraph 'How to read this': κ, the held-out percentile, the bin (and
+    the benchmarks it comes from) and the near-copy flag."""
+    return (
+        "<div class='note' id='how-to-read'><h3>How to read this</h3><p><b>κ</b> says how "
+        "concentrated a target's scores are: near 0 when credit is spread evenly over the "
+        "training images (a bell curve), large when a few training images stand far above the "
+        "rest. A concentrated attribution was more often right when checked by retraining, "
+        "but κ has no fixed scale: what counts as large depends on the data, the model and "
+        "the method.</p><p><b>More concentrated than p% of held-out images</b> puts κ on "
+        "this run's own scale: the same method scored up to "
+        f"{HELDOUT_REFERENCE} of the run's held-out real images (never trained on) the same "
+        "way, and p is the share of them whose κ is lower. It needs no ground truth; a "
+        "target well above the held-out images leans on particular training images more than "
+        "an unseen real image does.</p><p><b>The bin</b> (low / medium / high) and the mean "
+        "LDS beside it were measured on small benchmarks: "
+        f"{_e(calibration_words())}. They are shown only for data like those: the same image "
+        f"size and channels and a training set within a factor {LIKE_FACTOR:g} of its size; "
+        f"otherwise the bin reads <em>{NOT_LIKE}</em>, as the numbers measured there do not "
+        "transfer. A bin is an average over many targets, never a guarantee for one "
+        "image.</p><p><b>Near copy</b> flags a target whose nearest training image is closer "
+        f"than all but {quantile:.0%} of the held-out real images are to theirs: the model "
+        "may have reproduced that training image.</p></div>"
     )
 
 

@@ -12,9 +12,13 @@ from scipy.stats import kurtosis
 from diffattr.attribution.confidence import (
     BINS,
     CALIBRATION_PATH,
+    NOT_LIKE,
     bin_lds,
+    calibration_data,
     confidence,
     confidence_bins,
+    heldout_percentile,
+    like_calibration,
     load_calibration,
     method_calibration,
     near_copies,
@@ -152,10 +156,16 @@ def test_near_copy_rejects_a_bad_quantile(split):
 # ---------------------------------------------------------------------------- Scores
 
 
-def _scores(method: str = "das") -> Scores:
+#: What the Attributor records of 8×8 grayscale training data like the digits8 benchmark's.
+LIKE_DIGITS8 = {"shape": [1, 8, 8], "count": 400}
+
+
+def _scores(method: str = "das", meta: dict | None = None) -> Scores:
+    """Two targets over 400 training images (ids 1000…1399): concentrated, then flat."""
     rng = np.random.default_rng(3)
-    values = np.stack([_spiky(rng), rng.uniform(-1, 1, size=200)])
-    return Scores(values, np.arange(1000, 1200), np.array([7, 8]), method)
+    values = np.stack([_spiky(rng, 400), rng.uniform(-1, 1, size=400)])
+    meta = {"train_data": LIKE_DIGITS8} if meta is None else meta
+    return Scores(values, np.arange(1000, 1400), np.array([7, 8]), method, meta)
 
 
 def test_scores_carry_confidence_bins_and_save_them(tmp_path, split):
@@ -163,13 +173,16 @@ def test_scores_carry_confidence_bins_and_save_them(tmp_path, split):
     np.testing.assert_allclose(s.confidence(), confidence(s.values))
     assert s.confidence_bins() == ["high", "low"]  # das is calibrated and validated
     assert Scores(s.values, s.train_ids, s.target_ids, "no-such").confidence_bins() == [None] * 2
-    screened = Scores(s.values, s.train_ids, s.target_ids, "das", {"screen": {"size": 5}})
+    screened = _scores(meta={"screen": {"size": 5}, "train_data": LIKE_DIGITS8})
     assert screened.confidence_bins() == [None, None]
 
     targets, train, heldout = split
+    ids = np.arange(1000, 1024)  # the scores' training ids of these 24 images
     with pytest.raises(DiffattrError, match="2 targets"):
-        s.set_near_copies(near_copies(targets[:1], train, heldout))
-    s.set_near_copies(near_copies(targets, train, heldout))
+        s.set_near_copies(near_copies(targets[:1], train, heldout, train_ids=ids))
+    with pytest.raises(DiffattrError, match="do not score"):  # positions are not these ids
+        s.set_near_copies(near_copies(targets, train, heldout))
+    s.set_near_copies(near_copies(targets, train, heldout, train_ids=ids))
     out = s.save(tmp_path / "das-samples", k=3)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["method"] == "das"
@@ -177,6 +190,7 @@ def test_scores_carry_confidence_bins_and_save_them(tmp_path, split):
     np.testing.assert_allclose(meta["confidence"]["values"], s.confidence(), rtol=1e-12)
     assert meta["near_copy"]["flagged"] == [True, False]
     assert meta["near_copy"]["nearest_train_id"][0] == 1005  # training id, not position
+    assert meta["confidence"]["bin_status"] == "calibrated on digits8"
     rows = json.loads((out / "topk.json").read_text())
     assert [r["confidence_bin"] for r in rows] == ["high", "low"]
     assert [r["near_copy"] for r in rows] == [True, False]
@@ -197,3 +211,75 @@ def test_scores_written_before_confidence_still_load(tmp_path):
     back = Scores.load(out)
     assert back.near_copy_flags() is None
     assert back.confidence_bins() == ["high", "low"]
+
+
+# ---------------------------------------------------------------------------- on the user's data
+
+
+def test_heldout_percentile_counts_the_reference_below_with_ties_half():
+    ref = np.array([1.0, 2.0, 3.0, 4.0, np.nan])  # NaN reference values are left out
+    pct = heldout_percentile(np.array([0.0, 2.0, 3.5, 9.0, np.nan]), ref)
+    np.testing.assert_allclose(pct[:4], [0.0, 37.5, 75.0, 100.0])
+    assert np.isnan(pct[4])
+    assert np.isnan(heldout_percentile(np.array([1.0]), np.array([np.nan]))).all()
+
+
+def test_data_like_the_calibration_benchmarks():
+    data = calibration_data()
+    assert {b: (d["channels"], d["size"], d["num_train"]) for b, d in data.items()} == {
+        "digits8": (1, [8, 8], 500),
+        "mnist8": (1, [8, 8], 1000),
+    }
+    assert like_calibration([1, 8, 8], 500) == "digits8"
+    assert like_calibration((1, 8, 8), 250) == "digits8"  # a factor 2 below
+    assert like_calibration((1, 8, 8), 2000) == "mnist8"  # a factor 2 above mnist8's
+    assert like_calibration((1, 8, 8), 249) is None
+    assert like_calibration((1, 8, 8), 2001) is None
+    assert like_calibration((3, 8, 8), 500) is None  # colour
+    assert like_calibration((1, 16, 16), 500) is None  # another size
+    assert like_calibration(None, None) is None
+
+
+def test_bins_only_for_data_like_the_calibration():
+    colour = _scores(meta={"train_data": {"shape": [3, 16, 16], "count": 480}})
+    assert colour.confidence_bins() == [None, None]
+    assert colour.calibration() == (None, NOT_LIKE)
+    unknown = _scores(meta={})  # scores that do not say what they were computed on
+    assert unknown.confidence_bins() == [None, None] and unknown.calibration()[1] == NOT_LIKE
+    assert _scores().calibration()[1] == "calibrated on digits8"
+    assert _scores("trak").calibration() == (None, "not validated for trak")
+    conf = colour.confidence_meta()
+    assert conf["bins"] == [None, None] and conf["bin_status"] == NOT_LIKE
+    assert "digits8" in conf["calibrated_on"] and "mnist8" in conf["calibrated_on"]
+
+
+def test_confidence_relative_to_heldout_images_is_saved(tmp_path):
+    s = _scores(meta={"train_data": {"shape": [3, 16, 16], "count": 400}})
+    assert s.confidence_percentiles() is None
+    kappa = s.confidence()
+    reference = np.array([kappa[1] - 1, kappa[1] + 1, kappa[0] + 1, np.nan])
+    s.set_confidence_reference(reference, np.array([3, 4, 5, 6]))
+    np.testing.assert_allclose(s.confidence_percentiles(), [200 / 3, 100 / 3])
+    out = s.save(tmp_path / "s", k=2)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["confidence"]["heldout_percentile"] == pytest.approx([200 / 3, 100 / 3])
+    assert meta["confidence"]["heldout_count"] == 4
+    assert meta["confidence_reference"]["ids"] == [3, 4, 5, 6]
+    rows = json.loads((out / "topk.json").read_text())
+    assert [r["confidence_percentile"] for r in rows] == pytest.approx([200 / 3, 100 / 3])
+    assert [r["confidence_bin"] for r in rows] == [None, None]
+    np.testing.assert_allclose(Scores.load(out).confidence_percentiles(), [200 / 3, 100 / 3])
+
+
+def test_near_copies_name_training_images_by_id(digits):
+    """Given the training set, the nearest images are its ids (what meta.json records), not
+    positions; bare images without ids are named by position."""
+    positions = np.arange(40, 100, 2)  # ids 40, 42, …: position p has id 40 + 2p
+    train = digits.subset(positions)
+    targets = torch.stack([train.images[3], train.images[10]])
+    nc = near_copies(targets, train, digits.subset(np.arange(200, 300)))
+    assert nc.nearest.tolist() == [46, 60]
+    assert near_copies(targets, train.images, digits.images[200:300]).nearest.tolist() == [3, 10]
+    s = Scores(np.zeros((2, len(train))), train.ids.numpy(), np.array([0, 1]), "das")
+    s.set_near_copies(nc)
+    assert s.meta["near_copy"]["nearest_train_id"] == [46, 60]

@@ -56,7 +56,15 @@ def test_attribution_flow(run_dir, capsys):
     assert not np.allclose(das.values, Scores.load(run.scores_dir / "dtrak-samples").values)
     assert Scores.load(run.scores_dir / "das-val").values.shape == (4, 12)
     assert main(["report", str(run_dir), "--method", "das,dtrak", "--quiet"]) == 0
-    assert "<img" in run.report_path.read_text()
+    html = run.report_path.read_text()
+    assert "<img" in html
+    for prompt in set(z["prompts"]):  # each target's prompt, and the ranked images' captions
+        assert f"<span>{prompt}</span>" in html
+    assert "<th>file</th><th>caption</th>" in html
+    top = json.loads((run.scores_dir / "das-samples" / "topk.json").read_text())
+    assert [t["caption"] for t in top] == [str(p) for p in z["prompts"]]
+    for p in (p for t in top for p in t["proponents"]):
+        assert p["train_source"].endswith(".png") and p["train_caption"].endswith(" square")
     capsys.readouterr()
     assert main(["score", str(run_dir), "--method", "tracin", "--quiet"]) == 2
     assert "tracin is not available for text2image runs (it needs checkpoints)" in (

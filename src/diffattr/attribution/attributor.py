@@ -26,6 +26,7 @@ from diffattr.attribution.gradients import resolve_device, select_parameters
 from diffattr.attribution.inputs import ScoreInputs, as_images, images_fingerprint
 from diffattr.attribution.kernel import Kernel, dual_gram, inner_products
 from diffattr.attribution.methods import Method, get_method, method_meta
+from diffattr.attribution.names import Names
 from diffattr.attribution.ridge import Ridge
 from diffattr.attribution.scores import Scores
 from diffattr.attribution.screening import (
@@ -206,7 +207,11 @@ class Attributor:
         )
 
     def score(
-        self, targets: Any, target_ids: np.ndarray | None = None, screen: Screen | None = None
+        self,
+        targets: Any,
+        target_ids: np.ndarray | None = None,
+        screen: Screen | None = None,
+        heldout: Any = None,
     ) -> Scores:
         """Scores (targets × training samples) for images, a dataset or generated samples.
 
@@ -216,7 +221,50 @@ class Attributor:
         ``screen``: score each target on its ``screen.size`` most similar training images only
         (:mod:`.screening`); the others are NaN, and only the union of the candidates is
         featurized (rows a later unscreened run reuses).
+
+        ``heldout``: real images not trained on, as a dataset of the training set's kind (a
+        run's held-out ``ImageDataset``, ``run.data_spec().load()[1]``; for text-to-image,
+        the ``LatentSet`` of ``family.targets(run, "val")``); with them the scores also carry
+        each target's κ relative to theirs and the near-copy check
+        (:meth:`compare_to_heldout`).
         """
+        scores = self._score(targets, target_ids, screen)
+        if heldout is not None:
+            self.compare_to_heldout(scores, targets, heldout, screen)
+        return scores
+
+    def compare_to_heldout(
+        self, scores: Scores, targets: Any, heldout: Any, screen: Screen | None = None,
+        near_copy: bool = True, heldout_ids: np.ndarray | None = None,
+    ) -> Scores:  # fmt: skip
+        """Record in ``scores`` (of ``targets``) what held-out real images tell about them.
+
+        ``heldout``: a dataset of the training set's kind, or images with ``heldout_ids``.
+        κ reference: the first :data:`~.confidence.HELDOUT_REFERENCE` held-out images scored
+        the same way (the targets' own κ when ``targets`` is ``heldout``), so that
+        :meth:`Scores.confidence_percentiles` reads "more concentrated than p% of held-out
+        images"; none for methods scoring generated targets' trajectories. ``near_copy``: the
+        targets' near-copy check in the attributor's space (pixels; latents for
+        text-to-image), skipped for the held-out images themselves.
+        """
+        from diffattr.attribution.confidence import HELDOUT_REFERENCE, near_copies
+        from diffattr.attribution.methods import TRAJECTORIES
+
+        cap = min(HELDOUT_REFERENCE, len(heldout))
+        if targets is heldout:
+            scores.set_confidence_reference(scores.confidence()[:cap], scores.target_ids[:cap])
+            return scores
+        if TRAJECTORIES not in self.method.requirements():
+            ref, ref_ids = _first(heldout, heldout_ids, cap)
+            kappa = self.score(ref, ref_ids, screen).confidence()
+            scores.set_confidence_reference(kappa, ref_ids)
+        if near_copy:
+            images, _ = as_images(targets, scores.target_ids)
+            scores.set_near_copies(near_copies(images, self.train, heldout))
+        return scores
+
+    def _score(self, targets: Any, target_ids: np.ndarray | None, screen: Screen | None) -> Scores:
+        """:meth:`score` without the held-out comparison."""
         images, ids = as_images(targets, target_ids)
         if tuple(images.shape[1:]) != tuple(self.train.images.shape[1:]):
             raise DataError(
@@ -246,11 +294,16 @@ class Attributor:
                 meta["lambda"] = inputs.kernel.lam
                 meta["lambda_rule"] = describe_lambda(self.lam, self.method)
                 meta["kernel_form"] = inputs.kernel.form
-        return self._scores(self.method.score(inputs), ids, meta, skipped_train, skipped_targets)
+        values = self.method.score(inputs)
+        return self._scores(values, targets, ids, meta, skipped_train, skipped_targets)
 
-    def _scores(self, values, ids, meta, skipped_train, skipped_targets, unscored=None) -> Scores:
+    def _scores(
+        self, values, targets, ids, meta, skipped_train, skipped_targets, unscored=None
+    ) -> Scores:
         """:class:`Scores` of ``values``, those of samples skipped as non-finite set to 0 but
-        for the ``unscored`` entries (NaN: outside a screen's candidates)."""
+        for the ``unscored`` entries (NaN: outside a screen's candidates); with the training
+        data's shape and size (``meta["train_data"]``, for the confidence calibration) and
+        the names of the training images and targets."""
         if skipped_train.size or skipped_targets.size:
             values = _zero_skipped(values, skipped_train, skipped_targets, self.train, ids)
             if unscored is not None:
@@ -258,7 +311,11 @@ class Attributor:
             meta["skipped_train_ids"] = self.train.ids.numpy()[skipped_train].tolist()
             meta["skipped_target_ids"] = np.asarray(ids)[skipped_targets].tolist()
         meta.update(method_meta(self.method))
-        return Scores(values, self.train.ids.numpy(), ids, self.method.name, meta)
+        meta["train_data"] = {"shape": list(self.train.shape), "count": len(self.train)}
+        return Scores(
+            values, self.train.ids.numpy(), ids, self.method.name, meta,
+            train_names=Names.of(self.train), target_names=target_names(targets, ids),
+        )  # fmt: skip
 
     def _score_screened(self, inputs: ScoreInputs, targets: Any, screen: Screen) -> Scores:
         """:meth:`score` restricted to each target's candidates (features of their union)."""
@@ -303,7 +360,25 @@ class Attributor:
             meta["lambda"] = float(np.median(lams))
             meta["lambda_range"] = [float(min(lams)), float(max(lams))]
             meta["lambda_rule"] = describe_lambda(self.lam, self.method)
-        return self._scores(values, ids, meta, skipped_train, skipped_targets, np.isnan(values))
+        unscored = np.isnan(values)
+        return self._scores(values, targets, ids, meta, skipped_train, skipped_targets, unscored)
+
+
+def _first(samples: Any, ids: np.ndarray | None, n: int) -> tuple[Any, np.ndarray]:
+    """The first ``n`` of a dataset (its ids) or of images (``ids``, else positions)."""
+    if hasattr(samples, "subset"):
+        ref = samples.subset(np.arange(n))
+        return ref, ref.ids.numpy()
+    ids = np.arange(len(samples)) if ids is None else np.asarray(ids)
+    return samples[:n], ids[:n]
+
+
+def target_names(targets: Any, ids: np.ndarray) -> Names | None:
+    """The names of ``targets`` (a dataset's sources, captions, groups; a text-to-image set's
+    prompts), in the order of ``ids``; None for bare images or samples, which carry none."""
+    if getattr(targets, "sources", None) is None and getattr(targets, "captions", None) is None:
+        return None
+    return Names.of(targets, ids)
 
 
 def describe_lambda(lam: float | Ridge | None, method: Method) -> str:

@@ -10,6 +10,16 @@ mnist8 (``benchmarks/confidence.py``, ``benchmarks/README.md``, "Per-target conf
 each bin carries the mean per-target LDS measured on both benchmarks (with a bootstrap CI), in
 ``confidence_calibration.json`` next to this file, which ``benchmarks/confidence.py`` writes.
 
+**Relative to held-out images**: κ alone has no scale a user can read on their own data, so
+each target's κ is also reported as a percentile among the κ of the run's own held-out real
+images scored the same way (at most :data:`HELDOUT_REFERENCE` of them, the first of the
+held-out split): "more concentrated than 80% of held-out images". It needs no ground truth.
+
+**Like the calibration data**: the bins are shown only for scores of data like a benchmark's:
+the same image size and channels and a training set within a factor 2 of its number of images
+(the ``data`` entry of the calibration file: 8×8 grayscale digits, N = 500 and 1,000);
+otherwise the bin is None, "not calibrated for this data".
+
 **Near copies**: a target whose nearest training image (pixel L2; and embedding distance when
 an encoder is given) is at most the ``quantile`` of held-out real images' nearest-training-image
 distances is flagged: it is closer to a training image than all but that fraction of real
@@ -33,6 +43,13 @@ CALIBRATION_PATH = Path(__file__).with_name("confidence_calibration.json")
 BINS = ("low", "medium", "high")
 #: Default quantile of held-out real images' nearest-training-image distances.
 NEAR_COPY_QUANTILE = 0.05
+#: At most this many held-out images (the first of the held-out split) are scored for the κ
+#: reference: a cost of that many more targets per method.
+HELDOUT_REFERENCE = 64
+#: What the bins are when the scores' data are not like any calibration benchmark's.
+NOT_LIKE = "not calibrated for this data"
+#: How far a training set's size may be from a benchmark's and still count as like it.
+LIKE_FACTOR = 2.0
 
 
 def confidence(scores: np.ndarray) -> np.ndarray:
@@ -71,6 +88,64 @@ def load_calibration(path: str | Path | None = None) -> dict[str, Any]:
 def method_calibration(method: str, path: str | Path | None = None) -> dict[str, Any] | None:
     """The calibration entry of ``method`` (cut points, bin LDS), or None if not calibrated."""
     return load_calibration(path).get("methods", {}).get(method)
+
+
+def heldout_percentile(kappa: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per target, the share (in %) of held-out images' κ below its κ, ties counted half:
+    100 · (#{r < κ} + ½ #{r = κ}) / n over the n finite reference values.
+
+    NaN where κ is NaN or no reference value is finite.
+    """
+    k = np.asarray(kappa, dtype=np.float64).reshape(-1)
+    r = np.asarray(reference, dtype=np.float64).reshape(-1)
+    r = np.sort(r[np.isfinite(r)])
+    out = np.full(k.shape, np.nan)
+    if r.size == 0:
+        return out
+    ok = np.isfinite(k)
+    below = np.searchsorted(r, k[ok], side="left")
+    upto = np.searchsorted(r, k[ok], side="right")
+    out[ok] = 100.0 * (below + 0.5 * (upto - below)) / r.size
+    return out
+
+
+def calibration_data(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Benchmark → the data it calibrated on: ``channels``, ``size`` [H, W], ``num_train``."""
+    return load_calibration(path).get("data", {})
+
+
+def describe_data(shape: tuple[int, ...] | list[int], num_train: int) -> str:
+    """``C×H×W, N = n``: the data a set of scores was computed on."""
+    return f"{'×'.join(str(int(d)) for d in shape)}, N = {int(num_train)}"
+
+
+def like_calibration(
+    shape: tuple[int, ...] | list[int] | None, num_train: int | None, path: str | Path | None = None
+) -> str | None:
+    """The first calibration benchmark whose data the scores' data are like, or None.
+
+    Like: same channels and H×W as the benchmark, and N within a factor
+    :data:`LIKE_FACTOR` of its N (max(N, N_b) ≤ 2 · min(N, N_b)).
+    """
+    if shape is None or num_train is None or len(shape) != 3 or num_train < 1:
+        return None
+    c, h, w = (int(d) for d in shape)
+    for bench, d in calibration_data(path).items():
+        n_b = int(d["num_train"])
+        same = c == int(d["channels"]) and [h, w] == [int(x) for x in d["size"]]
+        if same and max(num_train, n_b) <= LIKE_FACTOR * min(num_train, n_b):
+            return bench
+    return None
+
+
+def calibration_words(path: str | Path | None = None) -> str:
+    """Which benchmarks the bins come from, in words (for reports and meta.json)."""
+    parts = [
+        f"{b} ({d.get('description', '')}: {d['channels']}×{d['size'][0]}×{d['size'][1]}, "
+        f"N = {d['num_train']})"
+        for b, d in calibration_data(path).items()
+    ]
+    return "; ".join(parts) if parts else "no benchmark recorded"
 
 
 def confidence_bins(values: np.ndarray, cuts: list[float] | tuple[float, ...]) -> list[str | None]:
@@ -128,29 +203,30 @@ def nearest_cosine(queries: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, n
 class NearCopies:
     """Per target: the nearest training image, its distances, and whether it is a near copy.
 
-    ``flagged``: pixel distance ≤ ``pixel_threshold`` (and, with an encoder, embedding
-    distance ≤ ``embedding_threshold``), the thresholds being the ``quantile`` of held-out
-    real images' own nearest-training-image distances.
+    ``nearest`` (and ``embedding_nearest``) are training **ids**, as ``meta.json`` gives them:
+    the dataset's ids when :func:`near_copies` got a dataset or ``train_ids``, else positions
+    0…N−1 in the training images given. ``flagged``: pixel distance ≤ ``pixel_threshold``
+    (and, with an encoder, embedding distance ≤ ``embedding_threshold``), the thresholds being
+    the ``quantile`` of held-out real images' own nearest-training-image distances.
     """
 
     quantile: float
-    nearest: np.ndarray  # (T,) training positions, nearest by pixel L2
+    nearest: np.ndarray  # (T,) training ids, nearest by pixel L2
     pixel_distance: np.ndarray
     pixel_threshold: float
     flagged: np.ndarray
-    embedding_nearest: np.ndarray | None = None
+    embedding_nearest: np.ndarray | None = None  # training ids, nearest by embedding
     embedding_distance: np.ndarray | None = None
     embedding_threshold: float | None = None
 
-    def to_meta(self, train_ids: np.ndarray | None = None) -> dict[str, Any]:
-        """JSON-ready fields (nearest as training ids when ``train_ids`` is given)."""
-        ids = self.nearest if train_ids is None else np.asarray(train_ids)[self.nearest]
+    def to_meta(self) -> dict[str, Any]:
+        """JSON-ready fields (``nearest_train_id``: training ids)."""
         out: dict[str, Any] = {
             "quantile": self.quantile,
             "rule": "nearest training image at most the quantile of held-out real images' "
             "nearest-training-image distances",
             "flagged": [bool(f) for f in self.flagged],
-            "nearest_train_id": [int(i) for i in ids],
+            "nearest_train_id": [int(i) for i in self.nearest],
             "pixel_distance": [float(d) for d in self.pixel_distance],
             "pixel_threshold": self.pixel_threshold,
         }
@@ -160,46 +236,68 @@ class NearCopies:
         return out
 
 
+def _images_and_ids(train: Any, train_ids: Any) -> tuple[Any, np.ndarray]:
+    """(training images, their ids): a dataset's own ids, else ``train_ids``, else 0…N−1."""
+    images = getattr(train, "images", train)
+    ids = getattr(train, "ids", None) if train_ids is None else train_ids
+    n = int(np.shape(images)[0])
+    if ids is None:
+        return images, np.arange(n, dtype=np.int64)
+    ids = np.asarray(ids.cpu().numpy() if hasattr(ids, "cpu") else ids, dtype=np.int64)
+    if ids.shape != (n,):
+        raise ValueError(f"{ids.size} training ids for {n} training images")
+    return images, ids
+
+
 def near_copies(
     target_images: Any,
     train_images: Any,
     heldout_images: Any,
     quantile: float = NEAR_COPY_QUANTILE,
     encoder: Callable[[Any], Any] | None = None,
+    train_ids: Any = None,
 ) -> NearCopies:
     """Flag targets closer to a training image than held-out real images are.
 
     d(x) = min_i ‖x − zᵢ‖₂; flagged iff d(x) ≤ Q_q{d(h) : h held out} (and the same with
     embedding cosine distance 1 − cos(e(x), e(zᵢ)) when ``encoder`` is given). Images are
-    N×C×H×W tensors or arrays; deterministic.
+    N×C×H×W tensors or arrays, or datasets. Nearest training images are named by id: the
+    training dataset's ids, else ``train_ids``, else (bare images) their positions 0…N−1.
+    Deterministic.
     """
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
-    tgt, train, held = _flat(target_images), _flat(train_images), _flat(heldout_images)
-    if len(held) == 0 or len(train) == 0:
+    train_images, ids = _images_and_ids(train_images, train_ids)
+    target_images = getattr(target_images, "images", target_images)
+    heldout_images = getattr(heldout_images, "images", heldout_images)
+    tgt, pool, held = _flat(target_images), _flat(train_images), _flat(heldout_images)
+    if len(held) == 0 or len(pool) == 0:
         raise ValueError("near_copies needs training and held-out images")
-    nearest, dist = nearest_l2(tgt, train)
-    _, held_dist = nearest_l2(held, train)
+    nearest, dist = nearest_l2(tgt, pool)
+    _, held_dist = nearest_l2(held, pool)
     threshold = float(np.quantile(held_dist, quantile))
-    flagged = dist <= threshold
-    out = NearCopies(quantile, nearest, dist, threshold, flagged)
+    out = NearCopies(quantile, ids[nearest], dist, threshold, dist <= threshold)
     if encoder is not None:
-        import torch
-
-        from diffattr.attribution.embedding import embed
-
-        def emb(a: np.ndarray, like: Any) -> np.ndarray:
-            shape = tuple(np.shape(like))
-            return embed(encoder, torch.from_numpy(a.reshape(shape).astype(np.float32)))
-
-        e_train = emb(train, train_images)
-        e_idx, e_dist = nearest_cosine(emb(tgt, target_images), e_train)
-        _, e_held = nearest_cosine(emb(held, heldout_images), e_train)
-        e_thr = float(np.quantile(e_held, quantile))
-        out.embedding_nearest, out.embedding_distance, out.embedding_threshold = (
-            e_idx,
-            e_dist,
-            e_thr,
-        )
-        out.flagged = flagged & (e_dist <= e_thr)
+        _add_embedding(out, encoder, (tgt, target_images), (pool, train_images), ids,
+                       (held, heldout_images))  # fmt: skip
     return out
+
+
+def _add_embedding(out: NearCopies, encoder: Callable, target, train, ids, heldout) -> None:
+    """The embedding half of :func:`near_copies`: each pair is (flat rows, original images)."""
+    import torch
+
+    from diffattr.attribution.embedding import embed
+
+    def emb(pair: tuple[np.ndarray, Any]) -> np.ndarray:
+        flat, like = pair
+        shape = tuple(np.shape(like))
+        return embed(encoder, torch.from_numpy(flat.reshape(shape).astype(np.float32)))
+
+    e_train = emb(train)
+    e_idx, e_dist = nearest_cosine(emb(target), e_train)
+    _, e_held = nearest_cosine(emb(heldout), e_train)
+    e_thr = float(np.quantile(e_held, out.quantile))
+    out.embedding_nearest, out.embedding_distance = ids[e_idx], e_dist
+    out.embedding_threshold = e_thr
+    out.flagged = out.flagged & (e_dist <= e_thr)

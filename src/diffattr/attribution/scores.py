@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from diffattr.attribution.names import FIELDS, Names
 from diffattr.errors import DiffattrError
 from diffattr.fsio import (
     atomic_directory,
@@ -20,12 +21,19 @@ from diffattr.fsio import (
     read_json,
 )
 
+#: Columns of ``topk.csv``: the first five as before names existed, then the names.
+CSV_COLUMNS = ("target_id", "kind", "rank", "train_id", "score")
+CSV_COLUMNS += ("train_source", "train_caption", "train_group", "target_source", "target_caption")
+
 
 @dataclass
 class Scores:
     """τ(x, zᵢ) for targets x (rows) and training samples zᵢ (columns).
 
-    Positive = the training sample helps the model produce the target.
+    Positive = the training sample helps the model produce the target. ``train_ids`` and
+    ``target_ids`` are the datasets' stable ids (:mod:`diffattr.attribution.names`), never
+    positions. ``train_names`` (source, caption, group per training id) name the top-k
+    tables' rows and are not saved whole; ``target_names`` are saved in ``meta.json``.
     """
 
     values: np.ndarray
@@ -33,6 +41,8 @@ class Scores:
     target_ids: np.ndarray
     method: str
     meta: dict[str, Any] = field(default_factory=dict)
+    train_names: Names | None = field(default=None, repr=False, compare=False)
+    target_names: Names | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float32)
@@ -48,8 +58,9 @@ class Scores:
     def top_k(self, k: int, opponents: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores), each (T, k): the k highest scores (or lowest, for opponents).
 
-        Unscored training images (NaN: outside a screened target's candidates) come last; a
-        target with fewer than k scores has NaN scores at the end of its row.
+        Returns training **ids** (not positions). Unscored training images (NaN: outside a
+        screened target's candidates) come last; a target with fewer than k scores has NaN
+        scores at the end of its row.
         """
         k = min(k, self.values.shape[1])
         v = -self.values if opponents else self.values
@@ -65,54 +76,121 @@ class Scores:
 
         return confidence(self.values)
 
+    def calibration(self) -> tuple[dict[str, Any] | None, str]:
+        """(the method's calibration entry when its bins apply to these scores, else None;
+        why, in words: ``calibrated on digits8``, ``not calibrated for this data``, …).
+
+        Bins apply when the method is calibrated and validated, the scores are unscreened, and
+        ``meta["train_data"]`` (set by the ``Attributor``) is like a calibration benchmark's
+        data (:func:`~diffattr.attribution.confidence.like_calibration`).
+        """
+        from diffattr.attribution.confidence import NOT_LIKE, like_calibration, method_calibration
+
+        entry = method_calibration(self.method)
+        if entry is None:
+            return None, f"not calibrated for {self.method}"
+        if not entry.get("validated"):
+            return None, f"not validated for {self.method}"
+        if self.meta.get("screen"):
+            return None, "not calibrated for screened scores"
+        data = self.meta.get("train_data") or {}
+        bench = like_calibration(data.get("shape"), data.get("count"))
+        return (entry, f"calibrated on {bench}") if bench else (None, NOT_LIKE)
+
     def confidence_bins(self) -> list[str | None]:
         """Per target 'low' / 'medium' / 'high' from the method's committed calibration.
 
-        All None when the method has no calibration, its κ did not predict per-target LDS on
-        the held-out benchmark (``validated`` false), or the scores are screened (κ over a
-        target's candidates is not the κ that was calibrated).
+        All None unless :meth:`calibration` applies: the method is calibrated and its κ
+        predicted per-target LDS on the held-out benchmark, the scores are unscreened (κ over
+        a target's candidates is not the κ that was calibrated), and the training data are
+        like the calibration benchmarks' (same size and channels, N within a factor 2).
         """
-        from diffattr.attribution.confidence import confidence_bins, method_calibration
+        from diffattr.attribution.confidence import confidence_bins
 
-        entry = method_calibration(self.method)
-        if entry is None or not entry.get("validated") or self.meta.get("screen"):
+        entry, _ = self.calibration()
+        if entry is None:
             return [None] * self.target_ids.size
         return confidence_bins(self.confidence(), entry["cuts"])
 
+    def set_confidence_reference(self, kappa: np.ndarray, ids: np.ndarray) -> None:
+        """Record κ of held-out real images (ids ``ids``) scored the same way, in
+        ``meta["confidence_reference"]``: :meth:`confidence_percentiles` ranks among them."""
+        values = np.asarray(kappa, dtype=np.float64).reshape(-1)
+        self.meta["confidence_reference"] = {
+            "kind": "held-out real images, scored the same way",
+            "ids": [int(i) for i in np.asarray(ids).reshape(-1)],
+            "values": [float(v) if np.isfinite(v) else None for v in values],
+        }
+
+    def confidence_percentiles(self) -> np.ndarray | None:
+        """(T,) % of the held-out reference's κ below each target's (ties half), or None
+        without a reference (:meth:`set_confidence_reference`)."""
+        from diffattr.attribution.confidence import heldout_percentile
+
+        ref = self.meta.get("confidence_reference")
+        if not ref:
+            return None
+        values = np.array([np.nan if v is None else v for v in ref["values"]], dtype=np.float64)
+        return heldout_percentile(self.confidence(), values)
+
     def set_near_copies(self, near: Any) -> None:
         """Record a :class:`~diffattr.attribution.confidence.NearCopies` of these targets
-        (same order) in ``meta["near_copy"]``: saved in ``meta.json`` and ``topk.json``."""
+        (same order, nearest images named by training id) in ``meta["near_copy"]``: saved in
+        ``meta.json`` and ``topk.json``."""
         if len(near.flagged) != self.target_ids.size:
             raise DiffattrError(
                 f"near-copy flags for {len(near.flagged)} targets, but the scores have "
                 f"{self.target_ids.size} targets"
             )
-        self.meta["near_copy"] = near.to_meta(self.train_ids)
+        if not np.isin(np.asarray(near.nearest), self.train_ids).all():
+            raise DiffattrError(
+                "the near-copy check names training images that these scores do not score",
+                hint="pass the training set (its ids) or train_ids to near_copies",
+            )
+        self.meta["near_copy"] = near.to_meta()
 
     def near_copy_flags(self) -> np.ndarray | None:
-        """(T,) bool near-copy flags recorded with :meth:`set_near_copies`, or None."""
+        """(T,) bool near-copy flags recorded with :meth:`set_near_copies` (as
+        ``Attributor.score(..., heldout=...)`` does), or None."""
         near = self.meta.get("near_copy")
         return None if not near else np.asarray(near["flagged"], dtype=bool)
 
     def confidence_meta(self) -> dict[str, Any]:
-        """The ``meta.json`` entry ``confidence``: definition, per-target values and bins."""
-        from diffattr.attribution.confidence import DEFINITION, method_calibration
+        """The ``meta.json`` entry ``confidence``: definition, per-target κ, held-out
+        percentile and bin, what the bins mean here and which benchmarks they come from."""
+        from diffattr.attribution.confidence import DEFINITION, calibration_words
 
-        entry = method_calibration(self.method)
-        values = self.confidence()
+        entry, status = self.calibration()
+        pct = self.confidence_percentiles()
+        ref = self.meta.get("confidence_reference")
         return {
             "definition": DEFINITION,
-            "values": [float(v) if np.isfinite(v) else None for v in values],
+            "values": _floats(self.confidence()),
+            "heldout_percentile": None if pct is None else _floats(pct),
+            "heldout_count": None if not ref else len(ref["values"]),
             "bins": self.confidence_bins(),
+            "bin_status": status,
             "calibration": None if entry is None else entry.get("settings"),
+            "calibrated_on": calibration_words(),
         }
+
+    def names_meta(self) -> dict[str, Any] | None:
+        """The ``meta.json`` entry ``targets``: per target its ``source`` and ``caption``."""
+        if self.target_names is None:
+            return None
+        n = self.target_names
+        return {"source": n.column("source", self.target_ids),
+                "caption": n.column("caption", self.target_ids)}  # fmt: skip
 
     def save(self, out_dir: str | Path, k: int = 10) -> Path:
         """Write ``scores.npy``, ``meta.json`` and top-k tables (``topk.csv``, ``topk.json``).
 
-        ``meta.json`` gains ``confidence`` (definition, per-target κ and bin) and, when set,
-        ``near_copy``; each ``topk.json`` row carries its target's ``confidence``,
-        ``confidence_bin`` (and ``near_copy``). :meth:`load` keeps them in ``meta``.
+        ``meta.json`` gains ``confidence`` (definition, per-target κ, held-out percentile and
+        bin), ``targets`` (per-target source and caption) and, when set, ``near_copy``; each
+        ``topk.json`` row carries its target's ``source``, ``caption``, ``confidence``,
+        ``confidence_percentile``, ``confidence_bin`` (and ``near_copy``), and each ranked
+        training image its ``train_source``, ``train_caption`` and ``train_group``.
+        :meth:`load` keeps them.
 
         The directory is built under a temporary name and renamed into place, so a killed
         write leaves either the previous scores or the complete new ones, never a mixture.
@@ -121,6 +199,20 @@ class Scores:
         with atomic_directory(target) as out:
             self._write(out, k)
         return target
+
+    def _name(self, names: Names | None, image_id: int, field_name: str) -> str | None:
+        return None if names is None else names.row(image_id)[field_name]
+
+    def _ranked(self, ids: np.ndarray, vals: np.ndarray) -> list[dict[str, Any]]:
+        """One target's ranked training images, as ``topk.json`` lists them."""
+        out = []
+        for i, v in zip(ids, vals, strict=True):
+            if np.isfinite(v):
+                row = {"train_id": int(i), "score": float(v)}
+                for f in FIELDS:
+                    row[f"train_{f}"] = self._name(self.train_names, int(i), f)
+                out.append(row)
+        return out
 
     def _write(self, out: Path, k: int) -> None:
         atomic_write(out / "scores.npy", lambda f: np.save(f, self.values))
@@ -133,26 +225,25 @@ class Scores:
         rows = []
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["target_id", "kind", "rank", "train_id", "score"])
+        w.writerow(CSV_COLUMNS)
         for t, tid in enumerate(self.target_ids):
+            tid = int(tid)
+            target = [self._name(self.target_names, tid, f) for f in ("source", "caption")]
             for kind, ids, vals in (("proponent", pro_ids, pro), ("opponent", opp_ids, opp)):
-                for r in range(ids.shape[1]):
-                    if np.isfinite(vals[t, r]):
-                        w.writerow([int(tid), kind, r + 1, int(ids[t, r]), f"{vals[t, r]:.6g}"])
+                for r, entry in enumerate(self._ranked(ids[t], vals[t])):
+                    names = [entry[f"train_{f}"] for f in FIELDS]
+                    w.writerow([tid, kind, r + 1, entry["train_id"], f"{entry['score']:.6g}",
+                                *(x or "" for x in names + target)])  # fmt: skip
+            pct = conf["heldout_percentile"]
             rows.append(
                 {
-                    "target_id": int(tid),
-                    "proponents": [
-                        {"train_id": int(i), "score": float(s)}
-                        for i, s in zip(pro_ids[t], pro[t], strict=True)
-                        if np.isfinite(s)
-                    ],
-                    "opponents": [
-                        {"train_id": int(i), "score": float(s)}
-                        for i, s in zip(opp_ids[t], opp[t], strict=True)
-                        if np.isfinite(s)
-                    ],
+                    "target_id": tid,
+                    "source": target[0],
+                    "caption": target[1],
+                    "proponents": self._ranked(pro_ids[t], pro[t]),
+                    "opponents": self._ranked(opp_ids[t], opp[t]),
                     "confidence": conf["values"][t],
+                    "confidence_percentile": None if pct is None else pct[t],
                     "confidence_bin": conf["bins"][t],
                     **({} if near is None else {"near_copy": bool(near[t])}),
                 }
@@ -160,6 +251,8 @@ class Scores:
         atomic_write_bytes(out / "topk.csv", buf.getvalue().encode())
         atomic_write_bytes(out / "topk.json", json.dumps(rows, indent=1).encode())
         meta = {"method": self.method, **self.meta, "confidence": conf}
+        if self.target_names is not None:
+            meta["targets"] = self.names_meta()
         atomic_write_json(out / "meta.json", meta)
 
     @classmethod
@@ -169,10 +262,21 @@ class Scores:
             raise DiffattrError(f"no scores in {out}", hint="run `diffattr score` first")
         meta = read_json(out / "meta.json")
         method = meta.pop("method", "unknown")
+        target_ids = np.load(out / "target_ids.npy")
+        named = meta.pop("targets", None)
+        names = None
+        if isinstance(named, dict):
+            names = Names(target_ids, named.get("source"), named.get("caption"))
         return cls(
             np.load(out / "scores.npy"),
             np.load(out / "train_ids.npy"),
-            np.load(out / "target_ids.npy"),
+            target_ids,
             method,
             meta,
+            target_names=names,
         )
+
+
+def _floats(values: np.ndarray) -> list[float | None]:
+    """JSON-ready floats: None for NaN."""
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(values).reshape(-1)]

@@ -115,8 +115,8 @@ def check_screenable(method: Method) -> None:
 
 
 def candidate_rows(similarity: np.ndarray, size: int) -> np.ndarray:
-    """(T, M) training rows with the M highest similarities per target (ties: lower row
-    first), each row's list sorted ascending."""
+    """(T, M) training rows (positions in the training set, not ids) with the M highest
+    similarities per target (ties: lower row first), each row's list sorted ascending."""
     s = np.asarray(similarity, dtype=np.float64)
     m = min(int(size), s.shape[1])
     order = np.argsort(-s, axis=1, kind="stable")[:, :m]

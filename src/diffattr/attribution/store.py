@@ -198,7 +198,8 @@ class FeatureStore:
         return np.flatnonzero(np.asarray(self.done) == MISSING)
 
     def skipped_rows(self) -> np.ndarray:
-        """Row indices skipped because their features were not finite (stored as zeros)."""
+        """Rows (positions in the store, not ids) skipped because their features were not
+        finite (stored as zeros)."""
         return np.flatnonzero(np.asarray(self.done) == SKIPPED)
 
     # ------------------------------------------------------------------ writing

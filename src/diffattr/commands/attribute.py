@@ -52,14 +52,16 @@ def score_run(
     **attributor_options: Any,
 ) -> dict[str, str]:
     """Score ``targets`` of ``run`` with each (method, options); save ``RUN/scores/LABEL-NAME``
-    (scores, top-k tables, per-target confidence and, for generated or given images, the
-    near-copy check against the run's held-out images). ``context``: where methods take option
-    defaults from; ``executor``: featurize and tile the kernel products on it;
-    ``attributor_options``: λ, batch size, device, progress, on_nonfinite. Returns label →
-    scores directory, and ``targets``: per target its id, near-copy flag and each method's
-    confidence and bin."""
+    (scores, top-k tables naming each image's file and caption, per-target confidence with
+    its percentile among the run's held-out images and, for generated or given images, the
+    near-copy check against them). ``context``: where methods take option defaults from;
+    ``executor``: featurize and tile the kernel products on it; ``attributor_options``: λ,
+    batch size, device, progress, on_nonfinite. Returns label → scores directory, and
+    ``targets``: per target its id, source, caption, near-copy flag and each method's
+    confidence, held-out percentile and bin."""
     from diffattr.attribution.method_spec import method_label
     from diffattr.attribution.methods import get_method
+    from diffattr.attribution.names import Names
     from diffattr.attribution.shards import featurize_with_executor
     from diffattr.families import family_of, load_for_worker
 
@@ -68,6 +70,9 @@ def score_run(
     loaded: dict[str, Any] = {}
     out: dict[str, Any] = {}
     near: Any = None
+    names: Any = None
+    pictures = run.data_spec().load()  # (train, val) as pictures: files, captions, groups
+    train_names = Names.of(pictures[0])
     per_target: list[dict[str, Any]] = []
     for method, given in methods:
         options = get_method(method, **given).options_from(context, given)
@@ -82,34 +87,87 @@ def score_run(
                     device=worker_device,
                 )  # fmt: skip
         scores = att.score(target_set, ids, screen=screen)  # checks the targets' shape first
-        if not per_target:  # the first method: the targets' near-copy check, once
-            near = near_copies_of(run, family, targets)
-            per_target = [{"id": int(i)} for i in ids]
-            if near is not None:
-                for row, flag in zip(per_target, near.flagged, strict=True):
-                    row["near_copy"] = bool(flag)
+        heldout, heldout_ids = heldout_targets(family, run, targets, loaded)
+        if len(heldout_ids):
+            att.compare_to_heldout(scores, target_set, heldout, screen, False, heldout_ids)
+        if not per_target:  # the first method: the targets' names and near-copy check, once
+            near = near_copies_of(run, family, targets, pictures)
+            names = target_names_of(run, targets, ids, pictures[1])
+            per_target = target_rows(ids, names, near)
         if near is not None:
             scores.set_near_copies(near)
+        scores.train_names, scores.target_names = train_names, names
         label = method_label(method, given)
         out[label] = str(scores.save(run.scores_dir / f"{label}-{name}", k=k))
-        for row, value, bin_ in zip(
-            per_target, scores.confidence(), scores.confidence_bins(), strict=True
-        ):
-            row[label] = {"confidence": float(value) if np.isfinite(value) else None, "bin": bin_}
+        add_confidence(per_target, label, scores)
     out["targets"] = per_target
     return out
 
 
-def near_copies_of(run: Any, family: Any, targets: str) -> Any:
-    """The near-copy check of ``targets`` (as pictures) against the run's training images, at
-    the quantile of its held-out images' distances; None for the held-out images themselves."""
+def heldout_targets(family: Any, run: Any, spec: str, cache: dict) -> tuple[Any, np.ndarray]:
+    """(held-out images as the attributor takes them, their ids), loaded once: the targets
+    themselves when ``spec`` is ``val``."""
+    if "val" not in cache:
+        cache["val"] = cache["plain"] if spec == "val" else family.targets(run, "val")
+    _, heldout, ids = cache["val"]
+    return heldout, np.asarray(ids)
+
+
+def target_names_of(run: Any, spec: str, ids: np.ndarray, val_set: Any) -> Any:
+    """:class:`~diffattr.attribution.names.Names` of target ``spec``: held-out (``val_set``)
+    or given images' files and captions; generated ones' rows of their samples file and
+    prompts."""
+    from diffattr.attribution.names import Names, generated_names
+    from diffattr.families import given_images, is_samples_file, samples_path
+
+    if spec == "val":
+        return Names.of(val_set)
+    path = Path(spec)
+    if spec != "samples" and not is_samples_file(path):
+        return Names.of(given_images(run, path))
+    path = samples_path(run, spec)
+    with np.load(path, allow_pickle=False) as z:
+        prompts = [str(p) for p in z["prompts"].tolist()] if "prompts" in z.files else None
+    return generated_names(ids, path.name, prompts)
+
+
+def target_rows(ids: np.ndarray, names: Any, near: Any) -> list[dict[str, Any]]:
+    """``--json``'s per-target rows: id, source, caption and near-copy flag."""
+    rows = []
+    for t, i in enumerate(np.asarray(ids).tolist()):
+        row = {"id": int(i), **{f: names.row(i)[f] for f in ("source", "caption")}}
+        if near is not None:
+            row["near_copy"] = bool(near.flagged[t])
+        rows.append(row)
+    return rows
+
+
+def add_confidence(rows: list[dict[str, Any]], label: str, scores: Any) -> None:
+    """Add ``label``: {confidence, percentile (among held-out images), bin} to each row."""
+    pct = scores.confidence_percentiles()
+    pct = np.full(len(rows), np.nan) if pct is None else pct
+    for row, value, p, bin_ in zip(
+        rows, scores.confidence(), pct, scores.confidence_bins(), strict=True
+    ):
+        row[label] = {
+            "confidence": float(value) if np.isfinite(value) else None,
+            "percentile": float(p) if np.isfinite(p) else None,
+            "bin": bin_,
+        }
+
+
+def near_copies_of(run: Any, family: Any, targets: str, pictures: tuple[Any, Any]) -> Any:
+    """The near-copy check of ``targets`` (as pictures) against the run's training images
+    (``pictures``: the run's training and held-out sets), at the quantile of its held-out
+    images' distances; None for the held-out images themselves. Nearest images are named by
+    training id."""
     from diffattr.attribution.confidence import near_copies
 
     if targets == "val":
         return None
-    train_set, val_set = run.data_spec().load()
+    train_set, val_set = pictures
     _, images, _ = family.images(run, targets)
-    return near_copies(images, train_set.images, val_set.images)
+    return near_copies(images, train_set, val_set)
 
 
 def scored_methods(run: Any, targets: str) -> list[str]:
@@ -203,6 +261,7 @@ def write_run_report(
         figures=counterfactual_figures(counterfactual),
         heldout=None if name == "val" else val_set.images,
         target_kind="val" if name == "val" else "gen",
+        target_names=target_names_of(run, targets, ids, val_set),
     )
     return path, sorted(scores)
 

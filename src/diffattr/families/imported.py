@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffattr.attribution.methods import TRAINING_LOSS
 from diffattr.errors import CheckpointError, ConfigError, DataError, DiffattrError
 from diffattr.families.pixel import PixelFamily
 from diffattr.run import RunDir
@@ -151,7 +152,8 @@ class DiffusersFamily(PixelFamily):
     retraining, the model and its noise process taken from the imported folders."""
 
     name = DIFFUSERS
-    provides = frozenset()  # no training checkpoints; sampling is the pipeline's own
+    # no training checkpoints; sampling is the pipeline's own; its loss is its schedule's
+    provides = frozenset({TRAINING_LOSS})
 
     def source(self, run: RunDir) -> dict[str, Any]:
         return run.manifest()["source"]

@@ -29,7 +29,8 @@ class LatentSet:
 
     Quacks like an :class:`~diffattr.data.ImageDataset` where the engine needs it (``images``,
     ``ids``, ``fingerprint()``, ``len``) and adds ``conditioning``, which the gradient
-    computation hands to the UNet with each sample.
+    computation hands to the UNet with each sample. ``sources``: the encoded images' files
+    (as the dataset names them), when known.
     """
 
     images: torch.Tensor
@@ -37,6 +38,7 @@ class LatentSet:
     captions: list[str]
     conditioning: torch.Tensor
     name: str = "latents"
+    sources: list[str] | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -54,6 +56,7 @@ class LatentSet:
             [self.captions[int(i)] for i in idx],
             self.conditioning[idx],
             self.name,
+            None if self.sources is None else [self.sources[int(i)] for i in idx],
         )
 
     def fingerprint(self) -> str:
@@ -125,7 +128,7 @@ def encode_dataset(
     if cache_dir is not None:
         path = Path(cache_dir) / f"{cache_key(dataset, components)}.npz"
         if path.is_file():
-            return load_latents(path, dataset.name)
+            return _with_sources(load_latents(path, dataset.name), dataset)
     latents = encode_images(components, dataset.images)
     distinct, inverse = np.unique(np.asarray(captions, dtype=np.str_), return_inverse=True)
     emb = encode_prompts(components, [str(c) for c in distinct])
@@ -138,7 +141,15 @@ def encode_dataset(
             distinct=emb.numpy(),
             inverse=inverse.astype(np.int64),
         )
-    return LatentSet(latents, dataset.ids.clone(), captions, emb[torch.as_tensor(inverse)])
+    lat = LatentSet(latents, dataset.ids.clone(), captions, emb[torch.as_tensor(inverse)])
+    return _with_sources(lat, dataset)
+
+
+def _with_sources(lat: LatentSet, dataset: ImageDataset) -> LatentSet:
+    """``lat`` naming its images as ``dataset`` does (the cache key covers the images, not
+    their file names)."""
+    lat.sources = getattr(dataset, "sources", None)
+    return lat
 
 
 def load_latents(path: str | Path, name: str = "latents") -> LatentSet:
