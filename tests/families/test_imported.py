@@ -203,3 +203,41 @@ def test_data_of_another_size_names_the_option_that_fixes_it(tmp_path, capsys):
     argv = ["import", str(model), *DATA, "--size", "12", "--out", str(tmp_path / "r"), "--quiet"]
     assert main(argv) == 2
     assert "--size 8" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_ekfac_serves_an_imported_v_prediction_model(tmp_path, capsys):
+    """EK-FAC's task noises and targets through the model's own process: its training loss
+    gradient equals one written by hand from the scheduler's add_noise / get_velocity; and
+    `score --method ekfac` and DAS + EK-FAC run on the imported run."""
+    pytest.importorskip("kronfluence")
+    from diffusers import DDPMScheduler
+    from kronfluence.task import Task
+
+    from diffattr.attribution.gradients import TimestepSpec
+    from diffattr.attribution.influence import _Items, _make_task
+
+    run = RunDir(import_run(tmp_path, "v_prediction", "scaled_linear"))
+    family = family_of(run)
+    schedule, model = family.schedule(run), family.model(run)
+    folder = tmp_path / "model-v_prediction-scaled_linear" / "scheduler"
+    scheduler = DDPMScheduler.from_pretrained(folder)
+    x0 = load_builtin("digits").images[:2]
+    items = _Items(x0, np.arange(2), TimestepSpec(2), schedule, noise_seed=0)
+    batch = torch.utils.data.default_collate([items[i] for i in range(len(items))])
+    task = _make_task(Task, "loss", "empirical", 0, schedule)
+    model.zero_grad()
+    task.compute_train_loss(batch, model).backward()
+    ours = torch.cat([p.grad.flatten() for p in model.parameters()])
+    _, x, t, noise, _ = batch
+    model.zero_grad()
+    out = model(scheduler.add_noise(x, noise, t), t).sample
+    ((out - scheduler.get_velocity(x, noise, t)) ** 2).flatten(1).mean(1).sum().backward()
+    by_hand = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(ours, by_hand, rtol=1e-4, atol=1e-7)
+
+    assert main(["generate", str(run.path), "--num", "2", "--steps", "3", "--quiet"]) == 0
+    for method in ("ekfac", "combine[methods=das+ekfac]"):
+        assert main(["score", str(run.path), "--method", method, "--timesteps", "2",
+                     "--quiet", "--threads", "1"]) == 0, capsys.readouterr().err  # fmt: skip
+    saved = [p.name for p in (run.path / "scores").iterdir()]
+    assert "ekfac-samples" in saved and any(n.startswith("combine") for n in saved), saved

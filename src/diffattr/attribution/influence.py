@@ -108,7 +108,7 @@ def tracked_parameter_names(model: nn.Module) -> list[str]:
 
 
 class _Items(torch.utils.data.Dataset):
-    """(sample, timestep) items: (row, x₀, t, ε, ᾱ_t, sample id)."""
+    """(sample, timestep) items: (row, x₀, t, ε, sample id)."""
 
     def __init__(
         self,
@@ -118,7 +118,6 @@ class _Items(torch.utils.data.Dataset):
         schedule: NoiseSchedule,
         noise_seed: int,
     ) -> None:
-        alphas = schedule.alphas_cumprod()
         T = schedule.num_train_timesteps
         shape = tuple(images.shape[1:])
         self.items = []
@@ -129,7 +128,7 @@ class _Items(torch.utils.data.Dataset):
                 raise ConfigError("every sample needs the same number of timesteps")
             for t in ts:
                 eps = keyed_noise(ATTRIBUTION_NOISE_KEY, noise_seed, int(sid), int(t), shape)
-                self.items.append((r, images[r], int(t), eps, alphas[int(t)], int(sid)))
+                self.items.append((r, images[r], int(t), eps, int(sid)))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -138,18 +137,22 @@ class _Items(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def _make_task(Task, query: str, fisher: str, noise_seed: int):
+def _make_task(Task, query: str, fisher: str, noise_seed: int, schedule: NoiseSchedule):
+    """kronfluence's task for the model's own noise process: x_t = ``schedule.add_noise``, the
+    prediction target y = ``schedule.target`` (ε, v or x₀), training loss ‖ε_θ(x_t, t) − y‖²/d
+    per item (true Fisher: y drawn from the model's own predictive, out + √(d/2)·ξ), and the
+    measurement the query names (the loss; DAS's mean output; D-TRAK's ‖output‖²)."""
+
     class DiffusionTask(Task):
         def _forward(self, batch, model):
-            _, x0, t, eps, ab, _ = batch
-            a = ab.view(-1, *([1] * (x0.dim() - 1)))
-            out = model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t).sample
-            return out, eps
+            _, x0, t, eps, _ = batch
+            out = model(schedule.add_noise(x0, eps, t), t).sample
+            return out, schedule.target(x0, eps, t)
 
         def compute_train_loss(self, batch, model, sample=False):
-            out, eps = self._forward(batch, model)
+            out, y = self._forward(batch, model)
             if sample:
-                sids, t = batch[5], batch[2]
+                sids, t = batch[4], batch[2]
                 d = out[0].numel()
                 with torch.no_grad():
                     xi = torch.stack(
@@ -161,13 +164,13 @@ def _make_task(Task, query: str, fisher: str, noise_seed: int):
                             for s, tt in zip(sids.tolist(), t.tolist(), strict=True)
                         ]
                     ).to(out)
-                    eps = out.detach() + (d / 2) ** 0.5 * xi
-            return (out - eps).pow(2).flatten(1).mean(1).sum()
+                    y = out.detach() + (d / 2) ** 0.5 * xi
+            return (out - y).pow(2).flatten(1).mean(1).sum()
 
         def compute_measurement(self, batch, model):
-            out, eps = self._forward(batch, model)
+            out, y = self._forward(batch, model)
             if query == "loss":
-                return (out - eps).pow(2).flatten(1).mean(1).sum()
+                return (out - y).pow(2).flatten(1).mean(1).sum()
             if query == "das":
                 return out.flatten(1).mean(1).sum()
             return out.pow(2).flatten(1).sum(1).sum()
@@ -261,7 +264,7 @@ def ekfac_scores(
     data = _hash(train_images, train_ids, spec.to_dict(), noise_seed, schedule.to_dict())
     factors_name = f"{strategy}-{fisher}-{data}"
     scores_name = f"{factors_name}-{query}-{damping}-{_hash(target_images, target_ids)}"
-    task = _make_task(Task, query, fisher, noise_seed)
+    task = _make_task(Task, query, fisher, noise_seed, schedule)
     prepared = prepare_model(copy.deepcopy(model).eval(), task)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
