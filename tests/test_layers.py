@@ -21,7 +21,7 @@ LAYERS = {
     "engine": ("attribution",),
     "families": ("families", "text2image"),
     "evaluation": ("evaluation",),
-    "application": ("cli", "commands", "demo", "report", "plots"),
+    "application": ("cli", "commands", "report", "plots"),
 }  # fmt: skip
 ORDER = list(LAYERS)
 

@@ -49,14 +49,14 @@ def test_summary_rows_and_table():
         m: {"pixel_l2": rng.random(6) + shift, "embedding_cos": 1 - rng.random(6) * 0.1}
         for m, shift in (("random", 0.0), ("dtrak", 0.5), ("das", 1.0))
     }
-    rows = cf.summarize(values, bootstrap=100)
+    rows = cf.summarize_removals(values, bootstrap=100)
     by = {r["method"]: r for r in rows}
     assert set(by["das"]["paired"]) == {"random", "dtrak"}
     assert "paired" not in by["random"]
     assert by["das"]["paired"]["random"]["pixel_l2"]["wins"] == 6
     lo, hi = by["das"]["pixel_l2_ci"]
     assert lo <= by["das"]["pixel_l2_mean"] <= hi
-    table = cf.format_table(rows)
+    table = cf.removals_table(rows)
     assert "| das vs random | pixel l2 | 6 / 0 / 0 |" in table
     assert table.count("das vs dtrak") + table.count("dtrak vs das") == 2  # once per metric
 
@@ -174,10 +174,10 @@ def test_pixel_nearest_is_a_baseline_of_every_comparison():
         for m, shift in (("random", 0.0), ("das", 1.0), ("das screen=pixel-cos:10%", 1.5),
                          ("pixel-cos", 2.0))
     }  # fmt: skip
-    by = {r["method"]: r for r in cf.summarize(values, bootstrap=50)}
+    by = {r["method"]: r for r in cf.summarize_removals(values, bootstrap=50)}
     assert list(by["das"]["paired"]) == ["random", "pixel-cos", "das screen=pixel-cos:10%"]
     assert list(by["pixel-cos"]["paired"]) == ["random", "das", "das screen=pixel-cos:10%"]
-    table = cf.format_table(list(by.values()))
+    table = cf.removals_table(list(by.values()))
     lines = [line.split(" | ")[0] for line in table.splitlines() if " vs " in line][::2]
     assert lines == ["| das vs random", "| das screen=pixel-cos:10% vs random",
                      "| pixel-cos vs random", "| das vs pixel-cos",
