@@ -124,3 +124,17 @@ def test_run_data_spec_records_the_background(installed):
     assert spec.background == "#000000"
     assert len(train) == 3 and len(val) == 1
     assert np.allclose(train.images[:, :, 0, 0].numpy(), -1.0)
+
+
+def test_cli_install_takes_common_options_and_refuses_a_wrong_package(
+    tmp_path, monkeypatch, capsys
+):
+    from diffattr.cli import main
+
+    tgz = tmp_path / "pkg.tgz"
+    _package(tgz)
+    monkeypatch.setenv("DIFFATTR_DATA_DIR", str(tmp_path / "data"))
+    assert main(["data", "install", "emoji", "--from", str(tgz), "--quiet", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "is not emoji-datasource-google@16.0.0" in err and "sha256" in err
+    assert not emoji.is_installed()

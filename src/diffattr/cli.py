@@ -16,24 +16,9 @@ Handler = Callable[[argparse.Namespace], dict[str, Any]]
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    from diffattr.config import add_config_option
-
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads (default: the cores other processes leave idle, at least 1)",
-    )
-    add_config_option(p)
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from diffattr.commands.options import add_common_options
+
     parser = argparse.ArgumentParser(
         prog="diffattr",
         description="Which training images made a diffusion model produce this image?",
@@ -58,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.set_defaults(handler=handler)
-        _add_common(p)
+        add_common_options(p)
         return p
 
     from diffattr.commands import register_all

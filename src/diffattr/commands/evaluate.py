@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from diffattr.commands.options import (
+    add_common_options,
     add_feature_args,
     add_lambda_args,
     attributor_kwargs,
@@ -254,15 +255,7 @@ def register(add) -> None:
     e.add_argument("--out", default=None, help="table file (default: BENCH/results.md)")
     add_feature_args(e, several_timesteps=True)
     for q in (b, e):
-        q.add_argument("--quiet", action="store_true", help="no progress bars")
-        q.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-        q.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-        q.add_argument(
-            "--threads",
-            type=int,
-            default=None,
-            help="CPU threads (default: the cores other processes leave idle, at least 1)",
-        )
+        add_common_options(q)
 
 
     p = add(

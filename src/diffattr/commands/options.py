@@ -46,6 +46,22 @@ def parse_rows(text: str) -> tuple[int | None, int | None]:
     return a, b
 
 
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """The options every command (and every step of ``lds`` and ``data``) takes."""
+    from diffattr.config import add_config_option
+
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: the cores other processes leave idle, at least 1)",
+    )
+    add_config_option(p)
+
+
 # ---------------------------------------------------------------------------- data, training
 
 
