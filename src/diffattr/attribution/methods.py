@@ -21,6 +21,7 @@ Further baselines (appended at the end of this module):
 - ``ensemble`` the mean of a method's scores over several models.
 - ``ekfac`` K-FAC / EK-FAC influence through ``kronfluence`` (optional dependency).
 - ``combine`` the mean of several methods' per-target standardised scores.
+- ``abu`` / ``mucs`` attribution by unlearning the target (:mod:`.unlearning`).
 Model-based baselines (``needs_model``) read the context fields of :class:`ScoreInputs`.
 """
 
@@ -528,3 +529,47 @@ def method_meta(method: Method) -> dict[str, Any]:
     """JSON-safe description of a scored method: its options (callables and models named by
     type) and what its last ``score`` reported (``score_meta``, e.g. the embedding used)."""
     return {"options": _json_safe(method.options), **getattr(method, "score_meta", {})}
+
+
+# ---------------------------------------------------------------------------- unlearning (#29)
+# Appended: attribution by unlearning the target (details and formulas in :mod:`.unlearning`).
+
+#: The model's own training loss ‖f_θ(x_t, t) − y‖²/d under its NoiseSchedule (y = ε, v or
+#: x₀), differentiated and fine-tuned by the method itself with the model called on (x_t, t)
+#: alone: what unlearning methods need (a family whose model takes conditioning does not).
+TRAINING_LOSS = "training-loss"
+
+
+class AbU(DelegatingMethod):
+    """AbU: raise the target's loss by Fisher-preconditioned ascent on a copy of the model;
+    τ(x, zᵢ) = mean_k [ℓ_after(zᵢ, t_k) − ℓ_before(zᵢ, t_k)] on the same noise.
+
+    Options: ``eta`` (step size η in θ ← θ + η g/(N(F+δ)), default 1e-3), ``steps`` (1),
+    ``draws`` (target-loss draws per step, 256), ``damping`` (δ = damping·mean(F) per tensor,
+    1e-3), ``fisher_draws`` (per training image, 4), ``timesteps`` (K of the loss pass; default
+    the caller's K, else 20), ``params`` (regex of the parameters changed; default all),
+    ``seed`` (default the noise seed)."""
+
+    name = "abu"
+    needs = frozenset({TRAINING_LOSS})
+    context_defaults = {"seed": "noise_seed"}
+    implementation = "diffattr.attribution.unlearning:abu_from_inputs"
+
+
+class MUCS(DelegatingMethod):
+    """MUCS: fine-tune a copy by descent on training batches and bounded ascent on the target;
+    τ(x, zᵢ) = mean_k (L_u − L_t)/(L_u + L_t + 10⁻³) on a noise bank shared by all images.
+
+    Options: ``lr`` (AdamW, default 2e-4), ``lam`` (λ, 0.2), ``max_steps`` (50), ``tol`` (stop
+    at (1 − tol)·L_null, 0.05), ``retain_batch`` / ``forget_batch`` (32 / 32),
+    ``weight_decay`` (0.01), ``l_null`` (default the zero predictor's loss), ``sigma_min``
+    (0.3), ``rho`` (7), ``timesteps`` (bank size K; default the caller's K, else 20),
+    ``params`` (default Linear/Conv weights outside the time embedding), ``seed``."""
+
+    name = "mucs"
+    needs = frozenset({TRAINING_LOSS})
+    context_defaults = {"seed": "noise_seed"}
+    implementation = "diffattr.attribution.unlearning:mucs_from_inputs"
+
+
+METHODS.update({m.name: m for m in (AbU, MUCS)})
