@@ -12,13 +12,28 @@
 # Rerunning resumes: finished retrainings are not repeated (content-addressed by the removed
 # ids under $OUT/retrain/), and the scores of dtrak and das are reused from $OUT/scores/, so
 # a machine that still has runs/cf-digits8 from the former 37-retraining run (random, dtrak,
-# das) adds only the pixel-cos and screened retrainings (≤ 36, ≈ 17 min).
+# das) adds only the pixel-cos and screened retrainings (≤ 36, ≈ 17 min). Across machines
+# (runs/ is lost) the finished retrainings' small files are kept in the committed
+# benchmarks/counterfactual/digits8/cache/ (benchmarks/counterfactual_cache.sh): saved when the
+# script ends (or with --save-cache from another shell), restored when it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=.venv/bin/diffattr
 RUN=runs/cf-digits8
 OUT=$RUN/counterfactual            # holds the retrained models (runs/ is not committed)
 RESULTS=benchmarks/counterfactual/digits8
+CACHE=$RESULTS/cache               # committed: what a new machine needs to resume
+# shellcheck source=benchmarks/counterfactual_cache.sh
+NAME=counterfactual_digits8
+source benchmarks/counterfactual_cache.sh
+
+if [ "${1:-}" = "--save-cache" ]; then
+  save_cache
+  exit 0
+fi
+mkdir -p "$OUT" "$CACHE"
+copy_files "$CACHE" "$OUT"         # restore what earlier sessions finished
+trap 'save_cache' EXIT
 
 # One thread, like each retraining in a worker: training is bit-reproducible only at the same
 # thread count, so the k = 0 control then reproduces the run's model exactly (row `none` = 0).

@@ -55,32 +55,9 @@ OUT=$RUN/counterfactual            # the retrained models (runs/ is not committe
 RESULTS=benchmarks/counterfactual/emoji16
 CACHE=$RESULTS/cache               # committed: what a new machine needs to resume
 
-# The small files of an $OUT-like folder $1 (retrainings' images and job.json, the control's
-# images, scores), NUL-separated, as paths relative to it.
-cached_files() {
-  (cd "$1" && find retrain original -mindepth 2 -maxdepth 2 -type f \
-    \( -name 'images-*.npz' -o -name job.json \) -print0 2>/dev/null || true)
-  (cd "$1" && find scores -mindepth 2 -maxdepth 2 -type f ! -name '.*' ! -name '*.tmp*' \
-    -print0 2>/dev/null || true)
-}
-
-# Copy each of those files of $1 that $2 lacks or has older (atomically: temp name, rename).
-copy_files() {
-  local from=$1 to=$2 rel
-  while IFS= read -r -d '' rel; do
-    if [ ! -e "$to/$rel" ] || [ "$from/$rel" -nt "$to/$rel" ]; then
-      mkdir -p "$(dirname "$to/$rel")"
-      cp -p "$from/$rel" "$to/$rel.tmp.$BASHPID" && mv -f "$to/$rel.tmp.$BASHPID" "$to/$rel"
-    fi
-  done < <(cached_files "$from")
-}
-
-save_cache() {
-  [ -d "$OUT" ] || return 0
-  copy_files "$OUT" "$CACHE"
-  echo "counterfactual_emoji16: $(find "$CACHE/retrain" -name 'images-*.npz' 2>/dev/null \
-    | wc -l) retrainings saved in $CACHE (commit it to resume elsewhere)" >&2
-}
+# shellcheck source=benchmarks/counterfactual_cache.sh
+NAME=counterfactual_emoji16
+source benchmarks/counterfactual_cache.sh
 
 if [ "${1:-}" = "--save-cache" ]; then
   save_cache
