@@ -75,7 +75,7 @@ def worker(kind: str, threads: str | None) -> dict[str, float]:
             torch.manual_seed(0)
             model = build_unet("tiny", 8, 1)
             data = digits.subset(range(64))
-            settings = FeatureSettings(measure="das", timesteps=32)
+            settings = FeatureSettings(measure="das", timesteps=32, projector="identity")
             featurize(model, data.images[:8], data.ids[:8].numpy(), Path(tmp) / "warm",
                       settings, NoiseSchedule(), "warm", progress=False)  # fmt: skip
             t0 = time.perf_counter()

@@ -243,7 +243,8 @@ class Attributor:
         κ reference: the first :data:`~.confidence.HELDOUT_REFERENCE` held-out images scored
         the same way (the targets' own κ when ``targets`` is ``heldout``), so that
         :meth:`Scores.confidence_percentiles` reads "more concentrated than p% of held-out
-        images"; none for methods scoring generated targets' trajectories. ``near_copy``: the
+        images"; none for methods scoring generated targets' trajectories or whose targets each
+        cost a fine-tuning (``Method.heldout_reference``). ``near_copy``: the
         targets' near-copy check in the attributor's space (pixels; latents for
         text-to-image), skipped for the held-out images themselves.
         """
@@ -254,7 +255,7 @@ class Attributor:
         if targets is heldout:
             scores.set_confidence_reference(scores.confidence()[:cap], scores.target_ids[:cap])
             return scores
-        if TRAJECTORIES not in self.method.requirements():
+        if self.method.heldout_reference and TRAJECTORIES not in self.method.requirements():
             ref, ref_ids = _first(heldout, heldout_ids, cap)
             kappa = self.score(ref, ref_ids, screen).confidence()
             scores.set_confidence_reference(kappa, ref_ids)

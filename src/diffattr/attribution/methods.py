@@ -70,6 +70,9 @@ class Method(ABC):
     option_names: ClassVar[tuple[str, ...]] = ()  # the options it reads (``das[residual=…]``)
     #: How λ is chosen when the user does not say (kernel methods; None: no kernel).
     default_ridge: ClassVar[Ridge | None] = None
+    #: Whether `diffattr score` also scores held-out images as κ's reference by default (no
+    #: for methods whose every target costs a fine-tuning: the unlearning methods).
+    heldout_reference: ClassVar[bool] = True
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -550,6 +553,8 @@ class AbU(DelegatingMethod):
     the caller's K, else 20), ``params`` (regex of the parameters changed; default all),
     ``seed`` (default the noise seed)."""
 
+    heldout_reference = False  # 64 more unlearnings per call
+
     name = "abu"
     needs = frozenset({TRAINING_LOSS})
     context_defaults = {"seed": "noise_seed"}
@@ -565,6 +570,8 @@ class MUCS(DelegatingMethod):
     ``weight_decay`` (0.01), ``l_null`` (default the zero predictor's loss), ``sigma_min``
     (0.3), ``rho`` (7), ``timesteps`` (bank size K; default the caller's K, else 20),
     ``params`` (default Linear/Conv weights outside the time embedding), ``seed``."""
+
+    heldout_reference = False  # 64 more unlearnings per call
 
     name = "mucs"
     needs = frozenset({TRAINING_LOSS})
