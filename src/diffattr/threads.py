@@ -1,10 +1,12 @@
 """CPU threads on a machine that may be doing something else.
 
 PyTorch starts one OpenMP thread per core. Beside another busy process those threads fight
-for the same cores and, while they wait for each other, spin: a training step of the ``tiny``
-UNet then takes 3–4× as long as with one thread (benchmarks/results/shared-machine.md). So a
-command that is not told ``--threads N`` counts the cores other processes keep busy (from
-``/proc/stat`` over a short interval) and uses the rest, at least one.
+for the same cores and, while they wait for each other, spin: beside one busy 2-thread process
+on 2 cores a training step of the ``tiny`` UNet took 6.9× and featurizing 6.0× as long as
+alone (benchmarks/results/shared-machine.md). So a command that is not told ``--threads N``
+counts the cores other processes keep busy (from ``/proc/stat`` over a short interval) and
+uses the rest, at least one: 1.8× and 2.2× there. OpenMP's passive wait policy was measured
+too and is not set: it slowed two threads alone by 2.4× on training.
 """
 
 from __future__ import annotations
