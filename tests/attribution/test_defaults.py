@@ -1,4 +1,4 @@
-"""The default configuration (method, K) is one value, used by every entry point and the README."""
+"""The default configuration (method, K) is one value, used by every entry point and the docs."""
 
 import re
 from pathlib import Path
@@ -7,7 +7,8 @@ from diffattr.attribution.defaults import DEFAULT_TIMESTEPS
 from diffattr.attribution.featurize import FeatureSettings
 from diffattr.cli import build_parser
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+METHODS_PAGE = ROOT / "docs" / "methods.md"  # "The default configuration"
 
 
 def test_every_entry_point_uses_the_default_timesteps():
@@ -19,9 +20,9 @@ def test_every_entry_point_uses_the_default_timesteps():
     assert parser.parse_args(["lds", "eval", "b"]).timesteps == str(DEFAULT_TIMESTEPS)
 
 
-def test_readme_states_the_default_configuration():
-    found = re.search(r"default is\s+`--method (\S+) --timesteps (\d+)`", README.read_text())
-    assert found, "README does not state the default configuration"
+def test_docs_state_the_default_configuration():
+    found = re.search(r"default is\s+`--method (\S+) --timesteps (\d+)`", METHODS_PAGE.read_text())
+    assert found, "docs/methods.md does not state the default configuration"
     method, timesteps = found.groups()
     assert int(timesteps) == DEFAULT_TIMESTEPS
     assert build_parser().parse_args(["score", "r"]).method == method

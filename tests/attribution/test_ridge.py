@@ -1,4 +1,4 @@
-"""The λ rules of the kernel (attribution.ridge) and the defaults the README documents."""
+"""The λ rules of the kernel (attribution.ridge) and the defaults the docs document."""
 
 import re
 from pathlib import Path
@@ -13,7 +13,7 @@ from diffattr.attribution.methods import METHODS, get_method
 from diffattr.attribution.ridge import DEFAULT_RIDGE, Ridge
 from diffattr.errors import ConfigError
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+METHODS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "methods.md"  # "Choosing λ"
 
 
 def features(n, k, seed=0, decay=0.8):
@@ -81,9 +81,10 @@ def test_parse_and_bad_rules():
             Ridge(rule, value)
 
 
-def test_each_method_default_is_the_one_the_readme_documents():
-    """README's "Choosing λ" table lists every kernel method's default rule; the code agrees."""
-    text = README.read_text()
+def test_each_method_default_is_the_one_the_docs_document():
+    """docs/methods.md's "Choosing λ" table lists every kernel method's default rule; the code
+    agrees."""
+    text = METHODS_PAGE.read_text()
     documented = dict(re.findall(r"^\| `([a-z-]+)` \| `([a-z-]+:[0-9.e-]+)` \|", text, re.M))
     kernel_methods = sorted(n for n, m in METHODS.items() if m.default_ridge is not None)
     assert kernel_methods, "no kernel methods registered"
