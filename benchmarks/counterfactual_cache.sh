@@ -31,3 +31,14 @@ save_cache() {
     | wc -l) retrainings saved in $CACHE (commit it to resume elsewhere)" >&2
 }
 
+
+# The start of a build: with --save-cache, save what $OUT finished and exit (e.g. from another
+# shell before a session ends); otherwise restore what earlier sessions finished into $OUT.
+start_from_cache() {
+  if [ "${1:-}" = "--save-cache" ]; then
+    save_cache
+    exit 0
+  fi
+  mkdir -p "$OUT" "$CACHE"
+  copy_files "$CACHE" "$OUT"
+}

@@ -26,13 +26,7 @@ CACHE=$RESULTS/cache               # committed: what a new machine needs to resu
 # shellcheck source=benchmarks/counterfactual_cache.sh
 NAME=counterfactual_digits8
 source benchmarks/counterfactual_cache.sh
-
-if [ "${1:-}" = "--save-cache" ]; then
-  save_cache
-  exit 0
-fi
-mkdir -p "$OUT" "$CACHE"
-copy_files "$CACHE" "$OUT"         # restore what earlier sessions finished
+start_from_cache "$@"              # --save-cache: save and exit; else restore
 trap 'save_cache' EXIT
 
 # One thread, like each retraining in a worker: training is bit-reproducible only at the same

@@ -58,14 +58,7 @@ CACHE=$RESULTS/cache               # committed: what a new machine needs to resu
 # shellcheck source=benchmarks/counterfactual_cache.sh
 NAME=counterfactual_emoji16
 source benchmarks/counterfactual_cache.sh
-
-if [ "${1:-}" = "--save-cache" ]; then
-  save_cache
-  exit 0
-fi
-
-mkdir -p "$OUT" "$CACHE"
-copy_files "$CACHE" "$OUT"         # restore what earlier sessions finished
+start_from_cache "$@"              # --save-cache: save and exit; else restore
 (while sleep 900 && kill -0 $$ 2>/dev/null; do save_cache; done) &
 SAVER=$!
 trap 'kill $SAVER 2>/dev/null || true; save_cache' EXIT
