@@ -76,6 +76,18 @@ class Method(ABC):
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
+    def uses_stored_features(cls) -> bool:
+        """Whether it scores the features featurize stores for the training set (its measure's),
+        which a screen can restrict and an executor can compute in shards."""
+        return cls.measure is not None and not cls.needs_model
+
+    @classmethod
+    def image_only(cls) -> bool:
+        """Whether it needs neither stored features nor the model: images alone (pixel,
+        embedding, random)."""
+        return cls.measure is None and not cls.needs_model
+
+    @classmethod
     def accepted_options(cls) -> set[str]:
         """Names of the options this method takes."""
         return set(cls.option_names)

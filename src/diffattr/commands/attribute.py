@@ -81,7 +81,7 @@ def score_run(
         if executor is not None:
             att.executor = executor  # the scoring tiles
             featurize_all = screen is None  # a screen featurizes its candidates only
-            if featurize_all and att.method.measure is not None and not att.method.needs_model:
+            if featurize_all and att.method.uses_stored_features():
                 featurize_with_executor(
                     att, run.path, method, executor, load_for_worker, None, options,
                     device=worker_device,

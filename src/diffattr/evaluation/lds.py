@@ -205,7 +205,7 @@ def evaluate_benchmark(
         if method not in METHODS:
             get_method(method)  # raises the standard unknown-method error
         m = get_method(method, **options)  # also checks the options
-        feature_free = m.measure is None and not m.needs_model
+        feature_free = m.image_only()
         for K in [None] if feature_free else timesteps:
             scores = _scores_at(ctx, method, options, K)
             for screen in screens or [None]:

@@ -100,7 +100,7 @@ def screenable(label: str) -> bool:
 
     [(name, options)] = parse_method_list(label)
     method = get_method(name, **options)
-    return method.measure is not None and not method.needs_model
+    return method.uses_stored_features()
 
 
 def removal_rules(
