@@ -119,10 +119,10 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
     from diffattr.attribution.combination import combine_scores
 
     (pixel,) = method_scores("pixel-cos", None, [None], train_images, gt.images)
-    (row, _, _) = evaluate_benchmark(
+    row = evaluate_benchmark(
         bench, None, [("combine", {"methods": "das+pixel-cos"})], [1], progress=False,
         bootstrap=20,
-    )  # fmt: skip
+    )[0]  # fmt: skip
     want = lds_per_target(gt, combine_scores([default, pixel]))
     assert row["method"] == "combine[methods=das+pixel-cos]"
     assert row["val"]["lds"] == pytest.approx(np.nanmean(want[:3]))
