@@ -131,9 +131,9 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
     from diffattr.attribution.screening import Screen, candidate_rows
 
     everything, two = Screen("pixel-cos", len(train_images), "all"), Screen("pixel-cos", 2, "all")
-    full, masked, _, _ = evaluate_benchmark(
+    full, masked = evaluate_benchmark(
         bench, None, [("das", {})], [1], progress=False, bootstrap=20, screens=[everything, two]
-    )
+    )[:2]
     assert full["val"]["default_lds"] == rows2[0]["val"]["default_lds"]
     assert masked["method"] == "das screen=pixel-cos:2" and masked["screen"]["size"] == 2
     keep = np.zeros_like(default, dtype=bool)
