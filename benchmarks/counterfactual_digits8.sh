@@ -35,7 +35,7 @@ $D train --data digits --train-count 500 --val-count 200 --steps 1600 --batch-si
   --out $RUN --threads 1 --quiet
 [ -f $RUN/samples/samples.npz ] || $D generate $RUN --num 12 --quiet --threads 2
 $D counterfactual $RUN --method pixel-cos,dtrak,das --screen pixel-cos:10% --k 25 \
-  --num-targets 12 --picture-targets 8 --executor local --workers 2 --out $OUT --threads 2
+  --num-targets 12 --picture-targets 8 --executor local --workers "${WORKERS:-2}" --out $OUT --threads 2
 
 mkdir -p $RESULTS
 cp $OUT/results.md $OUT/results.json $OUT/counterfactual.png $RESULTS/

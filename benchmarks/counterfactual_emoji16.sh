@@ -72,6 +72,6 @@ $D data install emoji
 [ -f $RUN/samples/samples.npz ] || $D generate $RUN --num 24 --quiet
 $D counterfactual $RUN --method 'pixel-cos,das,combine[methods=das+ekfac]' \
   --screen pixel-cos:10% --k 0.05 --num-targets 24 --picture-targets 8 \
-  --executor local --workers 2 --out $OUT
+  --executor local --workers "${WORKERS:-2}" --out $OUT
 
 cp $OUT/results.md $OUT/results.json $OUT/counterfactual.png $RESULTS/

@@ -27,7 +27,7 @@ if [ "${1:-}" = "--rebuild" ]; then
   [ -f $RUN/model/config.json ] || $D train --data emoji16 --train-count 1000 --val-count 200 \
     --preset small --steps 2400 --batch-size 32 --threads 1 --quiet --out $RUN
   $D lds build $RUN --out $BENCH --subsets 20 --seeds 0,1 --measure-timesteps 100 \
-    --num-val 100 --num-gen 100 --executor local --workers 2
+    --num-val 100 --num-gen 100 --executor local --workers "${WORKERS:-2}"
   shift
 fi
 [ "${1:-}" = "--build-only" ] && exit 0

@@ -10,6 +10,16 @@ from diffattr.data import ImageDataset, load_builtin
 from diffattr.diffusion.presets import build_unet
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _commands_single_thread():
+    """CLI commands run in tests use one thread too (not the idle cores at their start), so a
+    model trained by one command and retrained by another match bit for bit."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DIFFATTR_THREADS", "1")
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _single_thread():
     """Tests pin torch to one thread: deterministic and fast for tiny tensors."""

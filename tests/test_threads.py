@@ -3,14 +3,17 @@ estimate a long piece of work announces from its first batch (parallel.ProgressB
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import diffattr.parallel as parallel
 from diffattr import threads
+from diffattr.errors import ConfigError
 
 
 def _fake_stat(monkeypatch, samples):
     it = iter(samples)
+    monkeypatch.delenv("DIFFATTR_THREADS", raising=False)  # the tests' own pin (conftest)
     monkeypatch.setattr(threads, "_cpu_times", lambda: next(it))
     monkeypatch.setattr(threads.time, "sleep", lambda s: None)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
@@ -37,6 +40,19 @@ def test_requested_threads_win(monkeypatch):
         assert threads.configure_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_environment_fixes_the_count(monkeypatch):
+    _fake_stat(monkeypatch, [(100, 1000), (102, 1200)])  # idle: auto would give 2
+    monkeypatch.setenv("DIFFATTR_THREADS", "1")
+    assert threads.choose_threads() == 1
+    assert threads.choose_threads(2) == 2  # --threads still wins
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("DIFFATTR_THREADS", bad)
+        with pytest.raises(ConfigError, match="DIFFATTR_THREADS"):
+            threads.choose_threads()
+    monkeypatch.setenv("DIFFATTR_THREADS", "")
+    assert threads.choose_threads() == 2  # empty: as if unset
 
 
 def test_unreadable_proc_stat_counts_nothing_busy(monkeypatch):

@@ -7,12 +7,21 @@ alone (benchmarks/results/shared-machine.md). So a command that is not told ``--
 counts the cores other processes keep busy (from ``/proc/stat`` over a short interval) and
 uses the rest, at least one: 1.8× and 2.2× there. OpenMP's passive wait policy was measured
 too and is not set: it slowed two threads alone by 2.4× on training.
+
+``DIFFATTR_THREADS=N`` in the environment fixes the count for every command that is not given
+``--threads`` (a shared machine with a known share, or reproducible runs: training is
+bit-reproducible only at the same thread count).
 """
 
 from __future__ import annotations
 
 import os
 import time
+
+from diffattr.errors import ConfigError
+
+#: Environment variable that fixes the thread count of commands not given ``--threads``.
+THREADS_ENV = "DIFFATTR_THREADS"
 
 #: How long the load of the other processes is sampled at start, in seconds.
 SAMPLE_SECONDS = 0.15
@@ -54,13 +63,30 @@ def busy_cores(interval: float = SAMPLE_SECONDS) -> float:
     return max(0.0, share) * (os.cpu_count() or 1)
 
 
+def threads_from_environment() -> int | None:
+    """``$DIFFATTR_THREADS`` as a positive integer, None where unset or empty."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(
+            f"{THREADS_ENV}={value!r} is not a positive whole number",
+            hint=f"set it to the CPU threads to use (e.g. {THREADS_ENV}=1) or unset it",
+        )
+    return int(value)
+
+
 def choose_threads(requested: int | None = None) -> int:
-    """``requested``, else the usable cores less those other processes keep busy, at least 1.
+    """``requested``, else ``$DIFFATTR_THREADS``, else the usable cores less those other
+    processes keep busy, at least 1.
 
     A core counts as taken when other processes use more than half of it.
     """
     if requested is not None:
         return int(requested)
+    from_env = threads_from_environment()
+    if from_env is not None:
+        return from_env
     return max(1, usable_cores() - int(busy_cores() + 0.5))
 
 

@@ -257,7 +257,6 @@ def register(add) -> None:
     for q in (b, e):
         add_common_options(q)
 
-
     p = add(
         "counterfactual",
         "remove each target's top attributed training images, retrain, regenerate, compare "

@@ -57,7 +57,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads (default: the cores other processes leave idle, at least 1)",
+        help="CPU threads (default: $DIFFATTR_THREADS, else the cores other processes leave "
+        "idle, at least 1)",
     )
     add_config_option(p)
 

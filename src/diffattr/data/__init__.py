@@ -50,7 +50,9 @@ __all__ = [
 
 
 def load_dataset(
-    spec: str, size: int | None = None, mismatch: str = "error",
+    spec: str,
+    size: int | None = None,
+    mismatch: str = "error",
     background: str = DEFAULT_BACKGROUND,
 ) -> ImageDataset:
     """Load a built-in dataset by name, an image folder, or a ``.npz`` file.

@@ -159,8 +159,11 @@ def load_image_folder(
             f"images in {root} have different sizes: {files[0][1]} is {first_w}x{first_h}, "
             f"{files[odd][1]} is {w2}x{h2}",
             hint="pass mismatch='resize' (CLI: --mismatch resize) to resize them all"
-            + (f" to {size}×{size}" if size is not None else " (to --size, or else the first "
-               "image's size)"),
+            + (
+                f" to {size}×{size}"
+                if size is not None
+                else " (to --size, or else the first image's size)"
+            ),
         )
     target = (size, size) if size is not None else (first_h, first_w)
 
