@@ -221,3 +221,12 @@ def test_ray_score_command_equals_inprocess(ray_runtime, trained, tmp_path):
         assert code == 0, err
         scores[name] = np.load(next((run / "scores").glob("das-val*")) / "scores.npy")
     np.testing.assert_allclose(scores["ray"], scores["inprocess"], rtol=1e-10, atol=1e-12)
+
+
+def test_run_pending_hands_workers_only_unfinished_jobs(capsys):
+    ran: list[int] = []
+    ex = InProcessExecutor(progress=False)
+    assert ex.run_pending(ran.append, [0, 1, 2, 3], lambda j: j % 2 == 0, "build") == 2
+    assert ran == [1, 3]
+    assert "build: 2 of 4 already done" in capsys.readouterr().err
+    assert ex.run_pending(ran.append, [0, 2], lambda j: True, "build") == 0 and ran == [1, 3]

@@ -79,6 +79,25 @@ class Executor(ABC):
     def map(self, fn: Callable[[Any], T], jobs: Iterable[Any], desc: str = "") -> Iterator[T]:
         """Results of ``fn`` over ``jobs``, in order."""
 
+    def run_pending(
+        self,
+        fn: Callable[[Any], T],
+        jobs: list[Any],
+        finished: Callable[[Any], bool],
+        desc: str = "",
+    ) -> int:
+        """Run ``fn`` over the jobs not yet ``finished`` (work a killed run left done is not
+        handed to workers, so the progress bar and its time estimate count only what is
+        left); say how many were done already. Returns the number run."""
+        pending = [job for job in jobs if not finished(job)]
+        if len(pending) < len(jobs):
+            from diffattr.errors import notice
+
+            notice(f"{desc or 'work'}: {len(jobs) - len(pending)} of {len(jobs)} already done")
+        if pending:
+            list(self.map(fn, pending, desc=desc))
+        return len(pending)
+
     def start(self) -> Executor:
         """Acquire workers now, so :attr:`parallelism` is known (map does it when needed)."""
         return self

@@ -211,7 +211,8 @@ def build(
         for s in config.seeds
         for j in range(config.num_subsets)
     ]
-    list(executor.map(run_subset_job, jobs, desc="lds: retrain subsets"))
+    finished = lambda job: (Path(job.out_dir) / "F.npy").is_file()  # noqa: E731
+    executor.run_pending(run_subset_job, jobs, finished, "lds: retrain subsets")
     F_t = np.stack(
         [
             np.stack([np.load(Path(j.out_dir) / "F.npy") for j in jobs if j.train["seed"] == s])

@@ -19,6 +19,7 @@ from diffattr.evaluation.counterfactual.retraining import (
     _read_images,
     images_file,
     removal_key,
+    retrain_job_finished,
     run_retrain_job,
 )
 
@@ -154,7 +155,9 @@ def evaluate_removals(
         model_dir=str(family.model_dir(run)),
         family=family.name,
     )
-    list(executor.map(run_retrain_job, [*jobs, original], desc="counterfactual: retrain"))
+    executor.run_pending(
+        run_retrain_job, [*jobs, original], retrain_job_finished, "counterfactual: retrain"
+    )
 
     cache: dict[str, dict[int, np.ndarray]] = {}
 

@@ -48,6 +48,12 @@ def _read_images(path: Path) -> dict[int, np.ndarray]:
     return {int(s): images[i] for i, s in enumerate(seeds)}
 
 
+def retrain_job_finished(job: RetrainJob) -> bool:
+    """Whether the job's images file already holds every seed it asks for."""
+    have = _read_images(images_file(job.out_dir, job.sampler, job.num_steps))
+    return all(int(s) in have for s in job.seeds)
+
+
 def run_retrain_job(job: RetrainJob) -> str:
     """Retrain (resuming) and regenerate the seeds not yet in the job's images file."""
     from diffattr.families import get_family
