@@ -224,7 +224,7 @@ def lds(args: argparse.Namespace) -> str:
     from diffattr.attribution.featurize import FeatureSettings
     from diffattr.evaluation.ground_truth import GroundTruth
     from diffattr.evaluation.lds import summarize
-    from diffattr.families import family_of
+    from diffattr.families import open_run
     from diffattr.run import RunDir
 
     run = RunDir(args.run)
@@ -239,7 +239,7 @@ def lds(args: argparse.Namespace) -> str:
     tag = hashlib.sha256(np.asarray(gt.keys, dtype=np.int64).tobytes()).hexdigest()[:8]
     cache = run.features_dir / "unlearning-lds"
     cache.mkdir(parents=True, exist_ok=True)
-    family = family_of(run)
+    bound = open_run(run)
     settings = FeatureSettings(timesteps=args.timesteps)
     out_lines, report = [], {}
     for method in methods:
@@ -255,9 +255,8 @@ def lds(args: argparse.Namespace) -> str:
                 seconds.append(json.loads(path.with_suffix(".json").read_text())["cpu_s"])
                 continue
             print(f"scoring {label} on {len(rows)} targets …", flush=True)
-            att = family.attributor(run, method, options, settings, progress=True)
-            inputs = att.inputs(gt.images, gt.images, gt.keys)
-            inputs.settings = settings
+            att = bound.attributor(method, options, settings, progress=True)
+            inputs = replace(att.inputs(gt.images, gt.images, gt.keys), settings=settings)
             clock = Clock()
             values = att.method.score(inputs)
             cpu, wall = clock.read()

@@ -120,7 +120,7 @@ def test_python_near_copies_and_meta_json_agree_on_ids(folder_run):
     ``Attributor.score(..., heldout=...)`` name the same nearest training images, by id."""
     from diffattr.attribution.confidence import near_copies
     from diffattr.diffusion.sampling import load_samples
-    from diffattr.families import family_of
+    from diffattr.families import open_run
     from diffattr.run import RunDir
 
     run = RunDir(folder_run["run"])
@@ -132,9 +132,9 @@ def test_python_near_copies_and_meta_json_agree_on_ids(folder_run):
     assert set(nc.nearest.tolist()) <= set(train_set.ids.tolist())
     assert nc.flagged.tolist() == meta["flagged"]
 
-    family = family_of(run)
-    att = family.attributor(run, "pixel-cos", progress=False)
-    _, targets, ids = family.targets(run, "samples")
+    bound = open_run(run)
+    att = bound.attributor("pixel-cos", progress=False)
+    _, targets, ids = bound.targets("samples")
     assert att.score(targets, ids).near_copy_flags() is None  # nothing to compare with
     scores = att.score(targets, ids, heldout=val_set)
     assert scores.near_copy_flags().tolist() == meta["flagged"]

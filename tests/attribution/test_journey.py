@@ -114,12 +114,12 @@ def test_bit_identical_check_and_errors(setup, tmp_path):
     )
     with pytest.raises(DataError, match="no recorded seeds"):
         get_method("journey-trak").score(inputs)
-    inputs.targets = train
     with pytest.raises(DataError, match="no recorded seeds"):
-        get_method("journey-trak").score(inputs)
-    inputs.targets = replace(samples, seeds=np.array([5, -1]))
+        get_method("journey-trak").score(replace(inputs, targets=train))
     with pytest.raises(DataError, match="no recorded seed"):
-        get_method("journey-trak").score(inputs)
+        get_method("journey-trak").score(
+            replace(inputs, targets=replace(samples, seeds=np.array([5, -1])))
+        )
 
 
 def test_score_grid_journey_on_generated_trak_on_real(setup, tmp_path):
@@ -137,10 +137,14 @@ def test_score_grid_journey_on_generated_trak_on_real(setup, tmp_path):
     )  # fmt: skip
     trak = Attributor(model, train, tmp_path, method="trak", settings=SETTINGS, progress=False)
     phi = journey.featurize().features
-    inputs = journey.inputs(images, images, ids)
-    inputs.train_features, inputs.target_seeds = phi, seeds
-    inputs.train_gram, inputs.feature_dim = dual_gram(phi), phi.shape[1]
-    inputs.target_inner = inner_products(trak.featurize_targets(images, ids).features, phi)
+    inputs = replace(
+        journey.inputs(images, images, ids),
+        train_features=phi,
+        target_seeds=seeds,
+        train_gram=dual_gram(phi),
+        feature_dim=phi.shape[1],
+        target_inner=inner_products(trak.featurize_targets(images, ids).features, phi),
+    )
     got = journey.method.score_grid(inputs, lambdas)
     feats = explicit_features(model, samples)
     for c, scores in zip(lambdas, got, strict=True):

@@ -137,8 +137,10 @@ def test_serves_exactly_the_methods_it_provides_for(family_run):
 
 def test_its_attributor_scores_every_target_against_every_training_image(family_run):
     family, run = family_run
-    att = family.attributor(run, "das", settings=None, progress=False)
-    _, targets, ids = family.targets(run, "samples")
+    bound = family.open(run)
+    att = bound.attributor("das", settings=None, progress=False)
+    _, targets, ids = bound.targets("samples")
+    assert bound.model is bound.model and att.model is bound.model  # loaded once
     scores = att.score(targets, ids)
     assert scores.values.shape == (2, NUM_TRAIN[family.name])
     assert np.isfinite(scores.values).all()

@@ -280,18 +280,23 @@ class Attributor:
         if self.method.measure is not None:
             store = self.featurize()
             assert store is not None
-            inputs.train_features = store.features
             skipped_train = store.skipped_rows()
+            target_features = None
             if not self.method.needs_model:  # those compute their own target features
                 cond = getattr(targets, "conditioning", None)
                 tstore = self.featurize_targets(images, ids, cond)
-                inputs.target_features = np.asarray(tstore.features)
+                target_features = np.asarray(tstore.features)
                 skipped_targets = tstore.skipped_rows()
-            inputs.train_error = store.column("error")
-            inputs.train_residual = store.column("residual")
+            inputs = replace(
+                inputs,
+                train_features=store.features,
+                target_features=target_features,
+                train_error=store.column("error"),
+                train_residual=store.column("residual"),
+                kernel=self.kernel() if self.method.uses_kernel else None,
+            )
             meta["features"] = self.settings.to_dict()
             if self.method.uses_kernel:
-                inputs.kernel = self.kernel()
                 meta["lambda"] = inputs.kernel.lam
                 meta["lambda_rule"] = describe_lambda(self.lam, self.method)
                 meta["kernel_form"] = inputs.kernel.form
@@ -343,12 +348,16 @@ class Attributor:
                 inputs.target_images, ids, getattr(targets, "conditioning", None)
             )
             target_phi = np.asarray(tstore.features, dtype=np.float64)
-            sub.train_gram = dual_gram(phi)
-            sub.target_inner = inner_products(target_phi, phi)
-            sub.train_sqnorm = np.diag(sub.train_gram).copy()
-            sub.target_sqnorm = np.einsum("ij,ij->i", target_phi, target_phi)
-            sub.train_error = store.column("error")[union]
-            sub.train_residual = store.column("residual")[union]
+            gram = dual_gram(phi)
+            sub = replace(
+                sub,
+                train_gram=gram,
+                target_inner=inner_products(target_phi, phi),
+                train_sqnorm=np.diag(gram).copy(),
+                target_sqnorm=np.einsum("ij,ij->i", target_phi, target_phi),
+                train_error=store.column("error")[union],
+                train_residual=store.column("residual")[union],
+            )
             skipped_train = np.intersect1d(store.skipped_rows(), union)
             skipped_targets = tstore.skipped_rows()
             dim = store.dim

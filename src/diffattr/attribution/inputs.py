@@ -22,9 +22,11 @@ from diffattr.errors import ConfigError, DataError
 MemberScorer = Callable[..., np.ndarray]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScoreInputs:
-    """What a method may read. Feature-based methods need the features of their measure."""
+    """What a method may read (immutable: a step that adds to it, e.g. a kernel, makes a new
+    one with :func:`dataclasses.replace`). Feature-based methods need the features of their
+    measure."""
 
     train_features: np.ndarray | None = None
     target_features: np.ndarray | None = None

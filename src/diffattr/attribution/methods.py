@@ -28,7 +28,7 @@ Model-based baselines (``needs_model``) read the context fields of :class:`Score
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -122,11 +122,7 @@ class Method(ABC):
         """Scores per λ rule in ``ridges`` (None: the default rule); one entry if λ-free."""
         if not self.takes_lambda():
             return [self.score(inputs)]
-        out = []
-        for ridge in ridges:
-            inputs.lam = ridge
-            out.append(self.score(inputs))
-        return out
+        return [self.score(replace(inputs, lam=ridge)) for ridge in ridges]
 
 
 class KernelMethod(Method):
@@ -150,18 +146,15 @@ class KernelMethod(Method):
 
     def score_grid(self, inputs: ScoreInputs, ridges: list[Any]) -> list[np.ndarray]:
         """Scores per λ rule from the Gram form (``train_gram``, ``target_inner``)."""
-        out = []
-        for ridge in ridges:
-            inputs.kernel = self.gram_kernel(inputs, ridge)
-            out.append(self.score(inputs))
-        return out
+        return [
+            self.score(replace(inputs, kernel=self.gram_kernel(inputs, ridge))) for ridge in ridges
+        ]
 
 
 class DAS(KernelMethod):
     name = "das"
     measure = "das"
     option_names = ("residual", "leverage", "squared")
-    context_defaults = {"residual": "residual", "leverage": "leverage", "squared": "squared"}
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         k = super().score(inputs)
@@ -275,6 +268,23 @@ def get_method(name: str, **options: Any) -> Method:
             hint=f"its options: {', '.join(known)}" if known else "it takes no options",
         )
     return cls(options=options)
+
+
+def method_context(settings: Any = None, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """What methods take option defaults from (``Method.context_defaults``): the noise seed of
+    the feature ``settings`` and, where there is one, the run directory."""
+    context: dict[str, Any] = {"noise_seed": getattr(settings, "noise_seed", 0)}
+    if run_dir is not None:
+        context["run_dir"] = str(run_dir)
+    return context
+
+
+def resolve_method(name: str, given: dict[str, Any], context: dict[str, Any]) -> Method:
+    """Method ``name`` with the ``given`` options over the defaults it takes from
+    ``context`` (:func:`method_context`): the one place a method's options are resolved, so
+    every command gives a method the same defaults. An unknown option is refused as given."""
+    get_method(name, **given)
+    return get_method(name, **METHODS[name].options_from(context, given))
 
 
 class DelegatingMethod(Method):
@@ -449,7 +459,7 @@ class JourneyTRAK(KernelMethod):
         from diffattr.attribution.journey import journey_inner_products
 
         inner = journey_inner_products(inputs, self.options)
-        inputs.target_inner = inner
+        inputs = replace(inputs, target_inner=inner)
         return [self.gram_kernel(inputs, r).solve_inner(inner) for r in ridges]
 
 

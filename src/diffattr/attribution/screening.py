@@ -199,7 +199,8 @@ def screened_scores(
         rows = np.arange(N) if kernel == "all" else np.unique(candidates)
         sub = restrict(inputs, rows, np.arange(T))
         if method.uses_kernel:
-            sub.kernel = fit_gram_kernel(method, sub.train_gram, lam, min(len(rows), dim or N))
+            kern = fit_gram_kernel(method, sub.train_gram, lam, min(len(rows), dim or N))
+            sub = replace(sub, kernel=kern)
             lams.append(sub.kernel.lam)
         values = method.score(sub)
         pos = np.searchsorted(rows, candidates)
@@ -208,7 +209,8 @@ def screened_scores(
     for t in range(T):
         rows = candidates[t]
         sub = restrict(inputs, rows, np.array([t]))
-        sub.kernel = fit_gram_kernel(method, sub.train_gram, lam, min(len(rows), dim or N))
+        kern = fit_gram_kernel(method, sub.train_gram, lam, min(len(rows), dim or N))
+        sub = replace(sub, kernel=kern)
         lams.append(sub.kernel.lam)
         out[t, rows] = method.score(sub)[0]
     return out, lams

@@ -20,23 +20,9 @@ from diffattr.commands.options import (
     attributor_kwargs,
     driver_plan,
     feature_settings,
-    method_context,
     parse_rows,
 )
 from diffattr.errors import ConfigError, DiffattrError
-
-
-def method_targets(family: Any, run: Any, method: Any, spec: str, cache: dict) -> Any:
-    """(name, targets, ids) of ``spec`` as ``method`` takes them: generated samples with their
-    seeds for a method that needs trajectories, else the family's targets (loaded once)."""
-    from diffattr.attribution.methods import TRAJECTORIES
-
-    if "plain" not in cache:
-        cache["plain"] = family.targets(run, spec)
-    name, targets, ids = cache["plain"]
-    if TRAJECTORIES in method.requirements():
-        return name, family.trajectory_targets(run, spec), ids
-    return name, targets, ids
 
 
 def score_run(
@@ -45,7 +31,6 @@ def score_run(
     targets: str = "samples",
     k: int = 10,
     settings: Any = None,
-    context: dict[str, Any] | None = None,
     screen: Any = None,
     executor: Any = None,
     worker_device: str | None = None,
@@ -54,20 +39,16 @@ def score_run(
     """Score ``targets`` of ``run`` with each (method, options); save ``RUN/scores/LABEL-NAME``
     (scores, top-k tables naming each image's file and caption, per-target confidence with
     its percentile among the run's held-out images and, for generated or given images, the
-    near-copy check against them). ``context``: where methods take option defaults from;
-    ``executor``: featurize and tile the kernel products on it; ``attributor_options``: λ,
-    batch size, device, progress, on_nonfinite. Returns label → scores directory, and
-    ``targets``: per target its id, source, caption, near-copy flag and each method's
-    confidence, held-out percentile and bin."""
+    near-copy check against them). ``executor``: featurize and tile the kernel products on
+    it; ``attributor_options``: λ, batch size, device, progress, on_nonfinite. Returns label →
+    scores directory, and ``targets``: per target its id, source, caption, near-copy flag and
+    each method's confidence, held-out percentile and bin."""
     from diffattr.attribution.method_spec import method_label
-    from diffattr.attribution.methods import get_method
     from diffattr.attribution.names import Names
     from diffattr.attribution.shards import featurize_with_executor
-    from diffattr.families import family_of, load_for_worker
+    from diffattr.families import load_for_worker, open_run
 
-    family = family_of(run)
-    context = {"run_dir": str(run.path), **(context or {})}
-    loaded: dict[str, Any] = {}
+    bound = open_run(run)
     out: dict[str, Any] = {}
     near: Any = None
     names: Any = None
@@ -75,23 +56,22 @@ def score_run(
     train_names = Names.of(pictures[0])
     per_target: list[dict[str, Any]] = []
     for method, given in methods:
-        options = get_method(method, **given).options_from(context, given)
-        att = family.attributor(run, method, options, settings, **attributor_options)
-        name, target_set, ids = method_targets(family, run, att.method, targets, loaded)
+        att = bound.attributor(method, given, settings, **attributor_options)
+        name, target_set, ids = bound.targets(targets, att.method)
         if executor is not None:
             att.executor = executor  # the scoring tiles
             featurize_all = screen is None  # a screen featurizes its candidates only
             if featurize_all and att.method.uses_stored_features():
                 featurize_with_executor(
-                    att, run.path, method, executor, load_for_worker, None, options,
+                    att, run.path, method, executor, load_for_worker, None, att.method.options,
                     device=worker_device,
                 )  # fmt: skip
         scores = att.score(target_set, ids, screen=screen)  # checks the targets' shape first
-        heldout, heldout_ids = heldout_targets(family, run, targets, loaded)
+        heldout, heldout_ids = bound.heldout(targets)
         if len(heldout_ids):
             att.compare_to_heldout(scores, target_set, heldout, screen, False, heldout_ids)
         if not per_target:  # the first method: the targets' names and near-copy check, once
-            near = near_copies_of(run, family, targets, pictures)
+            near = near_copies_of(run, bound.family, targets, pictures)
             names = target_names_of(run, targets, ids, pictures[1])
             per_target = target_rows(ids, names, near)
         if near is not None:
@@ -102,15 +82,6 @@ def score_run(
         add_confidence(per_target, label, scores)
     out["targets"] = per_target
     return out
-
-
-def heldout_targets(family: Any, run: Any, spec: str, cache: dict) -> tuple[Any, np.ndarray]:
-    """(held-out images as the attributor takes them, their ids), loaded once: the targets
-    themselves when ``spec`` is ``val``."""
-    if "val" not in cache:
-        cache["val"] = cache["plain"] if spec == "val" else family.targets(run, "val")
-    _, heldout, ids = cache["val"]
-    return heldout, np.asarray(ids)
 
 
 def target_names_of(run: Any, spec: str, ids: np.ndarray, val_set: Any) -> Any:
@@ -271,25 +242,19 @@ def write_run_report(
 
 def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.attribution.method_spec import parse_method_list
-    from diffattr.attribution.methods import get_method
     from diffattr.attribution.shards import featurize_with_executor
-    from diffattr.families import family_of, load_for_worker
+    from diffattr.families import load_for_worker, open_run
     from diffattr.parallel import workers_from_args
     from diffattr.run import RunDir
 
     run = RunDir(args.run)
-    family = family_of(run)
+    bound = open_run(run)
     bounds = parse_rows(args.rows) if getattr(args, "rows", None) else None
     out: dict[str, Any] = {}
     plan = driver_plan(args)
-    context = method_context(args, run)
-    loaded: dict[str, Any] = {}
     with workers_from_args(args) as executor:
         for method, given in parse_method_list(args.method):
-            options = get_method(method, **given).options_from(context, given)
-            att = family.attributor(
-                run, method, options, feature_settings(plan), **attributor_kwargs(plan)
-            )
+            att = bound.attributor(method, given, feature_settings(plan), **attributor_kwargs(plan))
             rows = None
             if bounds is not None:
                 n = len(att.train)
@@ -317,7 +282,7 @@ def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
                 done = f"{store.num_done}/{store.num_rows} done"
                 out[f"rows[{method}]"] = f"{rows[0]}:{rows[-1] + 1} ({done})"
             if args.targets:
-                _, targets, ids = method_targets(family, run, att.method, args.targets, loaded)
+                _, targets, ids = bound.targets(args.targets, att.method)
                 cond = getattr(targets, "conditioning", None)
                 tstore = att.featurize_targets(getattr(targets, "images", targets), ids, cond)
                 out[f"target_store[{method}]"] = str(tstore.path)
@@ -341,7 +306,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     with workers_from_args(args) as executor:
         return score_run(
             run, parse_method_list(args.method), args.targets, args.k, feature_settings(plan),
-            method_context(args, run), screen, executor, args.device, **attributor_kwargs(plan),
+            screen, executor, args.device, **attributor_kwargs(plan),
         )  # fmt: skip
 
 
@@ -399,7 +364,7 @@ def register(add) -> None:
         "score targets against the training set; writes scores and top-k tables",
         """
         diffattr score runs/digits --method das,dtrak
-        diffattr score runs/digits --method das --targets val --leverage --k 20
+        diffattr score runs/digits --method "das[leverage=true]" --targets val --k 20
         diffattr score runs/big --method das --executor ray --ray-address auto  # tiles on Ray
         """,
         cmd_score,
@@ -414,9 +379,6 @@ def register(add) -> None:
     p.add_argument("--targets", default="samples", help=TARGETS_HELP)
     p.add_argument("--k", type=int, default=10, help="top-k written to topk.csv/json")
     add_lambda_args(p)
-    p.add_argument("--residual", choices=["error", "signed", "raw", "none"], default="error")
-    p.add_argument("--leverage", action="store_true", help="DAS: divide by 1 − hᵢ")
-    p.add_argument("--squared", action="store_true", help="DAS: square the scores (KL form)")
     p.add_argument(
         "--screen",
         default=None,

@@ -274,12 +274,6 @@ def attributor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def method_context(args: argparse.Namespace, run: Any) -> dict[str, Any]:
-    """What methods take their option defaults from (``Method.context_defaults``): the run
-    directory and the command's own options (``--noise-seed``, ``--residual``, …)."""
-    return {**vars(args), "run_dir": str(run.path)}
-
-
 def driver_plan(args: argparse.Namespace) -> argparse.Namespace:
     """The options this process works under when ``args`` spreads work over an executor.
 

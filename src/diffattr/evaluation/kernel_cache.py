@@ -14,9 +14,8 @@ import numpy as np
 
 from diffattr.errors import DiffattrError
 from diffattr.evaluation.ground_truth import GroundTruth
-from diffattr.families import family_of
+from diffattr.families.bound import BoundRun
 from diffattr.fsio import atomic_write_npz
-from diffattr.run import RunDir
 
 
 def fingerprint_array(a: np.ndarray) -> str:
@@ -62,16 +61,18 @@ class KernelCache:
             json.loads(str(z["meta"])),
         )
 
-    def fill(self, inputs: Any) -> None:
-        """Write the Gram form into :class:`ScoreInputs` ``inputs``: ΦΦᵀ, φ(x)ᵀΦᵀ, squared
-        norms, error and residual columns, k."""
-        inputs.train_gram = self.gram
-        inputs.target_inner = self.inner
-        inputs.train_sqnorm = np.diag(self.gram).copy()
-        inputs.target_sqnorm = self.target_sqnorm
-        inputs.train_error = self.error
-        inputs.train_residual = self.residual
-        inputs.feature_dim = self.dim
+    def gram_fields(self) -> dict[str, Any]:
+        """The Gram form as :class:`ScoreInputs` fields: ΦΦᵀ, φ(x)ᵀΦᵀ, squared norms, error
+        and residual columns, k."""
+        return {
+            "train_gram": self.gram,
+            "target_inner": self.inner,
+            "train_sqnorm": np.diag(self.gram).copy(),
+            "target_sqnorm": self.target_sqnorm,
+            "train_error": self.error,
+            "train_residual": self.residual,
+            "feature_dim": self.dim,
+        }
 
     def scale(self) -> float:
         """Mean non-zero eigenvalue of ΦᵀΦ: trace / min(N, k)."""
@@ -79,15 +80,13 @@ class KernelCache:
 
 
 def build_kernel_cache(
-    run: RunDir, gt: GroundTruth, settings, progress: bool = True, device: str = "cpu"
+    bound: BoundRun, gt: GroundTruth, settings, progress: bool = True, device: str = "cpu"
 ) -> KernelCache:
     """Featurize the run's training set and the benchmark targets; reduce to a kernel cache."""
     from diffattr.attribution.kernel import dual_gram, inner_products
 
     method = {"das": "das", "dtrak": "dtrak", "loss": "trak"}[settings.measure]
-    att = family_of(run).attributor(
-        run, method, settings=settings, device=device, progress=progress
-    )
+    att = bound.attributor(method, settings=settings, device=device, progress=progress)
     store = att.featurize()
     tstore = att.featurize_targets(gt.images, gt.keys, gt.conditioning)
     tphi = np.asarray(tstore.features, dtype=np.float64)
@@ -107,14 +106,14 @@ def build_kernel_cache(
 
 
 def kernel_cache(
-    run: RunDir | None,
+    bound: BoundRun | None,
     bench: Path,
     gt: GroundTruth,
     settings,
     progress: bool = True,
     device: str = "cpu",
 ) -> KernelCache:
-    """Load the benchmark's cached kernel for ``settings`` or build it from ``run``."""
+    """Load the benchmark's cached kernel for ``settings`` or build it from ``bound``'s run."""
     proj = {"identity": "exact", "auto": "auto"}.get(
         settings.projector, f"{settings.projector}-k{settings.proj_dim}"
     )
@@ -122,12 +121,12 @@ def kernel_cache(
     path = bench / "kernels" / name
     if path.is_file():
         return KernelCache.load(path)
-    if run is None:
+    if bound is None:
         raise DiffattrError(
             f"no cached kernel {path.name} in {bench}",
             hint="pass --run RUN so the features can be computed",
         )
-    cache = build_kernel_cache(run, gt, settings, progress, device)
+    cache = build_kernel_cache(bound, gt, settings, progress, device)
     cache.save(path)
     return KernelCache.load(path)  # the same (float32-rounded) numbers as a later reload
 
@@ -137,12 +136,10 @@ def cache_inputs(cache: KernelCache | None, train_images, target_images) -> Any:
     ΦΦᵀ, φ(x)ᵀΦᵀ, squared norms, error and residual columns, k)."""
     from diffattr.attribution.inputs import ScoreInputs
 
-    inputs = ScoreInputs(
+    return ScoreInputs(
         train_images=train_images,
         target_images=target_images,
         num_train=len(train_images),
         num_targets=len(target_images),
+        **(cache.gram_fields() if cache is not None else {}),
     )
-    if cache is not None:
-        cache.fill(inputs)
-    return inputs

@@ -29,7 +29,8 @@ from diffattr.evaluation.ground_truth import (
 )
 from diffattr.evaluation.kernel_cache import KernelCache, cache_inputs, kernel_cache
 from diffattr.evaluation.stats import bootstrap_lds_ci, bootstrap_mean_ci, finite_mean
-from diffattr.families import family_of, get_family
+from diffattr.families import get_family, open_run
+from diffattr.families.bound import BoundRun
 from diffattr.fsio import read_json
 from diffattr.run import UNCONDITIONAL, RunDir
 
@@ -196,7 +197,14 @@ def evaluate_benchmark(
     train_set = family.benchmark_train_set(manifest)  # latents, for latent targets
     lambdas = list(lambdas or DEFAULT_LAMBDAS)
     ctx = _EvalContext(
-        run, bench, gt, train_set, base_settings or FeatureSettings(), lambdas, progress, device
+        open_run(run) if run is not None else None,
+        bench,
+        gt,
+        train_set,
+        base_settings or FeatureSettings(),
+        lambdas,
+        progress,
+        device,
     )
     rows: list[dict[str, Any]] = []
     keep = {screen: _screen_mask(ctx, screen) for screen in screens or []}
@@ -238,7 +246,7 @@ def evaluate_benchmark(
 class _EvalContext:
     """What scoring a method on a benchmark needs besides the method."""
 
-    run: RunDir | None
+    bound: BoundRun | None  # the run, opened (features from its model), if given
     bench: Path
     gt: GroundTruth
     train_set: Any
@@ -256,7 +264,7 @@ def _scores_at(ctx: _EvalContext, method: str, options: dict[str, Any], K: int |
     of their measure; methods that compute features from the model get the run's model and
     its features too."""
     from diffattr.attribution.combination import combine_scores
-    from diffattr.attribution.methods import get_method
+    from diffattr.attribution.methods import get_method, method_context, resolve_method
 
     m = get_method(method, **options)
     members = m.components()
@@ -266,27 +274,23 @@ def _scores_at(ctx: _EvalContext, method: str, options: dict[str, Any], K: int |
     cache = None
     if m.measure is not None:
         settings = replace(settings, measure=m.measure)
-        cache = kernel_cache(ctx.run, ctx.bench, ctx.gt, settings, ctx.progress, ctx.device)
-    context = {"noise_seed": ctx.base.noise_seed}
-    if ctx.run is not None:
-        context["run_dir"] = str(ctx.run.path)
-    options = m.options_from(context, options)
+        cache = kernel_cache(ctx.bound, ctx.bench, ctx.gt, settings, ctx.progress, ctx.device)
     grid = lambda_grid(ctx.lambdas)
     if not m.needs_model:
         inputs = cache_inputs(cache, ctx.train_set.images, ctx.gt.images)
-        return get_method(method, **options).score_grid(inputs, grid)
-    if ctx.run is None:
+        run_dir = ctx.bound.run.path if ctx.bound is not None else None
+        return resolve_method(method, options, method_context(settings, run_dir)).score_grid(
+            inputs, grid
+        )
+    if ctx.bound is None:
         raise DiffattrError(f"{method} computes features from the model", hint="pass --run RUN")
-    att = family_of(ctx.run).attributor(
-        ctx.run, method, options, settings, device=ctx.device, progress=ctx.progress
-    )
-    inputs = att.inputs(ctx.gt.images, ctx.gt.images, ctx.gt.keys)
-    inputs.target_seeds = ctx.gt.seeds
+    att = ctx.bound.attributor(method, options, settings, device=ctx.device, progress=ctx.progress)
+    fields: dict[str, Any] = {"target_seeds": ctx.gt.seeds}
     if cache is not None:  # the kernel of its measure (TRAK's for journey-trak), Gram form
-        cache.fill(inputs)
-        inputs.train_features = att.featurize().features
+        fields.update(cache.gram_fields(), train_features=att.featurize().features)
     else:
-        inputs.settings = settings
+        fields["settings"] = settings
+    inputs = replace(att.inputs(ctx.gt.images, ctx.gt.images, ctx.gt.keys), **fields)
     return att.method.score_grid(inputs, grid)
 
 
@@ -301,9 +305,11 @@ def _screen_mask(ctx: _EvalContext, screen: Any) -> np.ndarray:
             hint="benchmarks/screening.py measures the union and candidates kernels",
         )
     images = ctx.train_set.images
-    inputs = cache_inputs(None, images, ctx.gt.images)
-    inputs.train_ids = np.asarray(ctx.train_set.ids)
-    inputs.store_dir = ctx.run.features_dir if ctx.run is not None else None
+    inputs = replace(
+        cache_inputs(None, images, ctx.gt.images),
+        train_ids=np.asarray(ctx.train_set.ids),
+        store_dir=ctx.bound.run.features_dir if ctx.bound is not None else None,
+    )
     cand = candidate_rows(similarity_scores(screen, inputs), screen.count(len(images)))
     keep = np.zeros((len(ctx.gt.images), len(images)), dtype=bool)
     np.put_along_axis(keep, cand, True, axis=1)

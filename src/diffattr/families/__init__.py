@@ -167,33 +167,15 @@ class Family(ABC):
                 hint=f"use {', '.join(usable)}",
             )
 
-    def attributor(
-        self,
-        run: RunDir,
-        method: str,
-        options: dict[str, Any] | None = None,
-        settings: Any = None,
-        **kwargs: Any,
-    ) -> Any:
-        """An :class:`~diffattr.attribution.attributor.Attributor` of ``method`` on the run's
-        model and training set, features in ``RUN/features`` (``kwargs``: λ, batch size,
-        device, progress, on_nonfinite)."""
-        from diffattr.attribution.attributor import Attributor
-        from diffattr.attribution.featurize import FeatureSettings
-        from diffattr.attribution.methods import get_method
+    def open(self, run: RunDir) -> Any:
+        """A :class:`~diffattr.families.bound.BoundRun`: ``run`` with its model, training set
+        and schedule loaded once, scoring methods on it."""
+        from diffattr.families.bound import BoundRun
 
-        options = dict(options or {})
-        self.check_method(get_method(method, **options))
-        return Attributor(
-            self.model(run),
-            self.train_set(run),
-            run.features_dir,
-            method=method,
-            schedule=self.schedule(run),
-            settings=self.feature_settings(run, settings or FeatureSettings()),
-            options=options,
-            **kwargs,
-        )
+        return BoundRun(self, run)
+
+    def check_attributor(self, run: RunDir, attributor: Any) -> None:  # noqa: B027 - optional
+        """Refuse an attributor the run cannot serve (nothing by default)."""
 
     # ------------------------------------------------------------------ retraining
     def job_data(self, run: RunDir) -> dict[str, Any]:
@@ -268,6 +250,12 @@ def family_of(run: RunDir) -> Family:
             hint="make one with `diffattr train`, `diffattr finetune` or `diffattr import`",
         )
     return get_family(run.family)
+
+
+def open_run(run: RunDir | str | Path) -> Any:
+    """The run at ``run`` opened by its family (:class:`~diffattr.families.bound.BoundRun`)."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    return family_of(run).open(run)
 
 
 def load_for_worker(run_path: str) -> tuple[torch.nn.Module, Any, Any]:

@@ -47,10 +47,8 @@ class PixelFamily(Family):
 
         return load_unet(run.model_dir)
 
-    def attributor(self, run: RunDir, method: str, options=None, settings=None, **kwargs):
-        att = super().attributor(run, method, options, settings, **kwargs)
-        check_model_fits(att.model, att.train.shape, run.model_dir)
-        return att
+    def check_attributor(self, run: RunDir, attributor: Any) -> None:
+        check_model_fits(attributor.model, attributor.train.shape, run.model_dir)
 
     def trajectory_targets(self, run: RunDir, spec: str) -> Any:
         from diffattr.diffusion.sampling import load_samples

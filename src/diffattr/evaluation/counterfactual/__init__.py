@@ -128,16 +128,17 @@ def run_counterfactual(
     config.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from diffattr.families import family_of
+    from diffattr.families import open_run
 
-    spec, train_config = run.data_spec(), family_of(run).train_config(run)
+    bound = open_run(run)
+    spec, train_config = run.data_spec(), bound.family.train_config(run)
     train_set, _ = spec.load()
     k = resolve_k(config.k, len(train_set))
     rules = removal_rules(
         [m for m in config.methods if m != RANDOM], config.screens, k, len(train_set)
     )  # a screen smaller than k is refused before anything is written
     samples_path = run.samples_dir / "samples.npz"
-    samples, fp = _check_samples(run, samples_path)
+    samples, fp = _check_samples(run, samples_path, bound.model)
     manifest = {
         "run": str(run.path),
         "data": asdict(spec),
@@ -160,13 +161,13 @@ def run_counterfactual(
     sources = {RANDOM: f"seeded random (seed {config.seed})"}
     for row, label, screen in rules:
         scores, sources[row] = removal_scores(
-            run, label, train_set, samples_path, out / "scores", settings,
+            bound, label, train_set, samples_path, out / "scores", settings,
             {"progress": progress, **(attributor_options or {})}, rescore, screen, fp,
         )  # fmt: skip
         removals[row] = top_proponents(aligned_values(scores, train_set, targets), k)
     rows, images = evaluate_removals(
         run, out, removals, targets, executor, config.reference, config.encoder,
-        config.bootstrap, progress,
+        config.bootstrap, progress, model=bound.model,
     )  # fmt: skip
     screened = {row: (label, s) for row, label, s in rules if s is not None}
     for r in rows:

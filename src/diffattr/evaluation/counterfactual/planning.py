@@ -20,7 +20,7 @@ from diffattr.seeding import derive_seed
 if TYPE_CHECKING:  # the rest is imported where used: the CLI parser stays quick to build
     from diffattr.attribution.screening import Screen
     from diffattr.data import ImageDataset
-    from diffattr.run import RunDir
+    from diffattr.families.bound import BoundRun
 
 #: Key namespace of the random removals ("CFA1").
 COUNTERFACTUAL_KEY = 0x43464131
@@ -154,7 +154,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def removal_scores(
-    run: RunDir,
+    bound: BoundRun,
     label: str,
     train_set: ImageDataset,
     samples_path: Path,
@@ -165,8 +165,8 @@ def removal_scores(
     screen: Screen | None = None,
     model_fp: str | None = None,
 ) -> tuple[Scores, str]:
-    """Scores of all samples by method ``label`` (restricted by ``screen`` if given), and
-    where they came from.
+    """Scores of all samples of ``bound``'s run by method ``label`` (restricted by ``screen``
+    if given), and where they came from.
 
     Reuses ``cache_dir/<name>/`` (:func:`scores_cache_name`: scores computed by an earlier
     call) or the run's ``RUN/scores/<label>-samples/`` (``diffattr score``) when their feature
@@ -176,15 +176,11 @@ def removal_scores(
     ``cache_dir/<name>/`` with ``model_fp``.
     """
     from diffattr.attribution.method_spec import parse_method_list
-    from diffattr.attribution.methods import METHODS, TRAJECTORIES, get_method
     from diffattr.diffusion.sampling import load_samples
-    from diffattr.families import family_of
 
     [(name, options)] = parse_method_list(label)
-    get_method(name, **options)  # an unknown method or option fails here
-    options = METHODS[name].options_from({"run_dir": str(run.path)}, options)
-    family = family_of(run)
-    att = family.attributor(run, name, options, settings, **(attributor_options or {}))
+    run = bound.run
+    att = bound.attributor(name, options, settings, **(attributor_options or {}))
     wanted = att.settings.to_dict() if att.method.measure is not None else None
     samples = load_samples(samples_path)
     num = len(samples)
@@ -204,10 +200,7 @@ def removal_scores(
             and s.meta.get("model_fingerprint", model_fp) == model_fp
         ):
             return s, str(d)
-    if TRAJECTORIES in att.method.requirements():
-        targets = family.trajectory_targets(run, str(samples_path))
-    else:
-        targets = family.targets(run, str(samples_path))[1]
+    targets = bound.targets(str(samples_path), att.method)[1]
     scores = att.score(targets, np.arange(num), screen=screen)
     if model_fp is not None:
         scores.meta["model_fingerprint"] = model_fp

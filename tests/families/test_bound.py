@@ -1,0 +1,64 @@
+"""families.bound: a run opened by its family — the model and data loaded once, a method's
+options resolved in one place (the same defaults for every command), targets loaded once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from diffattr.attribution.featurize import FeatureSettings
+from diffattr.attribution.inputs import ScoreInputs
+from diffattr.attribution.methods import method_context, resolve_method
+from diffattr.cli import main
+from diffattr.errors import ConfigError
+from diffattr.families import open_run
+from diffattr.run import RunDir
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bound") / "run"
+    assert main(["train", "--data", "digits", "--train-count", "24", "--val-count", "8",
+                 "--batch-size", "8", "--steps", "4", "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    assert main(["generate", str(out), "--num", "2", "--steps", "4", "--quiet"]) == 0
+    return RunDir(out)
+
+
+def test_model_data_and_targets_load_once(run):
+    bound = open_run(run.path)
+    a = bound.attributor("das", settings=FeatureSettings(timesteps=2), progress=False)
+    b = bound.attributor("trak", settings=FeatureSettings(timesteps=2), progress=False)
+    assert a.model is b.model is bound.model and a.train is b.train is bound.train_set
+    first = bound.targets("samples")
+    assert bound.targets("samples")[1] is first[1]
+    assert first[1].shape[0] == 2 and list(first[2]) == [0, 1]
+
+
+def test_options_resolve_from_the_run_and_the_noise_seed(run):
+    bound = open_run(run)
+    settings = FeatureSettings(noise_seed=7)
+    assert bound.method("random", settings=settings).options["seed"] == 7
+    assert bound.method("random", {"seed": 3}, settings).options["seed"] == 3  # given wins
+    assert bound.method("tracin").options["checkpoints"] == str(run.path)
+    # the same rule as a run-less caller (lds eval without --run)
+    assert resolve_method("random", {}, method_context(settings)).options == {"seed": 7}
+    with pytest.raises(ConfigError, match="has no option 'sead'"):
+        bound.method("random", {"sead": 1})
+
+
+def test_a_method_the_family_cannot_serve_is_refused_before_loading(run):
+    bound = open_run(run)
+    bound.family = type("Narrow", (type(bound.family),), {"provides": frozenset()})()
+    with pytest.raises(ConfigError, match="journey-trak is not available .*needs trajectories"):
+        bound.attributor("journey-trak")
+    assert "model" not in vars(bound)  # nothing loaded by a refusal
+
+
+def test_score_inputs_are_immutable():
+    inputs = ScoreInputs(num_train=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        inputs.lam = 1.0  # type: ignore[misc]
+    assert dataclasses.replace(inputs, lam=1.0).lam == 1.0 and inputs.lam is None
+    assert np.isfinite(ScoreInputs().batch_size)
