@@ -19,14 +19,14 @@ calibration cut points (terciles of the chosen confidence over all targets of th
 benchmark) are fixed there too; the held-out benchmark's bin means test them.
 
 The script fails if the chosen candidate is not the one diffattr ships
-(:func:`diffattr.attribution.confidence.confidence`), and writes the calibration that
+(:func:`diffattr.attribution.scores.confidence.confidence`), and writes the calibration that
 diffattr reads (``--calibration``). With ``--counterfactual``, it also checks on the
 counterfactual benchmark whether removing the top-k moved high-confidence targets more.
 
     .venv/bin/python benchmarks/confidence.py benchmarks/lds/digits8 benchmarks/lds/mnist8 \\
         --counterfactual benchmarks/counterfactual/digits8/results.json \\
         --counterfactual-scores runs/cf-digits8/counterfactual/scores \\
-        --calibration src/diffattr/attribution/confidence_calibration.json \\
+        --calibration src/diffattr/attribution/scores/confidence_calibration.json \\
         --out benchmarks/results/confidence.md
 """
 
@@ -39,7 +39,9 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
-from diffattr.attribution.confidence import (
+from diffattr.attribution.features.featurize import FeatureSettings
+from diffattr.attribution.scores import Scores
+from diffattr.attribution.scores.confidence import (
     BINS,
     DEFINITION,
     NEAR_COPY_QUANTILE,
@@ -47,8 +49,6 @@ from diffattr.attribution.confidence import (
     confidence_bins,
     near_copies,
 )
-from diffattr.attribution.featurize import FeatureSettings
-from diffattr.attribution.scores import Scores
 from diffattr.evaluation.ground_truth import KIND_NAMES, GroundTruth, lds_per_target
 from diffattr.evaluation.kernel_cache import kernel_cache
 from diffattr.evaluation.lds import method_scores as lds_method_scores
@@ -424,7 +424,7 @@ def main() -> None:
     if chosen != SHIPPED:
         raise SystemExit(
             f"the evidence chooses {chosen!r}, but diffattr ships {SHIPPED!r}: change "
-            "diffattr.attribution.confidence.confidence first\n" + "\n".join(why)
+            "diffattr.attribution.scores.confidence.confidence first\n" + "\n".join(why)
         )
     rho_rows = spearman_rows(results, sel, chosen)
     calib = calibration(results, sel, chosen, rho_rows)

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffattr.attribution.featurize import FeatureSettings, featurize
-from diffattr.attribution.influence import ekfac_scores
+from diffattr.attribution.features.featurize import FeatureSettings, featurize
+from diffattr.attribution.methods.influence import ekfac_scores
 from diffattr.diffusion.presets import load_unet
 from diffattr.run import RunDir
 
@@ -53,7 +53,7 @@ def time_featurize(model, images, ids, schedule, settings: FeatureSettings) -> f
 
 
 def time_ekfac(model, images, ids, targets, schedule, K: int) -> float:
-    from diffattr.attribution.gradients import TimestepSpec
+    from diffattr.attribution.features.gradients import TimestepSpec
 
     scratch = Path(tempfile.mkdtemp(prefix="cost-ekfac-"))
     try:

@@ -85,10 +85,14 @@ try:  # optional peer: pip install dattri
 except ImportError:  # pragma: no cover - the table then says so
     AttributionTask = random_project = None
 
-from diffattr.attribution.gradients import GradientComputer, TimestepSpec, select_parameters
-from diffattr.attribution.layer_projection import LayerProjection
-from diffattr.attribution.measure import parse_measure
-from diffattr.attribution.projection import make_projector
+from diffattr.attribution.features.gradients import (
+    GradientComputer,
+    TimestepSpec,
+    select_parameters,
+)
+from diffattr.attribution.features.layer_projection import LayerProjection
+from diffattr.attribution.features.measure import parse_measure
+from diffattr.attribution.features.projection import make_projector
 from diffattr.diffusion.presets import build_unet, use_classic_attention
 from diffattr.diffusion.schedule import ATTRIBUTION_NOISE_KEY, NoiseSchedule, keyed_noise
 
@@ -566,7 +570,7 @@ def run_digits8(
             base = featurize_elsewhere(base_src, Path(tmp) / "base", settings, n)
             agreement = compare(Path(tmp) / "ours", Path(tmp) / "base")
             log(f"[digits8] the same with {base_src}: {base:.1f} s; {agreement}")
-        from diffattr.attribution.store import FeatureStore
+        from diffattr.attribution.features.store import FeatureStore
 
         ours_rows = torch.from_numpy(np.array(FeatureStore.load(Path(tmp) / "ours").features))
     torch.manual_seed(0)

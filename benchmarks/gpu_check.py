@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffattr.attribution.featurize import FeatureSettings, featurize
-from diffattr.attribution.gradients import resolve_device
-from diffattr.attribution.projection import make_projector, trak_cuda_available
-from diffattr.attribution.store import FeatureStore
+from diffattr.attribution.features.featurize import FeatureSettings, featurize
+from diffattr.attribution.features.gradients import resolve_device
+from diffattr.attribution.features.projection import make_projector, trak_cuda_available
+from diffattr.attribution.features.store import FeatureStore
 from diffattr.diffusion.presets import build_unet
 from diffattr.diffusion.schedule import NoiseSchedule
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffattr.attribution.ridge import DEFAULT_RIDGE, Ridge
+from diffattr.attribution.kernel.ridge import DEFAULT_RIDGE, Ridge
 from diffattr.evaluation.ground_truth import KIND_NAMES, GroundTruth, lds_per_target
 from diffattr.evaluation.kernel_cache import KernelCache
 from diffattr.evaluation.lds import DEFAULT_LAMBDAS, cross_fit, method_scores

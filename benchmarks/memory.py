@@ -8,7 +8,7 @@ Each case runs in a fresh child process and reports its own peak resident set si
 what it computed:
 
 - ``model``: the `cifar` preset built and one forward pass — the floor every featurize run pays.
-- ``featurize <projector>``: :func:`diffattr.attribution.featurize.featurize` of synthetic
+- ``featurize <projector>``: :func:`diffattr.attribution.features.featurize.featurize` of synthetic
   32×32×3 images (the real code path: keyed noise, per-sample gradients of the DAS measure by
   the default strategy, projection, crash-safe store writes) with the sparse projectors at k =
   32768. The dense Gaussian/Rademacher projectors never hold the p×k matrix either (they
@@ -70,7 +70,7 @@ def case_model(size: dict, work: Path) -> dict:
 def case_featurize(size: dict, work: Path, projector: str, k: int) -> dict:
     import torch
 
-    from diffattr.attribution.featurize import FeatureSettings, featurize
+    from diffattr.attribution.features.featurize import FeatureSettings, featurize
     from diffattr.diffusion.presets import build_unet
     from diffattr.diffusion.schedule import NoiseSchedule
 
@@ -103,7 +103,7 @@ def _store_settings(n: int, k: int) -> dict:
 
 
 def case_write_store(size: dict, work: Path) -> dict:
-    from diffattr.attribution.store import FeatureStore
+    from diffattr.attribution.features.store import FeatureStore
 
     n, k = size["n"], size["k"]
     store = FeatureStore.open(work / "big-store", _store_settings(n, k), n, k)
@@ -119,8 +119,8 @@ def case_write_store(size: dict, work: Path) -> dict:
 
 
 def case_score(size: dict, work: Path) -> dict:
+    from diffattr.attribution.features.store import FeatureStore
     from diffattr.attribution.kernel import Kernel
-    from diffattr.attribution.store import FeatureStore
 
     n, k, t = size["n"], size["k"], size["t"]
     store = FeatureStore.load(work / "big-store")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from diffattr.attribution.defaults import DEFAULT_TIMESTEPS
-from diffattr.attribution.featurize import FeatureSettings
+from diffattr.attribution.features.featurize import FeatureSettings
 from diffattr.attribution.methods import ScoreInputs, get_method
 from diffattr.attribution.screening import Screen, candidate_rows, restrict, screened_scores
 from diffattr.evaluation.ground_truth import KIND_NAMES, GroundTruth, lds_per_target
@@ -116,7 +116,7 @@ def ekfac_row(bench: Path) -> dict | None:
 def timing(run_dir: Path, bench: Path, timesteps: int) -> list[dict]:
     """Wall seconds of Attributor.score for 16 generated targets, each case in a fresh store."""
     from diffattr.attribution.attributor import Attributor
-    from diffattr.attribution.featurize import FeatureSettings
+    from diffattr.attribution.features.featurize import FeatureSettings
     from diffattr.diffusion.presets import load_unet
     from diffattr.families import family_of
     from diffattr.run import RunDir

@@ -68,7 +68,7 @@ def worker(kind: str, threads: str | None) -> dict[str, float]:
                 times[steps] = time.perf_counter() - t0
             out["seconds_per_step"] = (times[40] - times[10]) / 30
         else:
-            from diffattr.attribution.featurize import FeatureSettings, featurize
+            from diffattr.attribution.features.featurize import FeatureSettings, featurize
             from diffattr.diffusion.presets import build_unet
             from diffattr.diffusion.schedule import NoiseSchedule
 

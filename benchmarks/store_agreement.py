@@ -39,7 +39,7 @@ THREADS = 2
 def featurize_digits(store: Path, settings: dict, n: int, batch_size: int = 32) -> float:
     """Featurize the first ``n`` digits into ``store`` with a seeded random `tiny` UNet;
     returns the wall time of the ``featurize`` call in seconds."""
-    from diffattr.attribution.featurize import FeatureSettings, featurize
+    from diffattr.attribution.features.featurize import FeatureSettings, featurize
     from diffattr.data import load_builtin
     from diffattr.diffusion.presets import build_unet
     from diffattr.diffusion.schedule import NoiseSchedule
@@ -67,7 +67,7 @@ def featurize_elsewhere(src: str, store: Path, settings: dict, n: int) -> float:
 
 def compare(a: Path, b: Path) -> dict[str, float]:
     """max row ‖φ_a − φ_b‖/‖φ_b‖ and max |e_a − e_b|/|e_b| of two complete stores."""
-    from diffattr.attribution.store import FeatureStore
+    from diffattr.attribution.features.store import FeatureStore
 
     sa, sb = FeatureStore.load(a), FeatureStore.load(b)
     fa, fb = np.asarray(sa.features, np.float64), np.asarray(sb.features, np.float64)

@@ -106,7 +106,7 @@ def _das_call(model, train, pools: list[torch.Tensor], K: int) -> list[tuple[flo
     """(CPU, wall) of featurizing the training set and fitting the kernel, then of scoring
     each of ``pools`` (their features and the products with the training store)."""
     from diffattr.attribution.attributor import Attributor
-    from diffattr.attribution.featurize import FeatureSettings
+    from diffattr.attribution.features.featurize import FeatureSettings
 
     scratch = Path(tempfile.mkdtemp(prefix="unlearning-cost-"))
     try:
@@ -188,7 +188,7 @@ def _options(text: str | None) -> dict[str, Any]:
     """``key=value;key=value`` as method options (as on the command line)."""
     if not text:
         return {}
-    from diffattr.attribution.method_spec import parse_method_list
+    from diffattr.attribution.methods.spec import parse_method_list
 
     return parse_method_list(f"x[{text}]")[0][1]
 
@@ -215,13 +215,13 @@ def _subset_gt(gt, rows: np.ndarray):
 
 
 def _config_label(method: str, options: dict[str, Any]) -> str:
-    from diffattr.attribution.method_spec import method_label
+    from diffattr.attribution.methods.spec import method_label
 
     return method_label(method, options)
 
 
 def lds(args: argparse.Namespace) -> str:
-    from diffattr.attribution.featurize import FeatureSettings
+    from diffattr.attribution.features.featurize import FeatureSettings
     from diffattr.evaluation.ground_truth import GroundTruth
     from diffattr.evaluation.lds import summarize
     from diffattr.families import open_run

@@ -118,7 +118,7 @@ def test_folder_targets_are_named_by_file(folder_run, capsys):
 def test_python_near_copies_and_meta_json_agree_on_ids(folder_run):
     """The CLI's meta.json, ``near_copies`` given the training set and
     ``Attributor.score(..., heldout=...)`` name the same nearest training images, by id."""
-    from diffattr.attribution.confidence import near_copies
+    from diffattr.attribution.scores.confidence import near_copies
     from diffattr.diffusion.sampling import load_samples
     from diffattr.families import open_run
     from diffattr.run import RunDir

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffattr.attribution.store import FeatureStore
+from diffattr.attribution.features.store import FeatureStore
 from diffattr.cli import main
 from diffattr.errors import ConfigError
 from diffattr.parallel import (
@@ -159,8 +159,8 @@ def test_ray_featurize_equals_inprocess(ray_runtime, trained, reference, tmp_pat
 
 def _shard_dying_midway(job):
     """Compute the first batch of the shard, claim the next rows, then die holding them."""
-    from diffattr.attribution.shards import featurize_shard
-    from diffattr.attribution.store import RowClaims
+    from diffattr.attribution.features.shards import featurize_shard
+    from diffattr.attribution.features.store import RowClaims
 
     marker = Path(job.run) / f"died-{job.rows[0]}"
     if job.rows[0] == 0 and not marker.exists():
@@ -175,8 +175,8 @@ def _shard_dying_midway(job):
 
 
 def test_ray_redoes_the_rows_a_dead_worker_left(ray_runtime, trained, reference, tmp_path):
-    from diffattr.attribution.shards import ShardJob, shard_rows
-    from diffattr.attribution.store import RowClaims
+    from diffattr.attribution.features.shards import ShardJob, shard_rows
+    from diffattr.attribution.features.store import RowClaims
     from diffattr.families import load_for_worker
 
     run = fresh_run(trained, tmp_path / "run")

@@ -271,7 +271,7 @@ def _target(html: str, tid: int) -> str:
 
 
 def test_report_shows_confidence_bins_with_measured_lds(sure):
-    from diffattr.attribution.confidence import bin_lds, method_calibration
+    from diffattr.attribution.scores.confidence import bin_lds, method_calibration
 
     html = render_report(**sure)
     _self_contained(html)
@@ -309,7 +309,7 @@ def test_report_flags_the_planted_copy_only(sure):
 
 
 def test_report_without_heldout_uses_the_flag_in_the_scores_or_says_it_is_missing(sure):
-    from diffattr.attribution.confidence import near_copies
+    from diffattr.attribution.scores.confidence import near_copies
 
     heldout = sure.pop("heldout")
     html = render_report(**sure)

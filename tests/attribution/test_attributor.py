@@ -6,9 +6,9 @@ import scipy.optimize
 import torch
 
 from diffattr.attribution.attributor import Attributor
-from diffattr.attribution.featurize import FeatureSettings
-from diffattr.attribution.gradients import GradientComputer, TimestepSpec
-from diffattr.attribution.measure import make_measure
+from diffattr.attribution.features.featurize import FeatureSettings
+from diffattr.attribution.features.gradients import GradientComputer, TimestepSpec
+from diffattr.attribution.features.measure import make_measure
 from diffattr.attribution.scores import Scores
 from diffattr.diffusion.schedule import NoiseSchedule
 

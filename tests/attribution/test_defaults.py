@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from diffattr.attribution.defaults import DEFAULT_TIMESTEPS
-from diffattr.attribution.featurize import FeatureSettings
+from diffattr.attribution.features.featurize import FeatureSettings
 from diffattr.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]

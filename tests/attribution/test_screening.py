@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-import diffattr.attribution.featurize as featurize_module
+import diffattr.attribution.features.featurize as featurize_module
 from diffattr.attribution.attributor import Attributor
-from diffattr.attribution.featurize import FeatureSettings
+from diffattr.attribution.features.featurize import FeatureSettings
 from diffattr.attribution.screening import Screen, candidate_rows
 from diffattr.errors import ConfigError
 
@@ -68,7 +68,7 @@ def test_a_screened_store_is_reused_row_for_row(setup, monkeypatch):
     screened = screened_att.score(targets, screen=Screen("pixel-cos", 4))
     union = np.flatnonzero(np.isfinite(screened.values).any(axis=0))
     assert sorted(computed) == union.tolist() and union.size < len(train)
-    from diffattr.attribution.store import FeatureStore
+    from diffattr.attribution.features.store import FeatureStore
 
     before = np.array(FeatureStore.load(screened_att.train_store_path, False).features[union])
     computed.clear()

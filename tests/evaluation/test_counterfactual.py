@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffattr.attribution.embedding import EncoderSettings
+from diffattr.attribution.methods.embedding import EncoderSettings
 from diffattr.cli import build_parser, main
 from diffattr.data import load_builtin
 from diffattr.diffusion.presets import load_unet, model_fingerprint

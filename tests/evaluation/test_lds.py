@@ -83,7 +83,7 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
     gt = GroundTruth.load(bench)
     assert gt.F.shape == (1, 4, 5) and np.isfinite(gt.F).all()
     assert list(gt.kinds) == [0, 0, 0, 1, 1]
-    from diffattr.attribution.featurize import FeatureSettings
+    from diffattr.attribution.features.featurize import FeatureSettings
     from diffattr.run import RunDir
 
     rows = evaluate_benchmark(
@@ -116,7 +116,7 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
     assert rows2[0]["val"]["default_lambda"] == "effective-dim:200"
     assert rows[1]["val"]["default_lds"] == rows[1]["val"]["lds"]  # pixel-cos: no λ
     # A combination is scored from its members' default-λ scores (from the cache: no run).
-    from diffattr.attribution.combination import combine_scores
+    from diffattr.attribution.methods.combination import combine_scores
 
     (pixel,) = method_scores("pixel-cos", None, [None], train_images, gt.images)
     row = evaluate_benchmark(
@@ -191,7 +191,7 @@ def test_killed_build_resumes_without_retraining(tiny_run, tmp_path):
 
 
 def test_method_list_parsing():
-    from diffattr.attribution.method_spec import method_label, parse_method_list
+    from diffattr.attribution.methods.spec import method_label, parse_method_list
     from diffattr.errors import ConfigError
 
     got = parse_method_list("das,das[residual=none;leverage=true],random[seed=3]")

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from diffattr.attribution.featurize import FeatureSettings
+from diffattr.attribution.features.featurize import FeatureSettings
 from diffattr.attribution.inputs import ScoreInputs
 from diffattr.attribution.methods import method_context, resolve_method
 from diffattr.cli import main
@@ -20,8 +20,8 @@ from diffattr.run import RunDir
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bound") / "run"
-    assert main(["train", "--data", "digits", "--train-count", "24", "--val-count", "8",
-                 "--batch-size", "8", "--steps", "4", "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    train = ["--train-count", "24", "--val-count", "8", "--batch-size", "8", "--steps", "4"]
+    assert main(["train", "--data", "digits", *train, "--out", str(out), "--quiet"]) == 0
     assert main(["generate", str(out), "--num", "2", "--steps", "4", "--quiet"]) == 0
     return RunDir(out)
 

@@ -54,8 +54,8 @@ CASES = [
 def test_the_model_s_own_process_is_followed_exactly(tmp_path, prediction, schedule):
     from diffusers import DDPMScheduler
 
-    from diffattr.attribution.gradients import GradientComputer, TimestepSpec
-    from diffattr.attribution.measure import make_measure
+    from diffattr.attribution.features.gradients import GradientComputer, TimestepSpec
+    from diffattr.attribution.features.measure import make_measure
     from diffattr.diffusion.schedule import ATTRIBUTION_NOISE_KEY, keyed_noise
 
     run = RunDir(import_run(tmp_path, prediction, schedule))
@@ -213,8 +213,8 @@ def test_ekfac_serves_an_imported_v_prediction_model(tmp_path, capsys):
     from diffusers import DDPMScheduler
     from kronfluence.task import Task
 
-    from diffattr.attribution.gradients import TimestepSpec
-    from diffattr.attribution.influence import _Items, _make_task
+    from diffattr.attribution.features.gradients import TimestepSpec
+    from diffattr.attribution.methods.influence import _Items, _make_task
 
     run = RunDir(import_run(tmp_path, "v_prediction", "scaled_linear"))
     family = family_of(run)

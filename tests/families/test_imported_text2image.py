@@ -145,8 +145,8 @@ def test_the_pipeline_s_own_process_is_followed_exactly(tmp_path, prediction, sc
     written by hand from the scheduler's own add_noise and get_velocity."""
     from diffusers import DDPMScheduler
 
-    from diffattr.attribution.gradients import GradientComputer, TimestepSpec
-    from diffattr.attribution.measure import make_measure
+    from diffattr.attribution.features.gradients import GradientComputer, TimestepSpec
+    from diffattr.attribution.features.measure import make_measure
     from diffattr.diffusion.schedule import ATTRIBUTION_NOISE_KEY, keyed_noise
 
     pipeline = with_scheduler(

@@ -273,7 +273,7 @@ def test_nonfinite_gradients_stop_naming_the_sample(tiny_run, tmp_path):
 
 
 def test_nonfinite_gradients_can_be_skipped(tiny_run, tmp_path):
-    from diffattr.attribution.store import FeatureStore
+    from diffattr.attribution.features.store import FeatureStore
 
     run = nan_model_run(tiny_run, tmp_path)
     code, _, err = run_main(
@@ -381,8 +381,8 @@ def test_subprocess_cli_reports_without_traceback(tmp_path):
 def test_skipped_samples_score_zero_and_are_named(tmp_path, monkeypatch, capsys):
     """A sample whose features come out non-finite: skipped, scored 0, named in warnings."""
     from diffattr.attribution.attributor import Attributor
-    from diffattr.attribution.featurize import FeatureSettings
-    from diffattr.attribution.gradients import GradientComputer
+    from diffattr.attribution.features.featurize import FeatureSettings
+    from diffattr.attribution.features.gradients import GradientComputer
     from diffattr.data import load_builtin
     from diffattr.errors import NumericalError
 
@@ -411,7 +411,7 @@ def test_skipped_samples_score_zero_and_are_named(tmp_path, monkeypatch, capsys)
 
 def test_one_bad_sample_in_a_batch_is_skipped_alone(tiny_model, tmp_path):
     """Overflowing gradients of one image (an exception inside the batch) skip only it."""
-    from diffattr.attribution.featurize import FeatureSettings, featurize
+    from diffattr.attribution.features.featurize import FeatureSettings, featurize
     from diffattr.data import load_builtin
     from diffattr.diffusion.schedule import NoiseSchedule
 

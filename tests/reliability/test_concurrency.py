@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from reliability_helpers import QUIET, assert_same_store, cli_cmd, copy_run, run_main
 
-from diffattr.attribution.store import FeatureStore, RowClaims
+from diffattr.attribution.features.store import FeatureStore, RowClaims
 
 # batch size 1: a row's bits do not depend on which rows share its batch, so any split of the
 # rows between workers must reproduce the one-worker store exactly
@@ -170,7 +170,7 @@ def test_score_with_gpu_workers_scores_on_the_driver_cpu(tiny_run, tmp_path, mon
     above.)"""
     import torch
 
-    import diffattr.attribution.shards as shards
+    import diffattr.attribution.features.shards as shards
     import diffattr.parallel as parallel
 
     asked: list[str | None] = []
@@ -214,7 +214,7 @@ def test_shards_redo_only_what_a_dead_worker_left(tiny_run, tmp_path, clean_stor
 
 
 def test_shard_rows_cut_at_batch_multiples():
-    from diffattr.attribution.shards import shard_rows
+    from diffattr.attribution.features.shards import shard_rows
 
     pieces = shard_rows(np.arange(3, 24), 2, 4)
     assert [p.tolist() for p in pieces] == [list(range(3, 15)), list(range(15, 24))]

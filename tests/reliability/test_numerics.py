@@ -10,7 +10,7 @@ import pytest
 from reliability_helpers import QUIET, assert_clean_error, copy_run, run_main
 
 from diffattr.attribution.kernel import Kernel
-from diffattr.attribution.ridge import Ridge
+from diffattr.attribution.kernel.ridge import Ridge
 from diffattr.errors import NumericalError
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffattr.attribution.featurize import FeatureSettings, gradient_computer
+from diffattr.attribution.features.featurize import FeatureSettings, gradient_computer
 from diffattr.diffusion.training import checkpoints
 from diffattr.errors import CheckpointError, ConfigError
 from diffattr.text2image.latents import encode_dataset, load_latents

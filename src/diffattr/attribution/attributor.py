@@ -15,20 +15,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffattr.attribution.featurize import (
+from diffattr.attribution.features.featurize import (
     DEFAULT_MAX_EXACT_BYTES,
     FeatureSettings,
     featurize,
     identity_settings,
     with_available_projector,
 )
-from diffattr.attribution.gradients import resolve_device, select_parameters
+from diffattr.attribution.features.gradients import resolve_device, select_parameters
+from diffattr.attribution.features.store import FeatureStore
 from diffattr.attribution.inputs import ScoreInputs, as_images, images_fingerprint
 from diffattr.attribution.kernel import Kernel, dual_gram, inner_products
+from diffattr.attribution.kernel.ridge import Ridge
 from diffattr.attribution.methods import Method, get_method, method_meta
-from diffattr.attribution.names import Names
-from diffattr.attribution.ridge import Ridge
 from diffattr.attribution.scores import Scores
+from diffattr.attribution.scores.names import Names
 from diffattr.attribution.screening import (
     Screen,
     candidate_rows,
@@ -37,7 +38,6 @@ from diffattr.attribution.screening import (
     screened_scores,
     similarity_scores,
 )
-from diffattr.attribution.store import FeatureStore
 from diffattr.data import ImageDataset
 from diffattr.diffusion.schedule import NoiseSchedule
 from diffattr.errors import DataError
@@ -248,8 +248,8 @@ class Attributor:
         targets' near-copy check in the attributor's space (pixels; latents for
         text-to-image), skipped for the held-out images themselves.
         """
-        from diffattr.attribution.confidence import HELDOUT_REFERENCE, near_copies
         from diffattr.attribution.methods import TRAJECTORIES
+        from diffattr.attribution.scores.confidence import HELDOUT_REFERENCE, near_copies
 
         cap = min(HELDOUT_REFERENCE, len(heldout))
         if targets is heldout:

@@ -7,7 +7,7 @@ Kept free of heavy imports so that the command line can show these values in ``-
 - ``DEFAULT_TIMESTEPS`` K = 32: the knee of LDS against CPU cost (``benchmarks/README.md``,
   "Cost"): DAS gains ≈ 0.07 val LDS from K = 10 to 32 for ≈ 1.3× the time, and another
   ≈ 0.08 from 32 to 100 for ≈ 2.8×.
-- λ: each method's ``default_ridge`` (``effective-dim:200``, ``attribution/ridge.py``).
+- λ: each method's ``default_ridge`` (``effective-dim:200``, ``attribution/kernel/ridge.py``).
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from diffattr.attribution.kernel import Kernel
+from diffattr.attribution.kernel.ridge import Ridge
 from diffattr.attribution.methods import Method, ScoreInputs, get_method
-from diffattr.attribution.ridge import Ridge
 from diffattr.errors import ConfigError
 
 #: Similarities a screen may use: image methods that need no features of the model.

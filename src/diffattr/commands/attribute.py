@@ -43,9 +43,9 @@ def score_run(
     it; ``attributor_options``: λ, batch size, device, progress, on_nonfinite. Returns label →
     scores directory, and ``targets``: per target its id, source, caption, near-copy flag and
     each method's confidence, held-out percentile and bin."""
-    from diffattr.attribution.method_spec import method_label
-    from diffattr.attribution.names import Names
-    from diffattr.attribution.shards import featurize_with_executor
+    from diffattr.attribution.features.shards import featurize_with_executor
+    from diffattr.attribution.methods.spec import method_label
+    from diffattr.attribution.scores.names import Names
     from diffattr.families import load_for_worker, open_run
 
     bound = open_run(run)
@@ -85,10 +85,10 @@ def score_run(
 
 
 def target_names_of(run: Any, spec: str, ids: np.ndarray, val_set: Any) -> Any:
-    """:class:`~diffattr.attribution.names.Names` of target ``spec``: held-out (``val_set``)
+    """:class:`~diffattr.attribution.scores.names.Names` of target ``spec``: held-out (``val_set``)
     or given images' files and captions; generated ones' rows of their samples file and
     prompts."""
-    from diffattr.attribution.names import Names, generated_names
+    from diffattr.attribution.scores.names import Names, generated_names
     from diffattr.families import given_images, is_samples_file, samples_path
 
     if spec == "val":
@@ -132,7 +132,7 @@ def near_copies_of(run: Any, family: Any, targets: str, pictures: tuple[Any, Any
     (``pictures``: the run's training and held-out sets), at the quantile of its held-out
     images' distances; None for the held-out images themselves. Nearest images are named by
     training id."""
-    from diffattr.attribution.confidence import near_copies
+    from diffattr.attribution.scores.confidence import near_copies
 
     if targets == "val":
         return None
@@ -241,8 +241,8 @@ def write_run_report(
 
 
 def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
-    from diffattr.attribution.method_spec import parse_method_list
-    from diffattr.attribution.shards import featurize_with_executor
+    from diffattr.attribution.features.shards import featurize_with_executor
+    from diffattr.attribution.methods.spec import parse_method_list
     from diffattr.families import load_for_worker, open_run
     from diffattr.parallel import workers_from_args
     from diffattr.run import RunDir
@@ -290,7 +290,7 @@ def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
-    from diffattr.attribution.method_spec import parse_method_list
+    from diffattr.attribution.methods.spec import parse_method_list
     from diffattr.parallel import workers_from_args
     from diffattr.run import RunDir
 

@@ -21,7 +21,7 @@ from diffattr.errors import ConfigError, DiffattrError
 
 
 def cmd_lds_build(args: argparse.Namespace) -> dict[str, Any]:
-    from diffattr.attribution.gradients import resolve_device
+    from diffattr.attribution.features.gradients import resolve_device
     from diffattr.evaluation.ground_truth import LDSConfig, build
     from diffattr.families import family_of
     from diffattr.fsio import removed_on_error
@@ -95,7 +95,7 @@ def check_benchmark_files(bench: Path) -> None:
 
 def lds_screens(args: argparse.Namespace) -> list[Any] | None:
     """``lds eval --screen A:M,B:M2``: screens applied as masks (the kernel on all N)."""
-    from diffattr.attribution.method_spec import split_top_level
+    from diffattr.attribution.methods.spec import split_top_level
     from diffattr.attribution.screening import Screen
 
     if not getattr(args, "screen", None):
@@ -104,7 +104,7 @@ def lds_screens(args: argparse.Namespace) -> list[Any] | None:
 
 
 def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from diffattr.attribution.method_spec import parse_method_list
+    from diffattr.attribution.methods.spec import parse_method_list
     from diffattr.evaluation.lds import evaluate_benchmark, format_table
     from diffattr.fsio import atomic_write_bytes, atomic_write_json
     from diffattr.run import RunDir
@@ -138,7 +138,7 @@ def _lds_without_step(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_counterfactual(args: argparse.Namespace) -> dict[str, Any]:
-    from diffattr.attribution.method_spec import method_label, parse_method_list, split_top_level
+    from diffattr.attribution.methods.spec import method_label, parse_method_list, split_top_level
     from diffattr.attribution.screening import Screen
     from diffattr.evaluation.counterfactual import CounterfactualConfig, run_counterfactual
     from diffattr.fsio import ensure_writable_dir

@@ -148,7 +148,7 @@ def train_config(args: argparse.Namespace) -> Any:
 
 def add_feature_args(p: argparse.ArgumentParser, several_timesteps: bool = False) -> None:
     from diffattr.attribution.defaults import DEFAULT_TIMESTEPS
-    from diffattr.attribution.projection import KINDS as PROJECTION_KINDS
+    from diffattr.attribution.features.projection import KINDS as PROJECTION_KINDS
 
     g = p.add_argument_group("features")
     if several_timesteps:
@@ -207,7 +207,7 @@ def add_feature_args(p: argparse.ArgumentParser, several_timesteps: bool = False
 
 
 def feature_settings(args: argparse.Namespace, measure: str = "das") -> Any:
-    from diffattr.attribution.featurize import FeatureSettings
+    from diffattr.attribution.features.featurize import FeatureSettings
 
     return FeatureSettings(
         measure=measure,
@@ -225,7 +225,7 @@ def feature_settings(args: argparse.Namespace, measure: str = "das") -> Any:
 
 def add_lambda_args(p: argparse.ArgumentParser) -> None:
     """The λ of kernel methods: one of three rules (default: each method's own, see README)."""
-    from diffattr.attribution.ridge import DEFAULT_RIDGE
+    from diffattr.attribution.kernel.ridge import DEFAULT_RIDGE
 
     g = p.add_argument_group(
         "λ of kernel methods (one of; default: each method's own rule, "
@@ -247,7 +247,7 @@ def add_lambda_args(p: argparse.ArgumentParser) -> None:
 
 def lambda_from_args(args: argparse.Namespace) -> Any:
     """Absolute λ, a :class:`Ridge` rule, or None (the method's default) from the λ options."""
-    from diffattr.attribution.ridge import Ridge
+    from diffattr.attribution.kernel.ridge import Ridge
 
     if getattr(args, "lam", None) is not None:
         if not args.lam > 0:

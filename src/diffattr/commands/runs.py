@@ -15,7 +15,7 @@ from diffattr.errors import ConfigError, DataError, DiffattrError
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from diffattr.attribution.gradients import resolve_device
+    from diffattr.attribution.features.gradients import resolve_device
     from diffattr.diffusion.training import checkpoints, train
     from diffattr.fsio import ensure_writable_dir, removed_on_error
     from diffattr.run import RunDir
@@ -150,7 +150,7 @@ def run_demo(
 
     Its training settings are the digits8 LDS benchmark's (500 images, 1,600 steps, batch 32),
     so the LDS measured there is what the demo's DAS attains (``benchmarks/README.md``)."""
-    from diffattr.attribution.featurize import FeatureSettings
+    from diffattr.attribution.features.featurize import FeatureSettings
     from diffattr.commands.attribute import score_run, write_run_report
     from diffattr.diffusion.presets import load_unet, model_fingerprint
     from diffattr.diffusion.sampling import sample, save_samples
@@ -194,7 +194,7 @@ def run_demo(
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from diffattr.attribution.gradients import resolve_device
+    from diffattr.attribution.features.gradients import resolve_device
 
     return run_demo(
         args.out, data_spec(args), train_config(args), args.num_targets, args.timesteps,

@@ -125,7 +125,7 @@ class SubsetJob:
 
 def run_subset_job(job: SubsetJob) -> str:
     """Train the subset model (resuming), measure F on the targets, write ``F.npy``."""
-    from diffattr.attribution.gradients import resolve_device
+    from diffattr.attribution.features.gradients import resolve_device
 
     out = Path(job.out_dir)
     f_path = out / "F.npy"

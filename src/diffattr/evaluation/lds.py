@@ -144,7 +144,7 @@ def method_scores(
 
 def lambda_grid(lambdas: list[float]) -> list[Any]:
     """The relative-λ grid as rules, then None: the method's default rule (last entry)."""
-    from diffattr.attribution.ridge import Ridge
+    from diffattr.attribution.kernel.ridge import Ridge
 
     return [Ridge("relative", c) for c in lambdas] + [None]
 
@@ -186,9 +186,9 @@ def evaluate_benchmark(
     only (the kernel on all N, ``--screen-kernel all``; unscored images add 0 to a subset's
     prediction), one row per screen.
     """
-    from diffattr.attribution.featurize import FeatureSettings
-    from diffattr.attribution.method_spec import method_label
+    from diffattr.attribution.features.featurize import FeatureSettings
     from diffattr.attribution.methods import METHODS, get_method
+    from diffattr.attribution.methods.spec import method_label
 
     bench = Path(bench_dir)
     gt = GroundTruth.load(bench, measure_timesteps, seeds)
@@ -263,8 +263,8 @@ def _scores_at(ctx: _EvalContext, method: str, options: dict[str, Any], K: int |
     it would be alone (and cached so). Kernel methods score from the benchmark's kernel cache
     of their measure; methods that compute features from the model get the run's model and
     its features too."""
-    from diffattr.attribution.combination import combine_scores
     from diffattr.attribution.methods import get_method, method_context, resolve_method
+    from diffattr.attribution.methods.combination import combine_scores
 
     m = get_method(method, **options)
     members = m.components()

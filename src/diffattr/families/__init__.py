@@ -260,7 +260,7 @@ def open_run(run: RunDir | str | Path) -> Any:
 
 def load_for_worker(run_path: str) -> tuple[torch.nn.Module, Any, Any]:
     """(model, training set, schedule) of a run, for a featurizing worker
-    (:class:`~diffattr.attribution.shards.ShardJob`'s ``loader``)."""
+    (:class:`~diffattr.attribution.features.shards.ShardJob`'s ``loader``)."""
     run = RunDir(run_path)
     family = family_of(run)
     return family.model(run), family.train_set(run), family.schedule(run)

@@ -73,7 +73,7 @@ class BoundRun:
         """An attributor of method ``name`` on the run (``kwargs``: λ, batch size, device,
         progress, on_nonfinite, executor)."""
         from diffattr.attribution.attributor import Attributor
-        from diffattr.attribution.featurize import FeatureSettings
+        from diffattr.attribution.features.featurize import FeatureSettings
 
         method = self.method(name, given, settings)
         att = Attributor(

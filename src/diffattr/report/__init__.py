@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffattr.attribution.confidence import NEAR_COPY_QUANTILE
-from diffattr.attribution.names import Names
 from diffattr.attribution.scores import Scores
+from diffattr.attribution.scores.confidence import NEAR_COPY_QUANTILE
+from diffattr.attribution.scores.names import Names
 from diffattr.data import ImageDataset
 from diffattr.fsio import atomic_write_bytes
 from diffattr.report.confidence import (

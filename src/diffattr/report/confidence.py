@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from diffattr.attribution.confidence import (
+from diffattr.attribution.scores import Scores
+from diffattr.attribution.scores.confidence import (
     DEFINITION,
     HELDOUT_REFERENCE,
     LIKE_FACTOR,
@@ -21,8 +22,7 @@ from diffattr.attribution.confidence import (
     method_calibration,
     near_copies,
 )
-from diffattr.attribution.names import Names
-from diffattr.attribution.scores import Scores
+from diffattr.attribution.scores.names import Names
 from diffattr.data import ImageDataset
 from diffattr.report.elements import DASH, _e, _figure, _hover
 

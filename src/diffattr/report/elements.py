@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffattr.attribution.names import Names
 from diffattr.attribution.scores import Scores
+from diffattr.attribution.scores.names import Names
 from diffattr.data import to_uint8_images
 
 SR_ONLY = "position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0)"

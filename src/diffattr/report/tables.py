@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from diffattr.attribution.names import FIELDS, Names
+from diffattr.attribution.scores.names import FIELDS, Names
 from diffattr.errors import DiffattrError
 from diffattr.fsio import read_json
 from diffattr.report.elements import (

@@ -8,7 +8,7 @@ same sampler. The change is measured as
 
     pixel L2      ‖x − x'‖₂ over all pixels (images in [-1, 1])         larger: bigger change
     embedding cos cos(e(x), e(x')), e the in-domain encoder of
-                  :mod:`diffattr.attribution.embedding`                  smaller: bigger change
+                  :mod:`diffattr.attribution.methods.embedding`     smaller: bigger change
 
 against the same number of *random* removals per target (the null). Good attributions move
 the image more than random removals.

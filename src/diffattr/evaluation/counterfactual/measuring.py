@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from diffattr.attribution.embedding import EncoderSettings
+from diffattr.attribution.methods.embedding import EncoderSettings
 from diffattr.errors import ConfigError, DiffattrError
 from diffattr.evaluation.counterfactual.planning import CONTROL, RANDOM
 from diffattr.evaluation.counterfactual.reporting import summarize_removals
@@ -37,7 +37,7 @@ def pixel_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def embedding_cos(encoder: Callable[[torch.Tensor], Any], a: np.ndarray, b: np.ndarray):
     """Row-wise cosine of the embeddings of ``a`` and ``b`` under ``encoder``."""
-    from diffattr.attribution.embedding import embed
+    from diffattr.attribution.methods.embedding import embed
 
     ea = embed(encoder, torch.from_numpy(np.asarray(a, dtype=np.float32)))
     eb = embed(encoder, torch.from_numpy(np.asarray(b, dtype=np.float32)))
@@ -93,7 +93,7 @@ def evaluate_removals(
     and the images: ``original`` (as stored), ``original_alone``, ``control``, ``reference``
     and one array per method, each (T, C, H, W).
     """
-    from diffattr.attribution.embedding import load_or_train_encoder
+    from diffattr.attribution.methods.embedding import load_or_train_encoder
     from diffattr.families import family_of
 
     if reference not in ("retrain", "original"):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffattr.attribution.embedding import EncoderSettings
+from diffattr.attribution.methods.embedding import EncoderSettings
 from diffattr.attribution.scores import Scores
 from diffattr.errors import ConfigError
 from diffattr.seeding import derive_seed
@@ -95,8 +95,8 @@ def screenable(label: str) -> bool:
     """Whether a screen can restrict method ``label``: it scores the model's features, which
     :meth:`~diffattr.attribution.attributor.Attributor.score` computes for the candidates
     (image methods and methods computing their own features from the model: no)."""
-    from diffattr.attribution.method_spec import parse_method_list
     from diffattr.attribution.methods import get_method
+    from diffattr.attribution.methods.spec import parse_method_list
 
     [(name, options)] = parse_method_list(label)
     method = get_method(name, **options)
@@ -175,7 +175,7 @@ def removal_scores(
     fingerprint they record, if any, is ``model_fp``; otherwise computes them and saves them to
     ``cache_dir/<name>/`` with ``model_fp``.
     """
-    from diffattr.attribution.method_spec import parse_method_list
+    from diffattr.attribution.methods.spec import parse_method_list
     from diffattr.diffusion.sampling import load_samples
 
     [(name, options)] = parse_method_list(label)
