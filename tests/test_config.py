@@ -54,14 +54,14 @@ def test_values_are_checked_like_flags(toml):
         """
         [score]
         method = ["das", "dtrak"]   # a list joins into the comma-separated form
-        leverage = true
-        residual = "signed"
+        quiet = true
+        timestep-strategy = "first"
         relative-lambda = 0.5
         lambda = 2                  # the flag's name, though its dest is `lam`
         """
     )
     a = _args(["score", "run", "--config", cfg])
-    assert a.method == "das,dtrak" and a.leverage is True and a.residual == "signed"
+    assert a.method == "das,dtrak" and a.quiet is True and a.timestep_strategy == "first"
     assert a.relative_lambda == 0.5 and a.lam == 2.0 and isinstance(a.lam, float)
     assert _args(["score", "run", "--config", cfg, "--method", "trak"]).method == "trak"
 
@@ -107,7 +107,7 @@ def test_chosen_command_skips_option_values():
         ("[train]\nsteps = 'many'", ["train"], "steps = 'many': expected an integer"),
         ("[train]\nsteps = 2.5", ["train"], "steps = 2.5: expected an integer"),
         ("[generate]\nsampler = 'euler'", ["generate", "r"], "choose from ddim, ddpm"),
-        ("[score]\nleverage = 1", ["score", "r"], "leverage = 1: expected true or false"),
+        ("[score]\nquiet = 1", ["score", "r"], "quiet = 1: expected true or false"),
         ("steps = ", ["train"], "is not valid TOML"),
     ],
 )

@@ -130,7 +130,7 @@ def test_large_batches_are_featurized_in_groups(setup, monkeypatch, projector):
     """Groups of a batch give the rows of one whole batch; with the identity projector every
     group's features are the reused gradient buffer itself, so each must be copied out
     before the next group overwrites it."""
-    from diffattr.attribution import featurize as featurize_module
+    from diffattr.attribution.features import featurize as featurize_module
 
     model, train, _, tmp = setup
     dim = 64 if projector == "countsketch" else None

@@ -209,7 +209,7 @@ def test_device_is_checked():
 
 
 def test_micro_batch_is_capped_by_gradient_bytes(tiny_model, small_set, monkeypatch):
-    from diffattr.attribution import gradients
+    from diffattr.attribution.features import gradients
 
     x0, ids = small_set.images[:3], small_set.ids[:3].numpy()
     spec = TimestepSpec(2)
@@ -225,7 +225,7 @@ def test_micro_batch_is_capped_by_gradient_bytes(tiny_model, small_set, monkeypa
 def test_gradient_memory_cap_from_environment_and_device(tiny_model, monkeypatch):
     from types import SimpleNamespace
 
-    from diffattr.attribution import gradients
+    from diffattr.attribution.features import gradients
 
     spec = TimestepSpec(2)
     p = GradientComputer(tiny_model, make_measure("das"), NoiseSchedule(), spec).num_params
@@ -274,7 +274,7 @@ def test_layers_passes_of_whole_samples_and_of_timestep_chunks(tiny_model, small
 
 
 def gradients_module():
-    from diffattr.attribution import gradients
+    from diffattr.attribution.features import gradients
 
     return gradients
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from diffattr.attribution import ridge as ridge_module
 from diffattr.attribution.kernel import Kernel
+from diffattr.attribution.kernel import ridge as ridge_module
 from diffattr.attribution.kernel.ridge import DEFAULT_RIDGE, Ridge
 from diffattr.attribution.methods import METHODS, get_method
 from diffattr.errors import ConfigError

@@ -5,11 +5,10 @@ import sys
 import numpy as np
 import pytest
 
-from diffattr.attribution import influence
 from diffattr.attribution.features.featurize import FeatureSettings
 from diffattr.attribution.features.gradients import GradientComputer, TimestepSpec
 from diffattr.attribution.features.measure import make_measure
-from diffattr.attribution.methods import ScoreInputs, get_method
+from diffattr.attribution.methods import ScoreInputs, get_method, influence
 from diffattr.attribution.methods.influence import (
     ekfac_scores,
     query_batch_size,
