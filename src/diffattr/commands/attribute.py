@@ -322,6 +322,51 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     return {"report": str(path), "methods": shown}
 
 
+def method_listing(name: str) -> dict[str, Any]:
+    """What ``diffattr methods NAME`` says of a method: its description (the class docstring),
+    what it scores and needs, and its options (kind, default)."""
+    import inspect
+
+    from diffattr.attribution.methods import METHODS
+    from diffattr.attribution.methods.options import options_table
+
+    cls = METHODS[name]
+    context = {"noise_seed": "--noise-seed", "run_dir": "the run"}
+    rows = [
+        (n, k, f"{context[cls.context_defaults[n]]} ({d})" if n in cls.context_defaults else d)
+        for n, k, d in options_table(cls.option_specs())
+    ]
+    return {
+        "method": name,
+        "description": inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " "),
+        "features": cls.measure or ("its own" if cls.needs_model else "images"),
+        "kernel": cls.uses_kernel,
+        "needs": sorted(cls.needs),
+        "options": [{"name": n, "kind": k, "default": d} for n, k, d in rows],
+    }  # fmt: skip
+
+
+def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.attribution.methods import METHODS
+
+    names = args.names or sorted(METHODS)
+    for name in names:
+        if name not in METHODS:
+            raise ConfigError(f"unknown method {name!r}", hint=f"choose from {sorted(METHODS)}")
+    listing = [method_listing(n) for n in names]
+    if args.json:
+        return {"methods": listing}
+    for entry in listing:
+        needs = f"; needs {', '.join(entry['needs'])}" if entry["needs"] else ""
+        kernel = ", kernel" if entry["kernel"] else ""
+        print(f"{entry['method']}  (features: {entry['features']}{kernel}{needs})")
+        if args.names and entry["description"]:
+            print(f"  {entry['description']}")
+        for o in entry["options"]:
+            print(f"    {o['name']:<22} {o['kind']:<32} default {o['default']}")
+    return {}
+
+
 def register(add) -> None:
     from diffattr.parallel import add_executor_args
 
@@ -360,6 +405,18 @@ def register(add) -> None:
     add_executor_args(p, default="inprocess")
 
     p = add(
+        "methods",
+        "list the attribution methods, what each needs and its options (kind, default)",
+        """
+        diffattr methods
+        diffattr methods das ekfac
+        diffattr methods abu --json
+        """,
+        cmd_methods,
+    )
+    p.add_argument("names", nargs="*", help="methods to describe (default: all)")
+
+    p = add(
         "score",
         "score targets against the training set; writes scores and top-k tables",
         """
@@ -374,7 +431,7 @@ def register(add) -> None:
         "--method",
         default="das",
         help="comma-separated methods (default: das); options in brackets, e.g. "
-        "das[leverage=true], tracin[checkpoints=RUN]",
+        "das[leverage=true], tracin[checkpoints=RUN]; `diffattr methods` lists them",
     )
     p.add_argument("--targets", default="samples", help=TARGETS_HELP)
     p.add_argument("--k", type=int, default=10, help="top-k written to topk.csv/json")

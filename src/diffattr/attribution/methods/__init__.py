@@ -37,6 +37,7 @@ import numpy as np
 from diffattr.attribution.inputs import ScoreInputs, require_inputs
 from diffattr.attribution.kernel import Kernel, inner_products, row_norms
 from diffattr.attribution.kernel.ridge import DEFAULT_RIDGE, Ridge
+from diffattr.attribution.methods.options import Option, options_of_function, typed
 from diffattr.errors import ConfigError
 from diffattr.seeding import derive_seed
 
@@ -67,7 +68,8 @@ class Method(ABC):
     needs_model: ClassVar[bool] = False  # computes its own features from models (context fields)
     needs: ClassVar[frozenset[str]] = frozenset()
     context_defaults: ClassVar[dict[str, str]] = {}
-    option_names: ClassVar[tuple[str, ...]] = ()  # the options it reads (``das[residual=…]``)
+    #: The options it reads (``das[residual=…]``), typed (:mod:`.options`).
+    declared_options: ClassVar[tuple[Option, ...]] = ()
     #: How λ is chosen when the user does not say (kernel methods; None: no kernel).
     default_ridge: ClassVar[Ridge | None] = None
     #: Whether `diffattr score` also scores held-out images as κ's reference by default (no
@@ -88,9 +90,14 @@ class Method(ABC):
         return cls.measure is None and not cls.needs_model
 
     @classmethod
+    def option_specs(cls) -> tuple[Option, ...]:
+        """The options this method takes, typed, with their defaults."""
+        return cls.declared_options
+
+    @classmethod
     def accepted_options(cls) -> set[str]:
         """Names of the options this method takes."""
-        return set(cls.option_names)
+        return {o.name for o in cls.option_specs()}
 
     @classmethod
     def options_from(cls, context: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -152,9 +159,16 @@ class KernelMethod(Method):
 
 
 class DAS(KernelMethod):
+    """DAS: φ(x)ᵀ(ΦᵀΦ + λI)⁻¹φᵢ·wᵢ on gradients of the model output (Lin et al., 2025), wᵢ
+    the training residual (``residual``), optionally leverage-corrected or squared."""
+
     name = "das"
     measure = "das"
-    option_names = ("residual", "leverage", "squared")
+    declared_options = (
+        Option("residual", "error", str, False, ("error", "signed", "raw", "none")),
+        Option("leverage", False, bool, False),
+        Option("squared", False, bool, False),
+    )
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         k = super().score(inputs)
@@ -184,11 +198,15 @@ class DAS(KernelMethod):
 
 
 class DTRAK(KernelMethod):
+    """D-TRAK: the kernel score on gradients of ‖ε_θ(x_t, t)‖² (Zheng et al., 2024)."""
+
     name = "dtrak"
     measure = "dtrak"
 
 
 class TRAK(KernelMethod):
+    """TRAK: the kernel score on gradients of the diffusion loss (Park et al., 2023)."""
+
     name = "trak"
     measure = "loss"
 
@@ -201,6 +219,8 @@ def _cosine(targets: np.ndarray, features: np.ndarray) -> np.ndarray:
 
 
 class GradDot(Method):
+    """Dot products of loss gradients φ(x)ᵀφᵢ (no kernel)."""
+
     name = "grad-dot"
     measure = "loss"
 
@@ -211,6 +231,8 @@ class GradDot(Method):
 
 
 class GradCos(Method):
+    """Cosines of loss gradients (no kernel)."""
+
     name = "grad-cos"
     measure = "loss"
 
@@ -222,6 +244,8 @@ class GradCos(Method):
 
 
 class PixelDot(Method):
+    """Dot products of the images' pixels."""
+
     name = "pixel-dot"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
@@ -231,6 +255,8 @@ class PixelDot(Method):
 
 
 class PixelCos(Method):
+    """Cosines of the images' pixels: the nearest-in-pixel-space baseline."""
+
     name = "pixel-cos"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
@@ -241,8 +267,10 @@ class PixelCos(Method):
 
 
 class RandomScores(Method):
+    """Seeded standard-normal scores: the chance baseline."""
+
     name = "random"
-    option_names = ("seed",)
+    declared_options = (Option("seed", 0, int, False),)
     context_defaults = {"seed": "noise_seed"}
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
@@ -260,13 +288,15 @@ def get_method(name: str, **options: Any) -> Method:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}", hint=f"choose from {sorted(METHODS)}")
     cls = METHODS[name]
-    unknown = sorted(set(options) - cls.accepted_options())
+    specs = {o.name: o for o in cls.option_specs()}
+    unknown = sorted(set(options) - set(specs))
     if unknown:
-        known = sorted(cls.accepted_options())
         raise ConfigError(
             f"method {name!r} has no option {unknown[0]!r}",
-            hint=f"its options: {', '.join(known)}" if known else "it takes no options",
+            hint=f"its options: {', '.join(sorted(specs))}" if specs else "it takes no options",
         )
+    for key, value in options.items():
+        specs[key].check(name, value)
     return cls(options=options)
 
 
@@ -304,10 +334,8 @@ class DelegatingMethod(Method):
         return getattr(importlib.import_module(module), name)
 
     @classmethod
-    def accepted_options(cls) -> set[str]:
-        import inspect
-
-        return set(list(inspect.signature(cls.function()).parameters)[1 + len(cls.fixed_args) :])
+    def option_specs(cls) -> tuple[Option, ...]:
+        return options_of_function(cls.function(), 1 + len(cls.fixed_args))
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         values, self.score_meta = self.function()(inputs, *self.fixed_args, **self.options)
@@ -365,12 +393,13 @@ class EmbeddingCos(Method):
     name = "embedding-cos"
 
     @classmethod
-    def accepted_options(cls) -> set[str]:
+    def option_specs(cls) -> tuple[Option, ...]:
         from dataclasses import fields
 
         from diffattr.attribution.methods.embedding import EncoderSettings
 
-        return {"encoder", "cache_dir"} | {f.name for f in fields(EncoderSettings)}
+        settings = tuple(typed(f.name, f.default, f.type) for f in fields(EncoderSettings))
+        return (Option("encoder"), Option("cache_dir", None, str), *settings)
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         from diffattr.attribution.methods.embedding import EncoderSettings, embedding_scores
@@ -436,7 +465,12 @@ class JourneyTRAK(KernelMethod):
     needs_model = True
     needs = frozenset({TRAJECTORIES})
     # sampler / num_steps: how ``lds eval`` describes the generated targets' sampling
-    option_names = ("steps", "generation_batch_size", "sampler", "num_steps")
+    declared_options = (
+        Option("steps", None, int),
+        Option("generation_batch_size", None, int),
+        Option("sampler", None, str, True, ("ddim", "ddpm")),
+        Option("num_steps", None, int),
+    )
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         from diffattr.attribution.methods.journey import journey_from_inputs

@@ -45,7 +45,7 @@ import hashlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -208,8 +208,8 @@ def ekfac_scores(
     schedule: NoiseSchedule | None = None,
     timesteps: TimestepSpec | None = None,
     noise_seed: int = 0,
-    strategy: str = "ekfac",
-    query: str = "loss",
+    strategy: Literal["ekfac", "kfac", "diagonal", "identity"] = "ekfac",
+    query: Literal["loss", "das", "dtrak"] = "loss",
     damping: float | None = None,
     fisher: str = "true",
     batch_size: int = 32,
@@ -217,7 +217,7 @@ def ekfac_scores(
     pairing: str = "samples",
     device: str = "cpu",
     normalize: bool = False,
-    train: str = "loss",
+    train: Literal["loss", "das", "dtrak"] = "loss",
 ) -> np.ndarray:
     """(T, N) influence scores (module docstring); cached under ``out_dir/kronfluence``.
 
@@ -449,13 +449,13 @@ def precondition(
 
 def ekfac_from_inputs(
     inputs: Any,
-    strategy: str = "ekfac",
-    query: str = "loss",
+    strategy: Literal["ekfac", "kfac", "diagonal", "identity"] = "ekfac",
+    query: Literal["loss", "das", "dtrak"] = "loss",
     damping: float | None = None,
-    fisher: str = "true",
-    pairing: str = "samples",
+    fisher: Literal["true", "empirical"] = "true",
+    pairing: Literal["samples", "items"] = "samples",
     normalize: bool = False,
-    train: str = "loss",
+    train: Literal["loss", "das", "dtrak"] = "loss",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The registered ``ekfac`` method from its ScoreInputs (model, settings, store_dir, …)."""
     from diffattr.attribution.inputs import require_inputs

@@ -171,10 +171,12 @@ def removal_scores(
     Reuses ``cache_dir/<name>/`` (:func:`scores_cache_name`: scores computed by an earlier
     call) or the run's ``RUN/scores/<label>-samples/`` (``diffattr score``) when their feature
     settings match those of the run's attributor for ``settings`` (and ``attributor_options``:
-    λ, batch size, device, progress), their screen is ``screen`` (none for None) and the model
+    λ, batch size, device, progress), their method options (as resolved) are the method's,
+    their screen is ``screen`` (none for None) and the model
     fingerprint they record, if any, is ``model_fp``; otherwise computes them and saves them to
     ``cache_dir/<name>/`` with ``model_fp``.
     """
+    from diffattr.attribution.methods import method_meta
     from diffattr.attribution.methods.spec import parse_method_list
     from diffattr.diffusion.sampling import load_samples
 
@@ -182,6 +184,7 @@ def removal_scores(
     run = bound.run
     att = bound.attributor(name, options, settings, **(attributor_options or {}))
     wanted = att.settings.to_dict() if att.method.measure is not None else None
+    options = method_meta(att.method)["options"]  # resolved: given over context defaults
     samples = load_samples(samples_path)
     num = len(samples)
     own = cache_dir / scores_cache_name(label, screen)
@@ -196,6 +199,7 @@ def removal_scores(
             set(s.train_ids.tolist()) == set(train_set.ids.tolist())
             and np.array_equal(s.target_ids, np.arange(num))
             and (wanted is None or _same(s.meta.get("features"), wanted))
+            and _same(s.meta.get("options", {}), options)
             and same_screen(s.meta.get("screen"), screen)
             and s.meta.get("model_fingerprint", model_fp) == model_fp
         ):
