@@ -220,6 +220,26 @@ def _config_label(method: str, options: dict[str, Any]) -> str:
     return method_label(method, options)
 
 
+def _das_reference(args, gt_all, gt, rows: np.ndarray) -> dict[str, Any]:
+    """The default DAS (K = ``--timesteps``, λ by its default rule) on the same targets, from
+    the benchmark's committed kernel cache."""
+    from diffattr.attribution.features.featurize import FeatureSettings
+    from diffattr.attribution.methods import get_method
+    from diffattr.evaluation.kernel_cache import cache_inputs, kernel_cache
+    from diffattr.evaluation.lds import summarize
+    from diffattr.families import get_family
+    from diffattr.fsio import read_json
+
+    manifest = read_json(Path(args.bench) / "lds.json")
+    train = get_family(manifest.get("family", "unconditional")).benchmark_train_set(manifest)
+    settings = FeatureSettings(measure="das", timesteps=args.timesteps)
+    cache = kernel_cache(None, Path(args.bench), gt_all, settings)
+    inputs = cache_inputs(cache, train.images, gt_all.images)
+    values = get_method("das").score_grid(inputs, [None])[0][rows]
+    return summarize(gt, [values], ["default"], bootstrap=args.bootstrap, default_scores=values,
+                     default_lambda="default")  # fmt: skip
+
+
 def lds(args: argparse.Namespace) -> str:
     from diffattr.attribution.features.featurize import FeatureSettings
     from diffattr.evaluation.ground_truth import GroundTruth
@@ -281,6 +301,14 @@ def lds(args: argparse.Namespace) -> str:
                 f"({d['oracle_lambda']}) | {d['default_lds']:.3f} | {d['num_targets']} "
                 f"| {np.mean(seconds) / len(rows):.1f} |"
             )
+    das = _das_reference(args, gt_all, gt, rows)  # the default DAS on the same targets
+    for kind, d in das.items():
+        lo, hi = d["ci_targets"]
+        out_lines.append(
+            f"| das (default) | {kind} | {d['default_lds']:.3f} [{lo:.3f}, {hi:.3f}] | – | – "
+            f"| {d['default_lds']:.3f} | {d['num_targets']} | – |"
+        )
+    report["das"] = das
     header = (
         f"Command: `.venv/bin/python benchmarks/unlearning.py {shlex.join(sys.argv[1:])}`\n\n"
         f"Benchmark {args.bench}, run {args.run}, K = {args.timesteps}, "

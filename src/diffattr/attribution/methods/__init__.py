@@ -317,6 +317,14 @@ def resolve_method(name: str, given: dict[str, Any], context: dict[str, Any]) ->
     return get_method(name, **METHODS[name].options_from(context, given))
 
 
+def _resolve(path: str) -> Any:
+    """The object ``module:name``, imported when first needed."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class DelegatingMethod(Method):
     """A method computed by a function ``implementation`` (``module:name``, imported when
     used) called as ``fn(inputs, *fixed_args, **options) -> (scores, meta)``; its keyword
@@ -325,17 +333,30 @@ class DelegatingMethod(Method):
     needs_model = True
     implementation: ClassVar[str]
     fixed_args: ClassVar[tuple[Any, ...]] = ()
+    #: Where its options are declared when the implementation takes ``**options``: the
+    #: ``module:name`` of the function they are passed on to, its leading parameters that are
+    #: not options, those of its parameters the caller fills, and defaults the caller decides.
+    options_from_function: ClassVar[str | None] = None
+    option_skip: ClassVar[int] = 0
+    option_exclude: ClassVar[tuple[str, ...]] = ()
+    option_overrides: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def function(cls) -> Any:
-        import importlib
-
-        module, _, name = cls.implementation.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return _resolve(cls.implementation)
 
     @classmethod
     def option_specs(cls) -> tuple[Option, ...]:
-        return options_of_function(cls.function(), 1 + len(cls.fixed_args))
+        if cls.options_from_function is None:
+            return options_of_function(cls.function(), 1 + len(cls.fixed_args))
+        specs = options_of_function(_resolve(cls.options_from_function), cls.option_skip)
+        return tuple(
+            replace(o, default=cls.option_overrides[o.name], optional=True)
+            if o.name in cls.option_overrides
+            else o
+            for o in specs
+            if o.name not in cls.option_exclude
+        )
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         values, self.score_meta = self.function()(inputs, *self.fixed_args, **self.options)
@@ -615,6 +636,10 @@ class AbU(DelegatingMethod):
     needs = frozenset({TRAINING_LOSS})
     context_defaults = {"seed": "noise_seed"}
     implementation = "diffattr.attribution.methods.unlearning:abu_from_inputs"
+    options_from_function = "diffattr.attribution.methods.unlearning:abu_scores"
+    option_skip = 5  # model, schedule, training images (ids), targets
+    option_exclude = ("batch_size", "device", "progress")
+    option_overrides = {"timesteps": None, "params": None}  # the caller's K and --params
 
 
 class MUCS(DelegatingMethod):
@@ -633,6 +658,10 @@ class MUCS(DelegatingMethod):
     needs = frozenset({TRAINING_LOSS})
     context_defaults = {"seed": "noise_seed"}
     implementation = "diffattr.attribution.methods.unlearning:mucs_from_inputs"
+    options_from_function = "diffattr.attribution.methods.unlearning:mucs_scores"
+    option_skip = 4  # model, schedule, training images (ids), targets
+    option_exclude = ("batch_size", "device", "progress")
+    option_overrides = {"timesteps": None, "params": None}  # the caller's K and --params
 
 
 METHODS.update({m.name: m for m in (AbU, MUCS)})

@@ -487,29 +487,27 @@ def abu_scores(
     return out, meta
 
 
-def abu_from_inputs(
-    inputs: Any,
-    eta: float = 1e-3,
-    steps: int = 1,
-    draws: int = 256,
-    damping: float = 1e-3,
-    fisher_draws: int = 4,
-    timesteps: int | None = None,
-    params: str | None = None,
-    seed: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def _caller_options(inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ``timesteps`` and ``params`` defaulting to the caller's (its feature
+    K, else 20; its ``--params``, else the method's own choice), and the inputs' batch size,
+    device and progress."""
+    return {
+        **options,
+        "timesteps": resolve_timesteps(inputs, options.get("timesteps")),
+        "params": _param_pattern(inputs, options.get("params")),
+        "batch_size": inputs.batch_size,
+        "device": inputs.device,
+        "progress": inputs.progress,
+    }
+
+
+def abu_from_inputs(inputs: Any, **options: Any) -> tuple[np.ndarray, dict[str, Any]]:
     """The registered ``abu`` method from its ScoreInputs (model, schedule, training set,
-    targets; ``batch_size`` images per training-loss pass, ``device``, ``progress``).
-    ``timesteps`` None: the caller's feature K (``--timesteps``), else 20; ``params`` None: the
-    caller's ``--params``, else every parameter."""
+    targets); ``options`` those of :func:`abu_scores` (``Method.option_specs``)."""
     model, schedule, images, ids = _context(inputs, "abu")
     return abu_scores(
-        model, schedule, images, ids, inputs.target_images, eta=float(eta), steps=int(steps),
-        draws=int(draws), damping=float(damping), fisher_draws=int(fisher_draws),
-        timesteps=resolve_timesteps(inputs, timesteps), params=_param_pattern(inputs, params),
-        seed=int(seed), batch_size=inputs.batch_size, device=inputs.device,
-        progress=inputs.progress,
-    )  # fmt: skip
+        model, schedule, images, ids, inputs.target_images, **_caller_options(inputs, options)
+    )
 
 
 # ---------------------------------------------------------------------------- MUCS
@@ -602,32 +600,10 @@ def mucs_scores(
     return out, meta
 
 
-def mucs_from_inputs(
-    inputs: Any,
-    lr: float = 2e-4,
-    lam: float = 0.2,
-    max_steps: int = 50,
-    tol: float = 0.05,
-    retain_batch: int = 32,
-    forget_batch: int = 32,
-    weight_decay: float = 0.01,
-    l_null: float | None = None,
-    sigma_min: float = 0.3,
-    rho: float = 7.0,
-    timesteps: int | None = None,
-    params: str | None = None,
-    seed: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """The registered ``mucs`` method from its ScoreInputs (as :func:`abu_from_inputs`;
-    ``params`` None: the caller's ``--params``, else Linear/Conv weights outside the time
-    embedding)."""
+def mucs_from_inputs(inputs: Any, **options: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """The registered ``mucs`` method from its ScoreInputs (as :func:`abu_from_inputs`);
+    ``options`` those of :func:`mucs_scores`."""
     model, schedule, images, _ = _context(inputs, "mucs")
     return mucs_scores(
-        model, schedule, images, inputs.target_images, lr=float(lr), lam=float(lam),
-        max_steps=int(max_steps), tol=float(tol), retain_batch=int(retain_batch),
-        forget_batch=int(forget_batch), weight_decay=float(weight_decay),
-        l_null=None if l_null is None else float(l_null), sigma_min=float(sigma_min),
-        rho=float(rho), timesteps=resolve_timesteps(inputs, timesteps),
-        params=_param_pattern(inputs, params), seed=int(seed), batch_size=inputs.batch_size,
-        device=inputs.device, progress=inputs.progress,
-    )  # fmt: skip
+        model, schedule, images, inputs.target_images, **_caller_options(inputs, options)
+    )
