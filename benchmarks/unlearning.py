@@ -236,13 +236,14 @@ def _das_reference(args, gt_all, gt, rows: np.ndarray) -> dict[str, Any]:
     cache = kernel_cache(None, Path(args.bench), gt_all, settings)
     inputs = cache_inputs(cache, train.images, gt_all.images)
     values = get_method("das").score_grid(inputs, [None])[0][rows]
-    return summarize(gt, [values], ["default"], bootstrap=args.bootstrap, default_scores=values,
-                     default_lambda="default")  # fmt: skip
+    summary = summarize(gt, [values], ["default"], bootstrap=args.bootstrap,
+                        default_scores=values, default_lambda="default")  # fmt: skip
+    return summary, values
 
 
 def lds(args: argparse.Namespace) -> str:
     from diffattr.attribution.features.featurize import FeatureSettings
-    from diffattr.evaluation.ground_truth import GroundTruth
+    from diffattr.evaluation.ground_truth import KIND_NAMES, GroundTruth, lds_per_target
     from diffattr.evaluation.lds import summarize
     from diffattr.families import open_run
     from diffattr.run import RunDir
@@ -261,7 +262,7 @@ def lds(args: argparse.Namespace) -> str:
     cache.mkdir(parents=True, exist_ok=True)
     bound = open_run(run)
     settings = FeatureSettings(timesteps=args.timesteps)
-    out_lines, report = [], {}
+    out_lines, report, defaults = [], {}, {}
     for method in methods:
         configs = [dict(c) for c in grid[method]]
         if {} not in configs:
@@ -287,6 +288,7 @@ def lds(args: argparse.Namespace) -> str:
             seconds.append(cpu)
         labels = [_config_label(method, o) for o in configs]
         default = labels.index(_config_label(method, {}))
+        defaults[method] = scores[default]
         summary = summarize(
             gt, scores, labels, bootstrap=args.bootstrap, default_scores=scores[default],
             default_lambda=labels[default],
@@ -301,7 +303,7 @@ def lds(args: argparse.Namespace) -> str:
                 f"({d['oracle_lambda']}) | {d['default_lds']:.3f} | {d['num_targets']} "
                 f"| {np.mean(seconds) / len(rows):.1f} |"
             )
-    das = _das_reference(args, gt_all, gt, rows)  # the default DAS on the same targets
+    das, das_values = _das_reference(args, gt_all, gt, rows)  # default DAS, same targets
     for kind, d in das.items():
         lo, hi = d["ci_targets"]
         out_lines.append(
@@ -309,6 +311,20 @@ def lds(args: argparse.Namespace) -> str:
             f"| {d['default_lds']:.3f} | {d['num_targets']} | – |"
         )
     report["das"] = das
+    out_lines += ["", "Paired on the same targets, each method's defaults against the default DAS "
+                  "(per-target LDS difference, mean [95% bootstrap CI over targets]; wins):", "",
+                  "| method | kind | LDS − DAS's [CI] | wins / targets |", "|---|---|---|---|"]
+    das_lds = lds_per_target(gt, das_values)
+    rng = np.random.default_rng(0)
+    for method, values in defaults.items():
+        diff = lds_per_target(gt, values) - das_lds
+        for kind in np.unique(gt.kinds):
+            d = diff[(gt.kinds == kind) & np.isfinite(diff)]
+            boot = [rng.choice(d, d.size).mean() for _ in range(args.bootstrap)]
+            lo, hi = np.percentile(boot, [2.5, 97.5])
+            name = KIND_NAMES.get(int(kind), str(kind))
+            out_lines.append(f"| {method} | {name} | {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                             f"| {(d > 0).sum()} / {d.size} |")  # fmt: skip
     header = (
         f"Command: `.venv/bin/python benchmarks/unlearning.py {shlex.join(sys.argv[1:])}`\n\n"
         f"Benchmark {args.bench}, run {args.run}, K = {args.timesteps}, "

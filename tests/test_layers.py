@@ -132,3 +132,18 @@ def test_no_branch_on_a_method_or_family_name_outside_the_registries(pattern):
             if re.search(pattern, line):
                 hits.append(f"{rel}:{number}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+def test_only_the_families_build_attributors():
+    """Commands and evaluation score through the bound run (families/bound.py), the one
+    scoring service: no module outside families/ calls ``.attributor(`` or builds one."""
+    hits = []
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith(("families/", "attribution/")):
+            continue  # the service itself; the engine's own member scorers
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\.attributor\(|\bAttributor\(", line):
+                hits.append(f"{rel}:{number}: {line.strip()}")
+    assert not hits, "\n".join(hits)
+

@@ -62,3 +62,23 @@ def test_score_inputs_are_immutable():
         inputs.lam = 1.0  # type: ignore[misc]
     assert dataclasses.replace(inputs, lam=1.0).lam == 1.0 and inputs.lam is None
     assert np.isfinite(ScoreInputs().batch_size)
+
+
+def test_the_service_scores_as_an_attributor_does(run):
+    bound = open_run(run)
+    settings = FeatureSettings(timesteps=2)
+    got = bound.score("das", None, "samples", settings, heldout=False, progress=False)
+    _, targets, ids = bound.targets("samples")
+    att = bound.attributor("das", None, settings, progress=False)
+    np.testing.assert_array_equal(got.values, att.score(targets, ids).values)
+    features, options = bound.describe("das", {"leverage": True}, settings, progress=False)
+    assert features["measure"] == "das" and features["timesteps"] == 2
+    assert options == {"leverage": True}
+    assert bound.describe("pixel-cos", None, settings)[0] is None  # no stored features
+    with_ref = bound.score("das", None, "samples", settings, progress=False)
+    assert with_ref.confidence_percentiles() is not None  # κ against held-out images
+    store = bound.featurize("das", None, settings, progress=False)
+    assert store.is_complete() and store.num_rows == len(bound.train_set)
+    tstore = bound.featurize_targets("das", None, settings, "samples", progress=False)
+    assert tstore.num_rows == 2
+    assert bound.featurize("pixel-cos") is None

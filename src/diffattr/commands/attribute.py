@@ -43,10 +43,9 @@ def score_run(
     it; ``attributor_options``: λ, batch size, device, progress, on_nonfinite. Returns label →
     scores directory, and ``targets``: per target its id, source, caption, near-copy flag and
     each method's confidence, held-out percentile and bin."""
-    from diffattr.attribution.features.shards import featurize_with_executor
     from diffattr.attribution.methods.spec import method_label
     from diffattr.attribution.scores.names import Names
-    from diffattr.families import load_for_worker, open_run
+    from diffattr.families import open_run
 
     bound = open_run(run)
     out: dict[str, Any] = {}
@@ -56,20 +55,11 @@ def score_run(
     train_names = Names.of(pictures[0])
     per_target: list[dict[str, Any]] = []
     for method, given in methods:
-        att = bound.attributor(method, given, settings, **attributor_options)
-        name, target_set, ids = bound.targets(targets, att.method)
-        if executor is not None:
-            att.executor = executor  # the scoring tiles
-            featurize_all = screen is None  # a screen featurizes its candidates only
-            if featurize_all and att.method.uses_stored_features():
-                featurize_with_executor(
-                    att, run.path, method, executor, load_for_worker, None, att.method.options,
-                    device=worker_device,
-                )  # fmt: skip
-        scores = att.score(target_set, ids, screen=screen)  # checks the targets' shape first
-        heldout, heldout_ids = bound.heldout(targets)
-        if len(heldout_ids):
-            att.compare_to_heldout(scores, target_set, heldout, screen, False, heldout_ids)
+        scores = bound.score(
+            method, given, targets, settings, screen, executor, worker_device,
+            **attributor_options,
+        )  # fmt: skip
+        name, _, ids = bound.targets(targets)
         if not per_target:  # the first method: the targets' names and near-copy check, once
             near = near_copies_of(run, bound.family, targets, pictures)
             names = target_names_of(run, targets, ids, pictures[1])
@@ -241,9 +231,8 @@ def write_run_report(
 
 
 def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
-    from diffattr.attribution.features.shards import featurize_with_executor
     from diffattr.attribution.methods.spec import parse_method_list
-    from diffattr.families import load_for_worker, open_run
+    from diffattr.families import open_run
     from diffattr.parallel import workers_from_args
     from diffattr.run import RunDir
 
@@ -252,39 +241,33 @@ def cmd_featurize(args: argparse.Namespace) -> dict[str, Any]:
     bounds = parse_rows(args.rows) if getattr(args, "rows", None) else None
     out: dict[str, Any] = {}
     plan = driver_plan(args)
+    settings, options = feature_settings(plan), attributor_kwargs(plan)
     with workers_from_args(args) as executor:
         for method, given in parse_method_list(args.method):
-            att = bound.attributor(method, given, feature_settings(plan), **attributor_kwargs(plan))
+            bound.method(method, given, settings)  # an unknown method or option fails first
             rows = None
             if bounds is not None:
-                n = len(att.train)
+                n = len(bound.train_set)
                 a, b = bounds[0] or 0, n if bounds[1] is None else bounds[1]
                 if a >= n or b > n:
                     raise ConfigError(
                         f"--rows {args.rows} is outside the {n} training rows (0:{n})"
                     )
                 rows = np.arange(a, b)
-            if att.method.measure is None:
-                continue
-            if executor is not None:
-                store = featurize_with_executor(
-                    att, run.path, method, executor, load_for_worker, rows, device=args.device
+            store = bound.featurize(method, given, settings, rows, executor, args.device, **options)
+            if store is None:
+                continue  # a method without stored features
+            if executor is not None and rows is None and not store.is_complete():
+                raise DiffattrError(
+                    f"feature store {store.path} is incomplete after the workers finished",
+                    hint="rerun the same command to compute the missing rows",
                 )
-                if rows is None and not store.is_complete():
-                    raise DiffattrError(
-                        f"feature store {store.path} is incomplete after the workers finished",
-                        hint="rerun the same command to compute the missing rows",
-                    )
-            else:
-                store = att.featurize(rows)
             out[f"train_store[{method}]"] = str(store.path)
             if rows is not None:
                 done = f"{store.num_done}/{store.num_rows} done"
                 out[f"rows[{method}]"] = f"{rows[0]}:{rows[-1] + 1} ({done})"
             if args.targets:
-                _, targets, ids = bound.targets(args.targets, att.method)
-                cond = getattr(targets, "conditioning", None)
-                tstore = att.featurize_targets(getattr(targets, "images", targets), ids, cond)
+                tstore = bound.featurize_targets(method, given, settings, args.targets, **options)
                 out[f"target_store[{method}]"] = str(tstore.path)
     return out
 

@@ -86,9 +86,11 @@ def build_kernel_cache(
     from diffattr.attribution.kernel import dual_gram, inner_products
 
     method = {"das": "das", "dtrak": "dtrak", "loss": "trak"}[settings.measure]
-    att = bound.attributor(method, settings=settings, device=device, progress=progress)
-    store = att.featurize()
-    tstore = att.featurize_targets(gt.images, gt.keys, gt.conditioning)
+    kwargs = {"device": device, "progress": progress}
+    store = bound.featurize(method, None, settings, **kwargs)
+    targets = (gt.images, gt.keys, gt.conditioning)
+    tstore = bound.featurize_targets(method, None, settings, targets, **kwargs)
+    features, _ = bound.describe(method, None, settings, **kwargs)
     tphi = np.asarray(tstore.features, dtype=np.float64)
     return KernelCache(
         dual_gram(store.features, block=256),
@@ -98,7 +100,7 @@ def build_kernel_cache(
         store.column("residual").astype(np.float64),
         store.dim,
         {
-            "features": att.settings.to_dict(),
+            "features": features,
             "model_fingerprint": store.settings["model_fingerprint"],
             "targets": fingerprint_array(gt.keys),
         },

@@ -284,14 +284,11 @@ def _scores_at(ctx: _EvalContext, method: str, options: dict[str, Any], K: int |
         )
     if ctx.bound is None:
         raise DiffattrError(f"{method} computes features from the model", hint="pass --run RUN")
-    att = ctx.bound.attributor(method, options, settings, device=ctx.device, progress=ctx.progress)
-    fields: dict[str, Any] = {"target_seeds": ctx.gt.seeds}
-    if cache is not None:  # the kernel of its measure (TRAK's for journey-trak), Gram form
-        fields.update(cache.gram_fields(), train_features=att.featurize().features)
-    else:
-        fields["settings"] = settings
-    inputs = replace(att.inputs(ctx.gt.images, ctx.gt.images, ctx.gt.keys), **fields)
-    return att.method.score_grid(inputs, grid)
+    gram = cache.gram_fields() if cache is not None else None  # TRAK's for journey-trak
+    return ctx.bound.score_grid(
+        method, options, settings, ctx.gt.images, ctx.gt.keys, ctx.gt.seeds, gram, grid,
+        device=ctx.device, progress=ctx.progress,
+    )  # fmt: skip
 
 
 def _screen_mask(ctx: _EvalContext, screen: Any) -> np.ndarray:

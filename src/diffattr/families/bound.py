@@ -1,6 +1,6 @@
 """A run opened by its family: the one place a command scores methods on a run.
 
-``family.open(run)`` (or :func:`open_run`) returns a :class:`BoundRun` holding the run's model,
+``family.open(run)`` (or :func:`~diffattr.families.registry.open_run`) returns a :class:`BoundRun` holding the run's model,
 training set and noise schedule, each loaded on first use and then shared by every method the
 command scores (a ``score --method das,dtrak,trak`` loads the model once). It is also the one
 place where
@@ -12,19 +12,28 @@ place where
 - a method is checked against what the family provides;
 - an :class:`~diffattr.attribution.attributor.Attributor` is built (features in
   ``RUN/features``; the family's default parameter set; the family's checks of the model);
-- targets are loaded (once per spec; as trajectories for methods that need them).
+- targets are loaded (once per spec; as trajectories for methods that need them);
+- methods are scored: :meth:`BoundRun.score` (``score``, ``counterfactual``: targets by spec,
+  featurized on an executor where given, screened, with κ's held-out reference),
+  :meth:`BoundRun.score_grid` (``lds eval``: a λ grid on a benchmark's targets, in the Gram
+  form of its kernel cache) and :meth:`BoundRun.featurize` / :meth:`BoundRun.featurize_targets`
+  (``featurize``, the kernel caches). No caller outside the families builds an Attributor.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 if TYPE_CHECKING:
     from diffattr.attribution.attributor import Attributor
+    from diffattr.attribution.features.store import FeatureStore
     from diffattr.attribution.methods import Method
+    from diffattr.attribution.scores import Scores
     from diffattr.run import RunDir
 
 
@@ -106,3 +115,125 @@ class BoundRun:
         """(held-out images as the attributor takes them, their ids): κ's reference."""
         _, images, ids = self.targets("val" if spec != "val" else spec)
         return images, np.asarray(ids)
+
+    # ------------------------------------------------------------------ the scoring service
+    def score(
+        self,
+        name: str,
+        given: dict[str, Any] | None,
+        spec: str,
+        settings: Any = None,
+        screen: Any = None,
+        executor: Any = None,
+        worker_device: str | None = None,
+        heldout: bool = True,
+        **kwargs: Any,
+    ) -> Scores:
+        """Scores of targets ``spec`` by method ``name``: its training features computed in
+        shards on ``executor`` where given (unless a screen restricts them; the kernel's
+        tiles too), each target restricted to its ``screen`` candidates where given, and with
+        ``heldout`` κ's reference among the run's held-out images (``kwargs``: λ, batch
+        size, device, progress, on_nonfinite)."""
+        from diffattr.attribution.features.shards import featurize_with_executor
+        from diffattr.families.registry import load_for_worker
+
+        att = self.attributor(name, given, settings, **kwargs)
+        _, targets, ids = self.targets(spec, att.method)
+        if executor is not None:
+            att.executor = executor
+            if screen is None and att.method.uses_stored_features():
+                featurize_with_executor(
+                    att, self.run.path, name, executor, load_for_worker, None,
+                    att.method.options, device=worker_device,
+                )  # fmt: skip
+        scores = att.score(targets, ids, screen=screen)  # checks the targets' shape first
+        if heldout:
+            images, heldout_ids = self.heldout(spec)
+            if len(heldout_ids):
+                att.compare_to_heldout(scores, targets, images, screen, False, heldout_ids)
+        return scores
+
+    def describe(
+        self, name: str, given: dict[str, Any] | None, settings: Any = None, **kwargs: Any
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """(the feature settings the method's scores would record, None for methods without
+        stored features; its options as resolved): what saved scores must match to be
+        reused."""
+        from diffattr.attribution.methods import method_meta
+
+        att = self.attributor(name, given, settings, **kwargs)
+        features = att.settings.to_dict() if att.method.measure is not None else None
+        return features, method_meta(att.method)["options"]
+
+    def score_grid(
+        self,
+        name: str,
+        given: dict[str, Any] | None,
+        settings: Any,
+        images: torch.Tensor,
+        keys: np.ndarray,
+        seeds: np.ndarray | None,
+        gram: dict[str, Any] | None,
+        grid: list[Any],
+        **kwargs: Any,
+    ) -> list[np.ndarray]:
+        """Scores of a benchmark's targets (``images``, ``keys``, generation ``seeds``) per λ
+        rule of ``grid``, for a method that computes features from the model: in the Gram
+        form ``gram`` of its measure's kernel cache where given (its training features too,
+        e.g. Journey-TRAK's trajectories against TRAK's kernel), else from its own."""
+        att = self.attributor(name, given, settings, **kwargs)
+        fields: dict[str, Any] = {"target_seeds": seeds}
+        if gram is not None:
+            fields.update(gram, train_features=att.featurize().features)
+        else:
+            fields["settings"] = settings
+        inputs = replace(att.inputs(images, images, keys), **fields)
+        return att.method.score_grid(inputs, grid)
+
+    def featurize(
+        self,
+        name: str,
+        given: dict[str, Any] | None = None,
+        settings: Any = None,
+        rows: np.ndarray | None = None,
+        executor: Any = None,
+        worker_device: str | None = None,
+        **kwargs: Any,
+    ) -> FeatureStore | None:
+        """The training set's feature store of method ``name`` (its ``rows`` only, if given),
+        computed or finished — in shards on ``executor`` where given; None for methods
+        without stored features."""
+        from diffattr.attribution.features.shards import featurize_with_executor
+        from diffattr.families.registry import load_for_worker
+
+        att = self.attributor(name, given, settings, **kwargs)
+        if att.method.measure is None:
+            return None
+        if executor is None:
+            return att.featurize(rows)
+        return featurize_with_executor(
+            att, self.run.path, name, executor, load_for_worker, rows, att.method.options,
+            device=worker_device,
+        )  # fmt: skip
+
+    def featurize_targets(
+        self,
+        name: str,
+        given: dict[str, Any] | None,
+        settings: Any,
+        targets: str | tuple[torch.Tensor, np.ndarray, torch.Tensor | None],
+        **kwargs: Any,
+    ) -> FeatureStore | None:
+        """The feature store of targets — a spec (``samples``, ``val``, a file or folder) or
+        (images, ids, conditioning) — by method ``name``; None for methods without stored
+        features."""
+        att = self.attributor(name, given, settings, **kwargs)
+        if att.method.measure is None:
+            return None
+        if isinstance(targets, str):
+            _, given_targets, ids = self.targets(targets, att.method)
+            cond = getattr(given_targets, "conditioning", None)
+            images = getattr(given_targets, "images", given_targets)
+        else:
+            images, ids, cond = targets
+        return att.featurize_targets(images, ids, cond)

@@ -176,15 +176,12 @@ def removal_scores(
     fingerprint they record, if any, is ``model_fp``; otherwise computes them and saves them to
     ``cache_dir/<name>/`` with ``model_fp``.
     """
-    from diffattr.attribution.methods import method_meta
     from diffattr.attribution.methods.spec import parse_method_list
     from diffattr.diffusion.sampling import load_samples
 
-    [(name, options)] = parse_method_list(label)
-    run = bound.run
-    att = bound.attributor(name, options, settings, **(attributor_options or {}))
-    wanted = att.settings.to_dict() if att.method.measure is not None else None
-    options = method_meta(att.method)["options"]  # resolved: given over context defaults
+    [(name, given)] = parse_method_list(label)
+    run, kwargs = bound.run, attributor_options or {}
+    wanted, options = bound.describe(name, given, settings, **kwargs)  # options as resolved
     samples = load_samples(samples_path)
     num = len(samples)
     own = cache_dir / scores_cache_name(label, screen)
@@ -204,8 +201,7 @@ def removal_scores(
             and s.meta.get("model_fingerprint", model_fp) == model_fp
         ):
             return s, str(d)
-    targets = bound.targets(str(samples_path), att.method)[1]
-    scores = att.score(targets, np.arange(num), screen=screen)
+    scores = bound.score(name, given, str(samples_path), settings, screen, heldout=False, **kwargs)
     if model_fp is not None:
         scores.meta["model_fingerprint"] = model_fp
     scores.save(own)
