@@ -1,8 +1,9 @@
 """A run opened by its family: the one place a command scores methods on a run.
 
-``family.open(run)`` (or :func:`~diffattr.families.registry.open_run`) returns a :class:`BoundRun` holding the run's model,
-training set and noise schedule, each loaded on first use and then shared by every method the
-command scores (a ``score --method das,dtrak,trak`` loads the model once). It is also the one
+``family.open(run)`` (or :func:`~diffattr.families.registry.open_run`) returns a
+:class:`BoundRun` holding the run's model, training set and noise schedule, each loaded on
+first use and then shared by every method the command scores (a ``score --method
+das,dtrak,trak`` loads the model once). It is also the one
 place where
 
 - a method's options are resolved: the options given over the defaults the method takes from
