@@ -3,13 +3,10 @@ function's signature), every given option checked, and `diffattr methods` listin
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from diffattr.attribution.methods import METHODS, get_method
 from diffattr.attribution.methods.options import REQUIRED, Option, typed
-from diffattr.cli import main
 from diffattr.errors import ConfigError
 
 
@@ -53,16 +50,3 @@ def test_every_method_describes_every_option_it_accepts():
             assert o.describe() and o.default_text(), (name, o)
             if o.default not in (None, REQUIRED) and o.kind is not None:
                 o.check(name, o.default)  # every default fits its own kind
-
-
-def test_methods_command_lists_options(capsys):
-    assert main(["methods", "das", "random"]) == 0
-    out = capsys.readouterr().out
-    assert "residual" in out and "error|signed|raw|none" in out and "default error" in out
-    assert "default --noise-seed (0)" in out  # random's seed follows the command's noise seed
-    assert main(["methods", "--json"]) == 0
-    listed = {m["method"]: m for m in json.loads(capsys.readouterr().out)["methods"]}
-    assert set(listed) == set(METHODS)
-    assert listed["abu"]["needs"] == ["training-loss"]
-    assert main(["methods", "dass"]) == 2
-    assert "unknown method 'dass'" in capsys.readouterr().err
