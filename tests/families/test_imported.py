@@ -228,7 +228,7 @@ def test_ekfac_serves_an_imported_v_prediction_model(tmp_path, capsys):
     model.zero_grad()
     task.compute_train_loss(batch, model).backward()
     ours = torch.cat([p.grad.flatten() for p in model.parameters()])
-    _, x, t, noise, _ = batch
+    _, x, t, noise, _, _ = batch
     model.zero_grad()
     out = model(scheduler.add_noise(x, noise, t), t).sample
     ((out - scheduler.get_velocity(x, noise, t)) ** 2).flatten(1).mean(1).sum().backward()

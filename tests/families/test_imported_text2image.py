@@ -112,8 +112,8 @@ def test_attribute_generate_report_and_lds(imported, tmp_path):
     root, run, _ = imported
     assert main(["generate", str(run), "--num", "3", "--steps", "4", "--quiet"]) == 0
     common = ["--timesteps", "3", "--quiet"]
-    assert main(["score", str(run), "--method", "das,trak,dtrak,pixel-cos", *common]) == 0
-    for method in ("das", "trak", "dtrak", "pixel-cos"):
+    assert main(["score", str(run), "--method", "das,trak,dtrak,pixel-cos,ekfac", *common]) == 0
+    for method in ("das", "trak", "dtrak", "pixel-cos", "ekfac"):  # ekfac: LoRA layers
         s = Scores.load(run / "scores" / f"{method}-samples")
         assert s.values.shape == (3, 12) and np.isfinite(s.values).all()
     meta = json.loads(next((run / "features").glob("train-das-*/meta.json")).read_text())

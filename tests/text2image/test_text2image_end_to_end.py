@@ -97,3 +97,24 @@ def test_lds_and_counterfactual(run_dir, tmp_path):
     assert res["none"]["pixel_l2"] == [0.0, 0.0]  # a k = 0 retraining regenerates bit-exactly
     assert all(len(r) == 2 for r in res["das"]["removed_ids"])
     assert min(res["das"]["pixel_l2"]) > 0  # removing training images changed the images
+
+
+def test_ekfac_and_das_plus_ekfac_on_lora(run_dir):
+    """EK-FAC through kronfluence on a text-to-image run: the conditional UNet called on
+    (x_t, t, caption embedding), the curvature fitted on the LoRA layers only (the run's
+    default --params)."""
+    run = RunDir(run_dir)
+    feat = ["--timesteps", "2", "--quiet"]
+    assert main(["score", str(run_dir), "--method", "ekfac,combine[methods=das+ekfac]", *feat]) == 0
+    ekfac = Scores.load(run.scores_dir / "ekfac-samples")
+    assert ekfac.values.shape == (4, 12) and np.isfinite(ekfac.values).all()
+    assert np.ptp(ekfac.values, axis=1).min() > 0  # the training images are told apart
+    both = Scores.load(run.scores_dir / "combine[methods=das+ekfac]-samples")
+    assert both.values.shape == (4, 12) and np.isfinite(both.values).all()
+    from diffattr.attribution.methods.influence import module_layout
+    from diffattr.families import open_run
+
+    bound = open_run(run)
+    tracked = module_layout(bound.model, bound.attributor("ekfac").settings.params)
+    assert tracked and all(".lora_" in name for name, _, _, _ in tracked)
+    assert len(tracked) < len(module_layout(bound.model))  # not the frozen base layers

@@ -190,6 +190,8 @@ class Attributor:
         return ScoreInputs(
             train_images=self.train.images,
             target_images=images,
+            train_conditioning=getattr(self.train, "conditioning", None),
+            target_conditioning=getattr(targets, "conditioning", None),
             num_train=len(self.train),
             num_targets=images.shape[0],
             train_ids=self.train.ids.numpy(),

@@ -38,6 +38,8 @@ class ScoreInputs:
     train_residual: np.ndarray | None = None
     train_images: torch.Tensor | None = None
     target_images: torch.Tensor | None = None
+    train_conditioning: torch.Tensor | None = None  # per-sample model input beside (x_t, t)
+    target_conditioning: torch.Tensor | None = None  # (a text-to-image model's captions)
     num_train: int = 0
     num_targets: int = 0
     train_gram: np.ndarray | None = None  # ΦΦᵀ (N×N), with target_inner (LDS kernel cache)

@@ -152,6 +152,8 @@ def restrict(inputs: ScoreInputs, rows: np.ndarray, targets: np.ndarray) -> Scor
         train_residual=take(inputs.train_residual, rows),
         train_images=take(inputs.train_images, rows),
         target_images=take(inputs.target_images, targets),
+        train_conditioning=take(inputs.train_conditioning, rows),
+        target_conditioning=take(inputs.target_conditioning, targets),
         num_train=len(rows),
         num_targets=len(targets),
         train_gram=None if gram is None else np.asarray(gram)[np.ix_(rows, rows)],

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffattr.attribution.methods import MODEL_CALLS, TRAINING_LOSS
+from diffattr.attribution.methods import MODEL_CALLS, MODEL_INPUTS, TRAINING_LOSS
 from diffattr.errors import CheckpointError, ConfigError, DataError, DiffattrError
 from diffattr.families.pixel import PixelFamily
 from diffattr.run import RunDir
@@ -154,7 +154,7 @@ class DiffusersFamily(PixelFamily):
     name = DIFFUSERS
     # no training checkpoints; sampling is the pipeline's own; its loss is its schedule's, and
     # methods may call the UNet on (x_t, t) themselves (EK-FAC, through the same schedule)
-    provides = frozenset({MODEL_CALLS, TRAINING_LOSS})
+    provides = frozenset({MODEL_CALLS, MODEL_INPUTS, TRAINING_LOSS})
 
     def source(self, run: RunDir) -> dict[str, Any]:
         return run.manifest()["source"]

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from diffattr.attribution.methods import MODEL_INPUTS
 from diffattr.errors import CheckpointError, ConfigError, DiffattrError
 from diffattr.families.imported import (
     check_weights,
@@ -145,7 +146,9 @@ class ImportedTextToImageFamily(TextToImageFamily):
     the model, its noise process and its adapters taken from the imported folders."""
 
     name = TEXT2IMAGE_DIFFUSERS
-    provides = frozenset()
+    # EK-FAC (kronfluence) calls the conditional UNet on (x_t, t, caption embedding) itself,
+    # its tracked layers the run's --params (the LoRA layers of a run with adapters)
+    provides = frozenset({MODEL_INPUTS})
 
     def source(self, run: RunDir) -> dict[str, Any]:
         return run.manifest()["source"]

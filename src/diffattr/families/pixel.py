@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffattr.attribution.methods import CHECKPOINTS, MODEL_CALLS, TRAINING_LOSS, TRAJECTORIES
+from diffattr.attribution.methods import (
+    CHECKPOINTS,
+    MODEL_CALLS,
+    MODEL_INPUTS,
+    TRAINING_LOSS,
+    TRAJECTORIES,
+)
 from diffattr.errors import CheckpointError, DiffattrError
 from diffattr.families import Family, is_samples_file, samples_path
 from diffattr.run import UNCONDITIONAL, RunDir
@@ -35,7 +41,7 @@ def check_model_fits(model: torch.nn.Module, shape: tuple[int, int, int], where:
 
 class PixelFamily(Family):
     name = UNCONDITIONAL
-    provides = frozenset({CHECKPOINTS, TRAJECTORIES, MODEL_CALLS, TRAINING_LOSS})
+    provides = frozenset({CHECKPOINTS, TRAJECTORIES, MODEL_CALLS, MODEL_INPUTS, TRAINING_LOSS})
 
     def config_from_dict(self, data: dict[str, Any]) -> Any:
         from diffattr.diffusion.training import TrainConfig

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffattr.attribution.methods import MODEL_INPUTS
 from diffattr.errors import DiffattrError
 from diffattr.families import Family, given_images, is_samples_file, samples_path
 from diffattr.run import TEXT2IMAGE, RunDir
@@ -58,7 +59,9 @@ def train_latents(run: RunDir, comps: Components | None = None) -> LatentSet:
 
 class TextToImageFamily(Family):
     name = TEXT2IMAGE
-    provides = frozenset()
+    # EK-FAC (kronfluence) calls the conditional UNet on (x_t, t, caption embedding) itself,
+    # its tracked layers the run's --params (the LoRA layers of a run with adapters)
+    provides = frozenset({MODEL_INPUTS})
 
     def config_from_dict(self, data: dict[str, Any]) -> Any:
         from diffattr.text2image.training import LoraTrainConfig

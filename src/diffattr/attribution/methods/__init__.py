@@ -47,6 +47,10 @@ from diffattr.seeding import derive_seed
 #: whose sampling can be replayed (Journey-TRAK); calls of the model on (x_t, t) alone, made by
 #: the method itself (EK-FAC through kronfluence, ensembles of other trained models).
 CHECKPOINTS, TRAJECTORIES, MODEL_CALLS = "checkpoints", "trajectories", "model-calls"
+#: The model's training inputs — x_t, t and any per-sample conditioning (a text-to-image
+#: model's caption embeddings) — for a method that calls the model and its loss itself under
+#: the family's noise process (EK-FAC through kronfluence).
+MODEL_INPUTS = "model-inputs"
 
 
 @dataclass
@@ -546,7 +550,7 @@ class EKFAC(DelegatingMethod):
     """
 
     name = "ekfac"
-    needs = frozenset({MODEL_CALLS})
+    needs = frozenset({MODEL_INPUTS})
     implementation = "diffattr.attribution.methods.influence:ekfac_from_inputs"
 
 

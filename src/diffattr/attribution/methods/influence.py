@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -87,28 +88,32 @@ def _kronfluence():
     return Analyzer, prepare_model, FactorArguments, ScoreArguments, Task, DataLoaderKwargs
 
 
-def module_layout(model: nn.Module) -> list[tuple[str, int, int, bool]]:
-    """The modules kronfluence tracks (Linear and Conv2d), in ``named_modules`` order: (name,
-    out, in·kh·kw, has bias) — the shape of its per-sample gradient matrix without the bias
-    column."""
+def module_layout(model: nn.Module, params: str | None = None) -> list[tuple[str, int, int, bool]]:
+    """The modules kronfluence tracks (Linear and Conv2d; with ``params``, a regex, those whose
+    weight's name matches it, e.g. a text-to-image run's LoRA layers), in ``named_modules``
+    order: (name, out, in·kh·kw, has bias) — the shape of its per-sample gradient matrix
+    without the bias column."""
+    pattern = re.compile(params) if params else None
     return [
         (name, m.weight.shape[0], m.weight[0].numel(), m.bias is not None)
         for name, m in model.named_modules()
         if type(m) in (nn.Linear, nn.Conv2d)
+        and (pattern is None or pattern.search(f"{name}.weight"))
     ]
 
 
-def tracked_parameter_names(model: nn.Module) -> list[str]:
+def tracked_parameter_names(model: nn.Module, params: str | None = None) -> list[str]:
     """Parameters kronfluence differentiates: weight and bias of each tracked module."""
     return [
         f"{name}.{p}"
-        for name, _, _, has_bias in module_layout(model)
+        for name, _, _, has_bias in module_layout(model, params)
         for p in ("weight", "bias")[: 1 + has_bias]
     ]
 
 
 class _Items(torch.utils.data.Dataset):
-    """(sample, timestep) items: (row, x₀, t, ε, sample id)."""
+    """(sample, timestep) items: (row, x₀, t, ε, sample id, conditioning — the sample's caption
+    embedding, or an empty tensor for a model of (x_t, t) alone)."""
 
     def __init__(
         self,
@@ -117,6 +122,7 @@ class _Items(torch.utils.data.Dataset):
         spec: TimestepSpec,
         schedule: NoiseSchedule,
         noise_seed: int,
+        conditioning: torch.Tensor | None = None,
     ) -> None:
         T = schedule.num_train_timesteps
         shape = tuple(images.shape[1:])
@@ -128,7 +134,8 @@ class _Items(torch.utils.data.Dataset):
                 raise ConfigError("every sample needs the same number of timesteps")
             for t in ts:
                 eps = keyed_noise(ATTRIBUTION_NOISE_KEY, noise_seed, int(sid), int(t), shape)
-                self.items.append((r, images[r], int(t), eps, int(sid)))
+                cond = torch.zeros(0) if conditioning is None else conditioning[r]
+                self.items.append((r, images[r], int(t), eps, int(sid), cond))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -137,16 +144,29 @@ class _Items(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def _make_task(Task, query: str, fisher: str, noise_seed: int, schedule: NoiseSchedule):
+def _make_task(
+    Task,
+    query: str,
+    fisher: str,
+    noise_seed: int,
+    schedule: NoiseSchedule,
+    tracked: list[str] | None = None,
+):
     """kronfluence's task for the model's own noise process: x_t = ``schedule.add_noise``, the
     prediction target y = ``schedule.target`` (ε, v or x₀), training loss ‖ε_θ(x_t, t) − y‖²/d
     per item (true Fisher: y drawn from the model's own predictive, out + √(d/2)·ξ), and the
-    measurement the query names (the loss; DAS's mean output; D-TRAK's ‖output‖²)."""
+    measurement the query names (the loss; DAS's mean output; D-TRAK's ‖output‖²). The model
+    takes the item's conditioning as its third input where there is one. ``tracked``: the
+    modules it fits curvature on (None: every Linear and Conv2d)."""
 
     class DiffusionTask(Task):
+        def get_influence_tracked_modules(self):
+            return tracked
+
         def _forward(self, batch, model):
-            _, x0, t, eps, _ = batch
-            out = model(schedule.add_noise(x0, eps, t), t).sample
+            _, x0, t, eps, _, cond = batch
+            inputs = (schedule.add_noise(x0, eps, t), t)
+            out = model(*inputs, *((cond,) if cond.numel() else ())).sample
             return out, schedule.target(x0, eps, t)
 
         def compute_train_loss(self, batch, model, sample=False):
@@ -218,8 +238,15 @@ def ekfac_scores(
     device: str = "cpu",
     normalize: bool = False,
     train: Literal["loss", "das", "dtrak"] = "loss",
+    train_conditioning: torch.Tensor | None = None,
+    target_conditioning: torch.Tensor | None = None,
+    params: str | None = None,
 ) -> np.ndarray:
     """(T, N) influence scores (module docstring); cached under ``out_dir/kronfluence``.
+
+    ``train_conditioning`` / ``target_conditioning``: per-sample conditioning (a text-to-image
+    model's caption embeddings), the model's third input; ``params``: a regex selecting the
+    tracked layers by their weights' names (default: every Linear and Conv2d), e.g. LoRA's.
 
     ``train``: the measure whose gradients the training side pairs (``loss``, the influence
     function's; ``das`` / ``dtrak`` give DAS's / D-TRAK's feature pairing preconditioned by
@@ -256,15 +283,28 @@ def ekfac_scores(
     spec.validate(schedule.num_train_timesteps)
     train_ids = np.asarray(train_ids, dtype=np.int64)
     target_ids = np.asarray(target_ids, dtype=np.int64)
-    train_items = _Items(train_images, train_ids, spec, schedule, noise_seed)
+    train_items = _Items(train_images, train_ids, spec, schedule, noise_seed, train_conditioning)
     K = spec.num
+    tracked = None  # kronfluence's own choice: every Linear and Conv2d
+    if params:
+        tracked = [name for name, _, _, _ in module_layout(model, params)]
+        if not tracked:
+            raise ConfigError(f"ekfac: no Linear or Conv2d layer's weight matches {params!r}")
 
     fp = model_fingerprint(model)[:12]
     analysis_dir = Path(out_dir) / "kronfluence" / f"unet-{fp}"  # kronfluence's, and our cache
-    data = _hash(train_images, train_ids, spec.to_dict(), noise_seed, schedule.to_dict())
+    data = _hash(
+        train_images, train_ids, spec.to_dict(), noise_seed, schedule.to_dict(),
+        *(() if train_conditioning is None and not params else (train_conditioning, params)),
+    )  # fmt: skip
     factors_name = f"{strategy}-{fisher}-{data}"
-    scores_name = f"{factors_name}-{query}-{damping}-{_hash(target_images, target_ids)}"
-    task = _make_task(Task, query, fisher, noise_seed, schedule)
+    target_key = (
+        target_images,
+        target_ids,
+        *(() if target_conditioning is None else (target_conditioning,)),
+    )
+    scores_name = f"{factors_name}-{query}-{damping}-{_hash(*target_key)}"
+    task = _make_task(Task, query, fisher, noise_seed, schedule, tracked)
     prepared = prepare_model(copy.deepcopy(model).eval(), task)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -294,8 +334,8 @@ def ekfac_scores(
                 factors_name,
                 analysis_dir / f"scores_{scores_name}-samples{sample_suffix}.npy",
                 model,
-                (train_images, train_ids),
-                (target_images, target_ids),
+                (train_images, train_ids, train_conditioning),
+                (target_images, target_ids, target_conditioning),
                 schedule,
                 spec,
                 noise_seed,
@@ -306,8 +346,11 @@ def ekfac_scores(
                 progress,
                 normalize,
                 train,
+                params,
             )
-        query_items = _Items(target_images, target_ids, spec, schedule, noise_seed)
+        query_items = _Items(
+            target_images, target_ids, spec, schedule, noise_seed, target_conditioning
+        )
         scores = analyzer.compute_pairwise_scores(
             scores_name=scores_name,
             factors_name=factors_name,
@@ -331,8 +374,8 @@ def _sample_pairing_scores(
     factors_name: str,
     cache: Path,
     model: nn.Module,
-    train: tuple[torch.Tensor, np.ndarray],
-    targets: tuple[torch.Tensor, np.ndarray],
+    train: tuple[torch.Tensor, np.ndarray, torch.Tensor | None],
+    targets: tuple[torch.Tensor, np.ndarray, torch.Tensor | None],
     schedule: NoiseSchedule,
     spec: TimestepSpec,
     noise_seed: int,
@@ -343,6 +386,7 @@ def _sample_pairing_scores(
     progress: bool,
     normalize: bool = False,
     train_measure: str = "loss",
+    params: str | None = None,
 ) -> np.ndarray:
     """ḡ_f(x)ᵀ (F+λI)⁻¹ ḡ_L(zᵢ) for every target x and training sample zᵢ (module docstring),
     from kronfluence's fitted factors; cached in the .npy file ``cache``."""
@@ -352,7 +396,7 @@ def _sample_pairing_scores(
 
     if cache.is_file():
         return np.load(cache)
-    names, layout = tracked_parameter_names(model), module_layout(model)
+    names, layout = tracked_parameter_names(model, params), module_layout(model, params)
     strategy = str(analyzer.load_factor_args(factors_name).strategy)
     factors = prepared_factors(
         analyzer.load_all_factors(factors_name), layout, strategy, score_args
@@ -372,15 +416,14 @@ def _sample_pairing_scores(
         for measure in (query, train_measure)
     )
 
-    def averaged(gc: GradientComputer, images: torch.Tensor, ids: np.ndarray):
+    def averaged(gc: GradientComputer, images: torch.Tensor, ids: np.ndarray, cond):
         """(rows, ḡ) per batch: timestep-averaged unnormalised gradients of ``gc``'s measure."""
         for s in range(0, len(ids), batch_size):
-            yield (
-                slice(s, s + batch_size),
-                gc.compute(images[s : s + batch_size], ids[s : s + batch_size])[0].cpu(),
-            )
+            rows = slice(s, s + batch_size)
+            c = None if cond is None else cond[rows]
+            yield rows, gc.compute(images[rows], ids[rows], c)[0].cpu()
 
-    (train_images, train_ids), (target_images, target_ids) = train, targets
+    (train_images, train_ids, train_cond), (target_images, target_ids, target_cond) = train, targets
     out = np.zeros((len(target_ids), len(train_ids)))
     # preconditioned target gradients held at once: QUERY_BATCH_BYTES' worth
     chunk = query_batch_size(sum(int(p.numel()) for p in model.parameters()), len(target_ids))
@@ -390,11 +433,12 @@ def _sample_pairing_scores(
     for c in chunks:
         rows = slice(c, c + chunk)
         parts = []
-        for _, g in averaged(query_gc, target_images[rows], target_ids[rows]):
+        cond = None if target_cond is None else target_cond[rows]
+        for _, g in averaged(query_gc, target_images[rows], target_ids[rows], cond):
             parts.append(precondition(g, layout, factors))
             bar.update(g.shape[0])
         q = torch.cat(parts)
-        for cols, g in averaged(train_gc, train_images, train_ids):
+        for cols, g in averaged(train_gc, train_images, train_ids, train_cond):
             out[rows, cols] = (q @ g.T).double().numpy()
             bar.update(g.shape[0])
     bar.close()
@@ -484,6 +528,9 @@ def ekfac_from_inputs(
         device=inputs.device,
         normalize=normalize,
         train=train,
+        train_conditioning=inputs.train_conditioning,
+        target_conditioning=inputs.target_conditioning,
+        params=inputs.settings.params if inputs.settings is not None else None,
     )
     meta = {
         "influence": f"kronfluence {strategy}",
