@@ -624,7 +624,20 @@ def method_meta(method: Method) -> dict[str, Any]:
 TRAINING_LOSS = "training-loss"
 
 
-class AbU(DelegatingMethod):
+class UnlearningMethod(DelegatingMethod):
+    """What the unlearning methods share: they fine-tune a copy of the model per target with
+    its own training loss (the family must provide it), their seed follows the noise seed,
+    their options are those of the ``*_scores`` function but the caller's batch size, device
+    and progress, and ``timesteps`` / ``params`` default to the caller's K and ``--params``."""
+
+    heldout_reference = False  # 64 more unlearnings per call
+    needs = frozenset({TRAINING_LOSS})
+    context_defaults = {"seed": "noise_seed"}
+    option_exclude = ("batch_size", "device", "progress")
+    option_overrides = {"timesteps": None, "params": None}
+
+
+class AbU(UnlearningMethod):
     """AbU: raise the target's loss by Fisher-preconditioned ascent on a copy of the model;
     τ(x, zᵢ) = mean_k [ℓ_after(zᵢ, t_k) − ℓ_before(zᵢ, t_k)] on the same noise.
 
@@ -634,19 +647,13 @@ class AbU(DelegatingMethod):
     the caller's K, else 20), ``params`` (regex of the parameters changed; default all),
     ``seed`` (default the noise seed)."""
 
-    heldout_reference = False  # 64 more unlearnings per call
-
     name = "abu"
-    needs = frozenset({TRAINING_LOSS})
-    context_defaults = {"seed": "noise_seed"}
     implementation = "diffattr.attribution.methods.unlearning:abu_from_inputs"
     options_from_function = "diffattr.attribution.methods.unlearning:abu_scores"
     option_skip = 5  # model, schedule, training images (ids), targets
-    option_exclude = ("batch_size", "device", "progress")
-    option_overrides = {"timesteps": None, "params": None}  # the caller's K and --params
 
 
-class MUCS(DelegatingMethod):
+class MUCS(UnlearningMethod):
     """MUCS: fine-tune a copy by descent on training batches and bounded ascent on the target;
     τ(x, zᵢ) = mean_k (L_u − L_t)/(L_u + L_t + 10⁻³) on a noise bank shared by all images.
 
@@ -656,16 +663,10 @@ class MUCS(DelegatingMethod):
     (0.3), ``rho`` (7), ``timesteps`` (bank size K; default the caller's K, else 20),
     ``params`` (default Linear/Conv weights outside the time embedding), ``seed``."""
 
-    heldout_reference = False  # 64 more unlearnings per call
-
     name = "mucs"
-    needs = frozenset({TRAINING_LOSS})
-    context_defaults = {"seed": "noise_seed"}
     implementation = "diffattr.attribution.methods.unlearning:mucs_from_inputs"
     options_from_function = "diffattr.attribution.methods.unlearning:mucs_scores"
-    option_skip = 4  # model, schedule, training images (ids), targets
-    option_exclude = ("batch_size", "device", "progress")
-    option_overrides = {"timesteps": None, "params": None}  # the caller's K and --params
+    option_skip = 4  # model, schedule, training images, targets
 
 
 METHODS.update({m.name: m for m in (AbU, MUCS)})
