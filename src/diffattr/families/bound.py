@@ -112,10 +112,24 @@ class BoundRun:
             return name, self.family.trajectory_targets(self.run, spec), ids
         return name, targets, ids
 
-    def heldout(self, spec: str) -> tuple[Any, np.ndarray]:
-        """(held-out images as the attributor takes them, their ids): κ's reference."""
-        _, images, ids = self.targets("val" if spec != "val" else spec)
+    def heldout(self) -> tuple[Any, np.ndarray]:
+        """(held-out images as the attributor takes them, their ids): κ's reference (the same
+        object as the ``val`` targets, which then are their own reference)."""
+        _, images, ids = self.targets("val")
         return images, np.asarray(ids)
+
+    def _featurize_in_shards(
+        self, att: Attributor, name: str, executor: Any, rows: Any, worker_device: str | None
+    ) -> FeatureStore:
+        """``att``'s training store (or its ``rows``) filled by shards on ``executor``, the
+        workers loading the run as :func:`~diffattr.families.registry.load_for_worker` does."""
+        from diffattr.attribution.features.shards import featurize_with_executor
+        from diffattr.families.registry import load_for_worker
+
+        return featurize_with_executor(
+            att, self.run.path, name, executor, load_for_worker, rows, att.method.options,
+            device=worker_device,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ the scoring service
     def score(
@@ -135,21 +149,15 @@ class BoundRun:
         tiles too), each target restricted to its ``screen`` candidates where given, and with
         ``heldout`` κ's reference among the run's held-out images (``kwargs``: λ, batch
         size, device, progress, on_nonfinite)."""
-        from diffattr.attribution.features.shards import featurize_with_executor
-        from diffattr.families.registry import load_for_worker
-
         att = self.attributor(name, given, settings, **kwargs)
         _, targets, ids = self.targets(spec, att.method)
         if executor is not None:
             att.executor = executor
             if screen is None and att.method.uses_stored_features():
-                featurize_with_executor(
-                    att, self.run.path, name, executor, load_for_worker, None,
-                    att.method.options, device=worker_device,
-                )  # fmt: skip
+                self._featurize_in_shards(att, name, executor, None, worker_device)
         scores = att.score(targets, ids, screen=screen)  # checks the targets' shape first
         if heldout:
-            images, heldout_ids = self.heldout(spec)
+            images, heldout_ids = self.heldout()
             if len(heldout_ids):
                 att.compare_to_heldout(scores, targets, images, screen, False, heldout_ids)
         return scores
@@ -204,18 +212,12 @@ class BoundRun:
         """The training set's feature store of method ``name`` (its ``rows`` only, if given),
         computed or finished — in shards on ``executor`` where given; None for methods
         without stored features."""
-        from diffattr.attribution.features.shards import featurize_with_executor
-        from diffattr.families.registry import load_for_worker
-
         att = self.attributor(name, given, settings, **kwargs)
         if att.method.measure is None:
             return None
         if executor is None:
             return att.featurize(rows)
-        return featurize_with_executor(
-            att, self.run.path, name, executor, load_for_worker, rows, att.method.options,
-            device=worker_device,
-        )  # fmt: skip
+        return self._featurize_in_shards(att, name, executor, rows, worker_device)
 
     def featurize_targets(
         self,
