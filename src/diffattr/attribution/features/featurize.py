@@ -28,6 +28,7 @@ from diffattr.attribution.features.gradients import (
 )
 from diffattr.attribution.features.layer_projection import DEFAULT_LOGRA_RANK, LayerProjection
 from diffattr.attribution.features.measure import parse_measure
+from diffattr.attribution.features.pairs import PairSource
 from diffattr.attribution.features.projection import (
     PassThroughProjector,
     Projector,
@@ -94,11 +95,14 @@ def gradient_computer(
     image_shape: tuple[int, ...],
     device: str = "cpu",
     micro_batch: int | None = None,
+    pairs: PairSource | None = None,
 ) -> GradientComputer:
     """The :class:`GradientComputer` that ``settings`` describe (measure, timesteps, params;
     with ``--projector logra`` it projects per layer itself). ``micro_batch`` None lets the
     computer size its passes (``layers``: whole samples, as many pairs as memory holds up to
-    AUTO_MAX_PAIRS; a fixed 64 split each sample's K = 100 timesteps into two passes of 50)."""
+    AUTO_MAX_PAIRS; a fixed 64 split each sample's K = 100 timesteps into two passes of 50).
+    ``pairs``: which pairs a sample's gradient averages over (default: the settings' K
+    timesteps of the noised image, :class:`~.pairs.NoisedPairs`)."""
     layer_projection = None
     if settings.projector == "logra":
         layer_projection = LayerProjection(
@@ -116,6 +120,7 @@ def gradient_computer(
         device=device,
         dtype=grad_dtype(settings.grad_dtype),
         layer_projection=layer_projection,
+        pairs=pairs,
     )
 
 
@@ -175,11 +180,15 @@ def featurize(
     on_nonfinite: str = "stop",
     wait_interval: float = 0.2,
     conditioning: torch.Tensor | None = None,
+    pairs: PairSource | None = None,
 ) -> FeatureStore:
     """Compute φ for every image (or the given ``rows``) not yet in the store at ``store_dir``.
 
     ``conditioning`` (N, …): per-image input of a conditional model (caption embeddings of a
     text-to-image UNet), passed with x_t and t; ``data_fingerprint`` must cover it.
+
+    ``pairs``: the pairs each image's gradient averages over, when not the noised image at
+    the settings' timesteps (Journey-TRAK's trajectory points); recorded in the store.
 
     ``source``: a complete unprojected (identity) store of the same model, measure, timesteps
     and images; its rows ḡ are projected (φ = Pᵀḡ, exact since projection is linear) instead
@@ -220,7 +229,9 @@ def featurize(
                 f"--rows {int(rows[0])}:{int(rows[-1]) + 1} is outside the {ids.size} rows "
                 f"(0:{ids.size}) of these images"
             )
-    computer = gradient_computer(model, settings, schedule, tuple(images.shape[1:]), device)
+    computer = gradient_computer(
+        model, settings, schedule, tuple(images.shape[1:]), device, pairs=pairs
+    )
     measure = computer.measure
     projector = build_projector(settings, computer.dim, device, computer)
     store_settings = {
@@ -230,6 +241,7 @@ def featurize(
         "schedule": schedule.to_dict(),
         "model_fingerprint": model_fingerprint(model),
         "data_fingerprint": data_fingerprint,
+        **computer.pair_source.describe(),
         "num_params": computer.num_params,
         "ids": ids.tolist(),
     }

@@ -36,8 +36,9 @@ from diffattr.attribution.features.layer_grads import (
 )
 from diffattr.attribution.features.layer_projection import LayerProjection, LayerProjector
 from diffattr.attribution.features.measure import Measure
+from diffattr.attribution.features.pairs import NoisedPairs, PairSource
 from diffattr.diffusion.presets import use_classic_attention
-from diffattr.diffusion.schedule import ATTRIBUTION_NOISE_KEY, NoiseSchedule, keyed_noise
+from diffattr.diffusion.schedule import NoiseSchedule
 from diffattr.errors import ConfigError, NumericalError
 from diffattr.seeding import generator
 
@@ -186,7 +187,7 @@ class GradientComputer:
     (:func:`~diffattr.attribution.features.layer_grads.segment_sample_grads`; w_t = 1/‖g(z, t)‖ when
     normalising, the norms taken first from the same factors), never forming a per-pair
     gradient; models made of Linear, Conv2d, GroupNorm and LayerNorm layers, i.e. diffusers
-    UNets. :meth:`pair_grads` (used by journeys and tests) still gives per-pair gradients.
+    UNets. :meth:`pair_grads` (AbU's Fisher, tests) still gives per-pair gradients.
     ``vmap`` takes per-pair gradients with ``vmap(grad(f))`` (any model). ``backward`` uses
     ordinary batched backward passes: without per-timestep normalisation a sample's gradient is
     that of (1/K) Σ_t f(x_t, t), i.e. one backward pass over its K pairs as a batch; with it,
@@ -219,8 +220,8 @@ class GradientComputer:
         dtype: torch.dtype = torch.float32,
         strategy: str = "auto",
         layer_projection: LayerProjection | None = None,
+        pairs: PairSource | None = None,
     ) -> None:
-        timesteps.validate(schedule.num_train_timesteps)
         if strategy not in GRADIENT_STRATEGIES:
             raise ConfigError(
                 f"unknown gradient strategy {strategy!r}",
@@ -230,6 +231,8 @@ class GradientComputer:
         self.model = model.to(device).eval()
         self.measure, self.schedule, self.timesteps = measure, schedule, timesteps
         self.noise_seed, self.normalize = noise_seed, normalize
+        #: The K pairs each sample's gradient averages over (default: the noised image).
+        self.pair_source = pairs or NoisedPairs(timesteps, noise_seed, schedule)
         #: None: chosen per pass (``layers``: from memory, up to AUTO_MAX_PAIRS; else 64).
         self.auto_micro_batch = micro_batch is None
         self.requested_micro_batch = max(1, micro_batch or DEFAULT_MICRO_BATCH)
@@ -270,7 +273,7 @@ class GradientComputer:
             )
         if strategy == "auto":
             large = sum(p.numel() for p in named.values()) >= BACKWARD_MIN_PARAMS
-            many = timesteps.num >= BACKWARD_MIN_TIMESTEPS
+            many = self.pair_source.num >= BACKWARD_MIN_TIMESTEPS
             if not normalize and large:
                 strategy = "backward"
             elif self._plan is not None:
@@ -292,7 +295,6 @@ class GradientComputer:
         #: Width of the gradients handed out: p, or the logra projection's dimension.
         self.dim = sum(self.out_dims.values())
         self._use_attention()
-        self.alphas = schedule.alphas_cumprod().to(self.device)
         self._grad_fn = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0))
         self._grad_fn_cond = vmap(grad(self._f, has_aux=True), in_dims=(None, 0, 0, 0, 0, 0))
         offsets, offset = {}, 0
@@ -317,7 +319,7 @@ class GradientComputer:
             return self.pairs(x0, ids)
         if self.normalize:
             return self.pairs(x0, ids, group=1)
-        return self.pairs(x0, ids, group=self.timesteps.num)
+        return self.pairs(x0, ids, group=self.pair_source.num)
 
     def pairs(
         self, x0: torch.Tensor, ids: np.ndarray, group: int | None = None
@@ -325,10 +327,9 @@ class GradientComputer:
         """(row, x_t, t, target, ᾱ_t) for every (sample, timestep) pair, in micro-batches of
         ``group`` pairs (default: the micro-batch size); the target is what the model predicts
         (ε for an ε-prediction model, :meth:`NoiseSchedule.target`)."""
-        T = self.schedule.num_train_timesteps
         rows, ts = [], []
         for r, sid in enumerate(ids):
-            for t in self.timesteps.for_sample(int(sid), T):
+            for t in self.pair_source.timesteps_of(int(sid)):
                 rows.append(r)
                 ts.append(int(t))
         step = group or self.micro_batch
@@ -338,18 +339,8 @@ class GradientComputer:
     def _pair_inputs(
         self, x0: torch.Tensor, ids: np.ndarray, rows: list[int], ts: list[int]
     ) -> tuple[torch.Tensor, ...]:
-        """(row, x_t, t, target, ᾱ_t) of the given pairs."""
-        shape = tuple(x0.shape[1:])
-        r, t = torch.tensor(rows), torch.tensor(ts)
-        noise = torch.stack(
-            [
-                keyed_noise(ATTRIBUTION_NOISE_KEY, self.noise_seed, int(ids[i]), int(tt), shape)
-                for i, tt in zip(rows, ts, strict=True)
-            ]
-        ).to(self.device)
-        t, x = t.to(self.device), x0[r].to(self.device)
-        xt = self.schedule.add_noise(x, noise, t)
-        return r, xt, t, self.schedule.target(x, noise, t), self.alphas[t]
+        """(row, x_t, t, target, ᾱ_t) of the given pairs (from the pair source)."""
+        return self.pair_source.inputs(x0, ids, rows, ts, self.device)
 
     def segment_batches(
         self, x0: torch.Tensor, ids: np.ndarray, pairs: int
@@ -358,9 +349,8 @@ class GradientComputer:
         consecutive samples with all K of their timesteps each (K ≤ pairs), or one sample's
         timesteps in ⌈K/pairs⌉ nearly equal chunks. Yields (:meth:`pairs`' tuple, number of
         segments); segment j of a micro-batch is its pairs j·L … (j+1)·L − 1, one sample."""
-        T = self.schedule.num_train_timesteps
-        K = self.timesteps.num
-        times = [[int(t) for t in self.timesteps.for_sample(int(sid), T)] for sid in ids]
+        K = self.pair_source.num
+        times = [[int(t) for t in self.pair_source.timesteps_of(int(sid))] for sid in ids]
         if pairs >= K:
             m = max(1, pairs // K)
             for s in range(0, len(ids), m):
@@ -375,14 +365,18 @@ class GradientComputer:
                 ts = part.tolist()
                 yield self._pair_inputs(x0, ids, [r] * len(ts), ts), 1
 
-    def layer_pairs(self, x0: torch.Tensor, cond: torch.Tensor | None = None) -> int:
+    def layer_pairs(
+        self, x0: torch.Tensor, cond: torch.Tensor | None = None, ids: np.ndarray | None = None
+    ) -> int:
         """Pairs per ``layers`` pass: the micro-batch given, or (automatic) as many as
         gradient_memory(MICRO_BATCH_BYTES) holds of one pass's recorded factors per pair
         (measured once by a one-pair forward pass), at most AUTO_MAX_PAIRS."""
         if not self.auto_micro_batch:
             return self.micro_batch
         if self.layer_pass_pairs is None:
-            probe = self._pair_inputs(x0[:1], np.zeros(1, dtype=np.int64), [0], [0])
+            ids = np.zeros(1, dtype=np.int64) if ids is None else np.asarray(ids[:1])
+            first = int(self.pair_source.timesteps_of(int(ids[0]))[0])
+            probe = self._pair_inputs(x0[:1], ids, [0], [first])
             c = None if cond is None else cond[:1].to(self.device, self.dtype)
             self._use_attention()
             with torch.no_grad(), recording(self._plan):
@@ -553,7 +547,7 @@ class GradientComputer:
             norms = segment_sample_grads(
                 self._plan, values.sum(), xt.shape[0], segments, emit, self.normalize,
                 None if self.layer_projector is None else self.layer_projector.layer_factors,
-                scale=1.0 / self.timesteps.num,
+                scale=1.0 / self.pair_source.num,
             )  # fmt: skip
         if overwrite:  # a parameter the pass never reached has a zero gradient
             for name in unwritten:
@@ -616,11 +610,11 @@ class GradientComputer:
         the operating system mapping fresh pages for every batch's (B, p) block.
         """
         B = x0.shape[0]
-        K = self.timesteps.num
+        K = self.pair_source.num
         err = torch.zeros(B, dtype=torch.float64)
         res = torch.zeros(B, dtype=torch.float64)
         if self.strategy == "layers":
-            pairs = self.layer_pairs(x0, cond)
+            pairs = self.layer_pairs(x0, cond, ids)
             whole = pairs >= K  # one pass per sample: its row is written, not accumulated
             out = self.output_block(B, out, zeroed=not whole)
             for batch, segments in self.segment_batches(x0, ids, pairs):

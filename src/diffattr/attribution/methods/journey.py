@@ -25,24 +25,18 @@ target, and a :class:`DiffattrError` says so.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from diffattr.attribution.features.featurize import (
-    FeatureSettings,
-    build_projector,
-    gradient_computer,
-)
-from diffattr.attribution.features.gradients import GradientComputer
-from diffattr.attribution.features.store import FeatureStore
+from diffattr.attribution.features.featurize import FeatureSettings, featurize
 from diffattr.attribution.inputs import require_inputs
-from diffattr.diffusion.presets import model_fingerprint
 from diffattr.diffusion.sampling import Samples, sample
 from diffattr.diffusion.schedule import NoiseSchedule, keyed_noise
 from diffattr.errors import ConfigError, DataError, DiffattrError
@@ -145,6 +139,73 @@ def _fingerprint(samples: Samples, target_ids: np.ndarray, chosen: np.ndarray) -
     return h.hexdigest()
 
 
+class TrajectoryPairs:
+    """Journey-TRAK's pairs (a :class:`~diffattr.attribution.features.pairs.PairSource`):
+    for each chosen step s of a generated target's recorded trajectory, x̂₀⁽ˢ⁾ re-noised to
+    t_s with noise keyed by (JOURNEY_KEY, noise seed, generation seed, t_s). The trajectory is
+    regenerated (and checked bit for bit) on first use, so a complete store needs none."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        samples: Samples,
+        ids: np.ndarray,
+        chosen: np.ndarray,
+        schedule: NoiseSchedule,
+        noise_seed: int,
+        generation_batch_size: int | None = None,
+    ) -> None:
+        self.model, self.samples, self.schedule = model, samples, schedule
+        self.chosen, self.noise_seed = chosen, noise_seed
+        self.num = int(chosen.size)
+        self.position = {int(i): j for j, i in enumerate(ids)}
+        self.seeds = np.asarray(samples.seeds, dtype=np.int64)
+        self.batch_size = generation_batch_size or samples.batch_size
+        self.alphas = schedule.alphas_cumprod()
+        self._trajectory: torch.Tensor | None = None
+        self._step_of: dict[int, int] = {}
+
+    def _regenerated(self) -> torch.Tensor:
+        if self._trajectory is None:  # raises DiffattrError unless bit-identical
+            regen = regenerate(self.model, self.samples, self.schedule, self.batch_size)
+            ts = np.asarray(regen.timesteps, dtype=np.int64)[self.chosen]
+            if np.unique(ts).size != ts.size:
+                raise DiffattrError("journey-trak: the chosen steps repeat a timestep")
+            self._step_of = {int(t): int(s) for t, s in zip(ts, self.chosen, strict=True)}
+            self._trajectory = regen.trajectory
+        return self._trajectory
+
+    def timesteps_of(self, sample_id: int) -> np.ndarray:
+        self._regenerated()
+        return np.asarray(list(self._step_of), dtype=np.int64)
+
+    def inputs(self, x0, ids, rows, ts, device) -> tuple[torch.Tensor, ...]:
+        traj = self._regenerated()
+        targets = [self.position[int(ids[r])] for r in rows]
+        steps = torch.as_tensor([self._step_of[int(t)] for t in ts])
+        xt = traj[steps, torch.as_tensor(targets)].to(device)
+        t = torch.as_tensor(ts).to(device)
+        a = self.alphas[t.cpu()].to(device)
+        x0_hat = predicted_x0(self.model, xt, t, a.view(-1, *([1] * (xt.dim() - 1))))
+        shape = tuple(xt.shape[1:])
+        noise = torch.stack([
+            keyed_noise(JOURNEY_KEY, self.noise_seed, int(self.seeds[j]), int(tt), shape)
+            for j, tt in zip(targets, ts, strict=True)
+        ]).to(device)  # fmt: skip
+        x_noisy = self.schedule.add_noise(x0_hat, noise, t)
+        target = self.schedule.target(x0_hat, noise, t)
+        return torch.tensor(rows), x_noisy, t, target, a
+
+    def describe(self) -> dict[str, Any]:
+        return {"journey": {
+            "definition": "renoised x0-prediction per step (JOURNEY_KEY noise), v1",
+            "sampler": self.samples.sampler,
+            "num_steps": int(self.samples.num_steps),
+            "steps": self.chosen.tolist(),
+            "seeds": self.seeds.tolist(),
+        }}  # fmt: skip
+
+
 def journey_features(
     model: torch.nn.Module,
     samples: Samples,
@@ -154,115 +215,42 @@ def journey_features(
     target_ids: np.ndarray | None = None,
     steps: int | None = None,
     generation_batch_size: int | None = None,
-    micro_batch: int = 64,
     device: str = "cpu",
     progress: bool = False,
 ) -> np.ndarray:
-    """(T, k) Journey-TRAK features of generated ``samples`` (module docstring), stored in
-    ``store_dir/journey-…`` when given (resumable; keyed by images, seeds and steps)."""
+    """(T, k) Journey-TRAK features of generated ``samples`` (module docstring): the featurize
+    pipeline over :class:`TrajectoryPairs`, stored in ``store_dir/journey-…`` when given
+    (resumable; keyed by images, seeds and steps), else in a temporary store."""
     samples = check_generated(samples)
     if settings.projector == "auto":
         raise ConfigError("resolve the 'auto' projector (FeatureSettings.resolved) first")
     schedule = schedule or NoiseSchedule()
     n = len(samples)
     target_ids = np.arange(n) if target_ids is None else np.asarray(target_ids, dtype=np.int64)
-    computer = gradient_computer(
-        model, settings, schedule, tuple(samples.images.shape[1:]), device, micro_batch
-    )
-    measure = computer.measure
-    micro_batch = computer.micro_batch  # capped by the model's size
-    projector = build_projector(settings, computer.dim, device, computer)
     num_recorded = samples.num_steps if samples.trajectory is None else samples.trajectory.shape[0]
     chosen = trajectory_steps(num_recorded, steps)
-    store = None
-    rows = np.arange(n)
-    if store_dir is not None:
-        fp = _fingerprint(samples, target_ids, chosen)
-        path = Path(store_dir) / f"journey-{settings.measure}-{settings.key()}-{fp[:10]}"
-        store = FeatureStore.open(
-            path,
-            {
-                "features": settings.to_dict(),
-                "projector": projector.describe(),
-                "measure": measure.describe(),
-                "schedule": schedule.to_dict(),
-                "model_fingerprint": model_fingerprint(model),
-                "data_fingerprint": fp,
-                "journey": {
-                    "definition": "renoised x0-prediction per step (JOURNEY_KEY noise), v1",
-                    "sampler": samples.sampler,
-                    "num_steps": int(samples.num_steps),
-                    "steps": chosen.tolist(),
-                    "seeds": np.asarray(samples.seeds).tolist(),
-                },
-                "num_params": computer.num_params,
-                "ids": target_ids.tolist(),
-            },
-            n,
-            projector.output_dim,
-        )
-        rows = store.missing_rows()
-        if rows.size == 0:
-            return np.asarray(store.features, dtype=np.float32)
-    regen = regenerate(  # raises DiffattrError unless bit-identical
-        model, samples, schedule, generation_batch_size or samples.batch_size
+    pairs = TrajectoryPairs(
+        model, samples, target_ids, chosen, schedule, settings.noise_seed, generation_batch_size
     )
-    traj, ts = regen.trajectory, np.asarray(regen.timesteps, dtype=np.int64)[chosen]
-    seeds = np.asarray(samples.seeds, dtype=np.int64)
-    alphas = schedule.alphas_cumprod()
-    dev = computer.device
-    shape = tuple(samples.images.shape[1:])
-    out = np.zeros((n, projector.output_dim), dtype=np.float32)
-    group = max(1, micro_batch // chosen.size)  # targets whose full gradients are held at once
-    bar = tqdm(total=rows.size, desc="featurize journey", unit="img", disable=not progress)
-    for g0 in range(0, rows.size, group):
-        batch = rows[g0 : g0 + group]
-        acc = torch.zeros(batch.size, computer.dim, dtype=torch.float32, device=dev)
-        pairs = [(b, j) for b in range(batch.size) for j in range(chosen.size)]
-        for s in range(0, len(pairs), micro_batch):
-            chunk = pairs[s : s + micro_batch]
-            local = torch.tensor([b for b, _ in chunk])
-            r = torch.as_tensor(batch)[local]
-            js = [j for _, j in chunk]
-            xt = traj[torch.as_tensor(chosen[js]), r].to(dev)
-            t = torch.as_tensor(ts[js]).to(dev)
-            ab = alphas[t.cpu()].to(dev)
-            a = ab.view(-1, *([1] * (xt.dim() - 1)))
-            x0_hat = predicted_x0(computer, xt, t, a)
-            noise = torch.stack(
-                [
-                    keyed_noise(JOURNEY_KEY, settings.noise_seed, int(seeds[i]), int(tt), shape)
-                    for i, tt in zip(r.tolist(), t.tolist(), strict=True)
-                ]
-            ).to(dev)
-            x_noisy = schedule.add_noise(x0_hat, noise, t)
-            g, _, _ = computer.flat_grads(x_noisy, t, noise, ab)
-            norms = g.norm(dim=1)
-            if not torch.isfinite(norms).all():
-                raise DiffattrError(
-                    f"non-finite Journey-TRAK gradient for target {int(target_ids[r[0]])}",
-                    hint="check the model checkpoint and the targets for NaN/Inf",
-                )
-            if settings.normalize:
-                g = g / norms.clamp_min(1e-30)[:, None]
-            acc.index_add_(0, local.to(dev), g)
-        phi = projector.project(acc / chosen.size).cpu().numpy()
-        if store is None:
-            out[batch] = phi
-        else:
-            with store.lock():
-                store.write_rows(batch, phi)
-        bar.update(batch.size)
-    bar.close()
-    return out if store is None else np.asarray(store.features, dtype=np.float32)
+    fp = _fingerprint(samples, target_ids, chosen)
+    with contextlib.ExitStack() as stack:
+        if store_dir is None:
+            store_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="diffattr-jt-"))
+        store = featurize(
+            model, samples.images, target_ids,
+            Path(store_dir) / f"journey-{settings.measure}-{settings.key()}-{fp[:10]}", settings,
+            schedule, fp, device=device, progress=progress, desc="featurize journey",
+            pairs=pairs,
+        )  # fmt: skip
+        return np.asarray(store.features, dtype=np.float32)
 
 
 @torch.no_grad()
 def predicted_x0(
-    computer: GradientComputer, xt: torch.Tensor, t: torch.Tensor, a: torch.Tensor
+    model: torch.nn.Module, xt: torch.Tensor, t: torch.Tensor, a: torch.Tensor
 ) -> torch.Tensor:
     """The sampler's x₀-prediction at (x_t, t): clip((x_t − √(1−ᾱ) ε_θ) / √ᾱ, −1, 1)."""
-    eps = computer.model(xt, t).sample
+    eps = model(xt, t).sample
     return ((xt - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
 
 
