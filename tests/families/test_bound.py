@@ -14,6 +14,8 @@ from diffattr.attribution.methods import method_context, resolve_method
 from diffattr.cli import main
 from diffattr.errors import ConfigError
 from diffattr.families import open_run
+from diffattr.families.pixel import PixelFamily
+from diffattr.families.weights import Weights
 from diffattr.run import RunDir
 
 
@@ -50,7 +52,7 @@ def test_options_resolve_from_the_run_and_the_noise_seed(run):
 
 def test_a_method_the_family_cannot_serve_is_refused_before_loading(run):
     bound = open_run(run)
-    bound.family = type("Narrow", (type(bound.family),), {"provides": frozenset()})()
+    bound.family = PixelFamily("narrow", type("Bare", (Weights,), {"provides": frozenset()})())
     with pytest.raises(ConfigError, match="journey-trak is not available .*needs trajectories"):
         bound.attributor("journey-trak")
     assert "model" not in vars(bound)  # nothing loaded by a refusal

@@ -20,6 +20,7 @@ from diffattr.families.registry import family_of as family_of
 from diffattr.families.registry import get_family as get_family
 from diffattr.families.registry import load_for_worker as load_for_worker
 from diffattr.families.registry import open_run as open_run
+from diffattr.families.weights import Weights
 from diffattr.run import DataSpec, RunDir
 
 
@@ -79,13 +80,22 @@ def samples_path(run: RunDir, spec: str) -> Path:
 
 
 class Family(ABC):
-    """The model family interface (module docstring). The defaults serve a family whose
-    data are the run's images (``DataSpec``); a family in another space overrides them."""
+    """The model family interface (module docstring): a modality (this class's subclass)
+    holding a weights source (:mod:`diffattr.families.weights`). The defaults serve a family
+    whose data are the run's images (``DataSpec``); a family in another space overrides them."""
 
-    name: ClassVar[str]
-    #: What the family offers methods beyond the final model and its features (names of
-    #: ``diffattr.attribution.methods``: checkpoints, trajectories, model-calls).
-    provides: ClassVar[frozenset[str]] = frozenset()
+    #: What the modality offers methods beyond the final model and its features (names of
+    #: ``diffattr.attribution.methods``: checkpoints, trajectories, model-calls, …), before
+    #: the weights source takes away what it lacks.
+    modality_provides: ClassVar[frozenset[str]] = frozenset()
+    #: What retraining for an evaluation trains, and the command whose options that takes.
+    retrains: ClassVar[str] = "the model"
+    train_command: ClassVar[str] = "diffattr train"
+
+    def __init__(self, name: str, weights: Weights) -> None:
+        self.name, self.weights = name, weights
+        #: What methods may use: the modality's offer, as far as the weights allow.
+        self.provides = self.modality_provides & weights.provides
 
     # ------------------------------------------------------------------ a run's contents
     @abstractmethod
@@ -93,16 +103,26 @@ class Family(ABC):
         """The training configuration recorded in ``run.json`` (or a worker's job)."""
 
     def train_config(self, run: RunDir) -> Any:
-        """The run's training settings."""
-        return self.config_from_dict(run.manifest()["train"])
+        """The run's training settings (an imported run's from ``--train-config``)."""
+        return self.config_from_dict(
+            self.weights.train_settings(run, self.retrains, self.train_command)
+        )
+
+    @abstractmethod
+    def schedule_from_config(self, config: dict[str, Any]) -> Any:
+        """The noise process of a diffusers scheduler config (an imported model's)."""
 
     def schedule(self, run: RunDir) -> Any:
-        """The model's noise process (a :class:`~diffattr.diffusion.schedule.NoiseSchedule`)."""
-        return self.train_config(run).schedule
+        """The model's noise process (a :class:`~diffattr.diffusion.schedule.NoiseSchedule`):
+        the imported scheduler's, else the training settings'."""
+        config = self.weights.scheduler_config(run)
+        return (
+            self.train_config(run).schedule if config is None else self.schedule_from_config(config)
+        )
 
     def model_dir(self, run: RunDir) -> Path:
         """Where the run's model is (what :meth:`load_trained` reads)."""
-        return run.model_dir
+        return self.weights.model_dir(run)
 
     @abstractmethod
     def model(self, run: RunDir) -> torch.nn.Module:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffattr.attribution.methods import MODEL_CALLS, MODEL_INPUTS, TRAINING_LOSS
 from diffattr.errors import CheckpointError, ConfigError, DataError, DiffattrError
 from diffattr.families.pixel import PixelFamily
+from diffattr.families.weights import ImportedWeights
 from diffattr.run import RunDir
 
 DIFFUSERS = "diffusers"
@@ -106,20 +106,6 @@ def is_text2image_pipeline(model_dir: Path) -> bool:
     return bool(parts & set(data)) or any((model_dir / p).is_dir() for p in parts)
 
 
-def recorded_training(run: RunDir, retrained: str, command: str) -> dict[str, Any]:
-    """The training settings an imported run recorded (``--train-config``), or an error that
-    says LDS and counterfactual evaluations need them to retrain ``retrained``."""
-    manifest = run.manifest()
-    if "train" not in manifest:
-        raise ConfigError(
-            f"{run.path} was imported without training settings: LDS and counterfactual "
-            f"evaluations retrain {retrained} and need them",
-            hint=f"import again with `diffattr import ... --train-config FILE --out "
-            f"{run.path}` (the options of `{command}`, as JSON or TOML)",
-        )
-    return manifest["train"]
-
-
 def locate(model_dir: Path, scheduler_dir: Path | None) -> tuple[Path, Path]:
     """(UNet folder, scheduler folder) of a pipeline folder or a bare UNet folder."""
     if not model_dir.is_dir():
@@ -147,64 +133,38 @@ def locate(model_dir: Path, scheduler_dir: Path | None) -> tuple[Path, Path]:
     return unet, scheduler
 
 
-class DiffusersFamily(PixelFamily):
-    """A user's own unconditional diffusers model: the pixel family's attribution and
-    retraining, the model and its noise process taken from the imported folders."""
-
-    name = DIFFUSERS
-    # no training checkpoints; sampling is the pipeline's own; its loss is its schedule's, and
-    # methods may call the UNet on (x_t, t) themselves (EK-FAC, through the same schedule)
-    provides = frozenset({MODEL_CALLS, MODEL_INPUTS, TRAINING_LOSS})
-
-    def source(self, run: RunDir) -> dict[str, Any]:
-        return run.manifest()["source"]
+class ImportedUNet(ImportedWeights):
+    """A user's own unconditional diffusers model (module docstring): the UNet folder and its
+    scheduler recorded at import, the weights' fingerprint checked on every load, sampled as
+    its own pipeline samples."""
 
     def model_dir(self, run: RunDir) -> Path:
         return Path(self.source(run)["unet"])
 
-    def train_config(self, run: RunDir) -> Any:
-        """The training settings recorded by ``--train-config`` (retraining needs them)."""
-        return self.config_from_dict(recorded_training(run, "the model", "diffattr train"))
-
-    def schedule(self, run: RunDir) -> Any:
-        from diffattr.diffusion.schedule import NoiseSchedule
-
-        return NoiseSchedule.from_scheduler_config(self.source(run)["scheduler_config"])
-
     def model(self, run: RunDir) -> torch.nn.Module:
-        src = self.source(run)
-        unet = Path(src["unet"])
-        files = check_weights(unet, src.get("allow_pickle", False))
+        src, unet = self.source(run), self.model_dir(run)
+        files = check_weights(unet, self.allow_pickle(run))
         if fingerprint_files(files) != src["fingerprint"]:
             raise CheckpointError(
                 f"the weights in {unet} changed since {run.path} was imported",
                 hint="import the model again into a new run directory",
             )
-        return load_model(unet, src.get("allow_pickle", False))
+        return load_model(unet, self.allow_pickle(run))
 
-    def generate(self, run: RunDir, seeds: np.ndarray, out: Path, **options: Any) -> Path:
-        """Sampled as the model's pipeline samples (its own scheduler), each image alone."""
-        from diffattr.diffusion.presets import model_fingerprint
-        from diffattr.diffusion.sampling import save_samples
-
-        if options.get("prompts"):
-            raise DiffattrError(f"{run.path} is an unconditional model: it takes no prompts")
-        if options.get("trajectory"):
+    def sample(
+        self, model: torch.nn.Module, schedule: Any, seeds: Any, sampler: str = "ddim",
+        num_steps: int = 50, trajectory: bool = False, progress: bool = True,
+        alone: bool = False,
+    ) -> Any:  # fmt: skip
+        """The pipeline's images (its own scheduler, not ``sampler``), each generated alone."""
+        if trajectory:
             raise ConfigError("imported models sample with their own scheduler (no --trajectory)")
-        model = self.model(run)
-        samples = pipeline_samples(
-            model, self.schedule(run), seeds, options["num_steps"], options.get("progress", True)
-        )
-        return save_samples(samples, out, model_fingerprint(model))
+        return pipeline_samples(model, schedule, seeds, num_steps, progress)
 
-    def regenerate(self, model, data, config, seeds, sampler, num_steps) -> np.ndarray:
-        samples = pipeline_samples(model, config.schedule, seeds, num_steps, progress=False)
-        return samples.images.numpy().astype(np.float32)
 
-    def lds_targets(self, run, val_set, num_val, seeds, progress=True) -> dict[str, np.ndarray]:
-        gen = pipeline_samples(self.model(run), self.schedule(run), seeds, 50, progress)
-        images = torch.cat([val_set.images[:num_val], gen.images])
-        return {"images": images.numpy().astype(np.float32)}
+def diffusers_family() -> PixelFamily:
+    """The family of imported unconditional diffusers models (``"family": "diffusers"``)."""
+    return PixelFamily(DIFFUSERS, ImportedUNet())
 
 
 def load_model(unet: Path, allow_pickle: bool = False) -> torch.nn.Module:

@@ -24,16 +24,12 @@ from typing import Any
 
 import torch
 
-from diffattr.attribution.methods import MODEL_INPUTS
 from diffattr.errors import CheckpointError, ConfigError, DiffattrError
-from diffattr.families.imported import (
-    check_weights,
-    fingerprint_files,
-    recorded_training,
-    refuse_pickle,
-)
+from diffattr.families.imported import check_weights, fingerprint_files, refuse_pickle
 from diffattr.families.text2image import TextToImageFamily
+from diffattr.families.weights import ImportedWeights
 from diffattr.run import RunDir
+from diffattr.text2image.lora import load_adapted_unet
 from diffattr.text2image.pipeline import Components
 
 TEXT2IMAGE_DIFFUSERS = "diffusers-text2image"
@@ -108,87 +104,31 @@ def part_fingerprints(pipeline: Path, lora: Path | None, allow_pickle: bool) -> 
     return out
 
 
-def load_unet(pipeline: Path, lora: Path | None, allow_pickle: bool) -> torch.nn.Module:
-    """The pipeline's UNet (float32, eval mode, weights frozen) with the LoRA adapters of
-    ``lora`` loaded as diffusers loads them (adapter ``default``; only they need gradients)."""
-    from diffusers import UNet2DConditionModel
+class ImportedPipeline(ImportedWeights):
+    """A user's own text-to-image pipeline (module docstring): its folder, adapters and
+    scheduler recorded at import, every weight file's fingerprint checked on load."""
 
-    unet_dir = pipeline / "unet"
-    try:
-        unet = UNet2DConditionModel.from_pretrained(
-            unet_dir, local_files_only=True, low_cpu_mem_usage=False,
-            use_safetensors=None if allow_pickle else True,
-        ).float()  # fmt: skip
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot load the UNet in {unet_dir}: {exc}") from exc
-    unet.requires_grad_(False)
-    if lora is None:
-        return unet.eval()
-    try:
-        unet.load_lora_adapter(
-            str(lora.parent), weight_name=lora.name, prefix="unet", adapter_name="default",
-            use_safetensors=lora.suffix == ".safetensors",
-        )  # fmt: skip
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"cannot load the LoRA weights {lora}: {exc}") from exc
-    adapters = [p for n, p in unet.named_parameters() if ".lora_A." in n or ".lora_B." in n]
-    if not adapters:
-        raise CheckpointError(
-            f"{lora} holds no LoRA weights of this UNet (diffusers' format, keys 'unet.…')"
-        )
-    for p in adapters:
-        p.requires_grad_(True)
-    return unet.eval()
-
-
-class ImportedTextToImageFamily(TextToImageFamily):
-    """A user's own text-to-image pipeline: the latent family's attribution and retraining,
-    the model, its noise process and its adapters taken from the imported folders."""
-
-    name = TEXT2IMAGE_DIFFUSERS
-    # EK-FAC (kronfluence) calls the conditional UNet on (x_t, t, caption embedding) itself,
-    # its tracked layers the run's --params (the LoRA layers of a run with adapters)
-    provides = frozenset({MODEL_INPUTS})
-
-    def source(self, run: RunDir) -> dict[str, Any]:
-        return run.manifest()["source"]
-
-    def base(self, run: RunDir) -> Path:
+    def base(self, run: RunDir, family: Any = None) -> Path:
         return Path(self.source(run)["pipeline"])
 
-    def resolution(self, run: RunDir) -> int:
+    def resolution(self, run: RunDir, family: Any = None) -> int:
         return int(self.source(run)["resolution"])
 
     def lora(self, run: RunDir) -> Path | None:
         lora = self.source(run).get("lora")
         return None if lora is None else Path(lora)
 
-    def schedule(self, run: RunDir) -> Any:
-        from diffattr.text2image.pipeline import schedule_from_config
-
-        return schedule_from_config(self.source(run)["scheduler_config"])
+    def adapted(self, run: RunDir) -> bool:
+        return self.lora(run) is not None
 
     def model_dir(self, run: RunDir) -> Path:
-        """The imported LoRA file (what :meth:`load_trained` reads as the run's own model),
-        or the UNet's folder when there are no adapters."""
+        """The imported LoRA file (what the family's ``load_trained`` reads as the run's own
+        model), or the UNet's folder when there are no adapters."""
         return self.lora(run) or self.base(run) / "unet"
 
-    def load_trained(self, config: Any, model_dir: Path) -> torch.nn.Module:
-        """A retrained model's folder, or the run's own imported adapters (a LoRA file, read
-        as the import accepted it) on the base pipeline's UNet."""
-        if Path(model_dir).is_file():
-            return load_unet(Path(config.preset), Path(model_dir), allow_pickle=True)
-        return super().load_trained(config, model_dir)
-
-    def train_config(self, run: RunDir) -> Any:
-        """The fine-tuning settings recorded by ``--train-config`` (retraining needs them)."""
-        settings = recorded_training(run, "the model's LoRA adapters", "diffattr finetune")
-        return self.config_from_dict(settings)
-
     def verify(self, run: RunDir) -> None:
-        """A :class:`CheckpointError` when a weight file changed since the import."""
         src = self.source(run)
-        now = part_fingerprints(self.base(run), self.lora(run), src.get("allow_pickle", False))
+        now = part_fingerprints(self.base(run), self.lora(run), self.allow_pickle(run))
         changed = [part for part, fp in now.items() if src["fingerprints"].get(part) != fp]
         if changed:
             where = self.lora(run) if changed[0] == "lora" else self.base(run) / changed[0]
@@ -197,29 +137,26 @@ class ImportedTextToImageFamily(TextToImageFamily):
                 hint="import the model again into a new run directory",
             )
 
-    def components(self, run: RunDir, unet: bool = False) -> Components:
+    def components(self, run: RunDir, family: Any, unet: bool) -> Components:
         from diffattr.text2image.pipeline import load_components
 
         self.verify(run)
-        src = self.source(run)
         comps = load_components(
-            self.base(run), unet=False, schedule=self.schedule(run),
-            safetensors_only=not src.get("allow_pickle", False),
+            self.base(run), unet=False, schedule=family.schedule(run),
+            safetensors_only=not self.allow_pickle(run),
         )  # fmt: skip
-        if not unet:
-            return comps
-        lora, allow_pickle = self.lora(run), src.get("allow_pickle", False)
-        return replace(comps, unet=load_unet(self.base(run), lora, allow_pickle))
+        return replace(comps, unet=self.model(run, family, verified=True)) if unet else comps
 
-    def model(self, run: RunDir) -> torch.nn.Module:
+    def model(self, run: RunDir, family: Any, verified: bool = False) -> torch.nn.Module:
         """The pipeline's UNet, with the imported LoRA adapters when there are some."""
-        self.verify(run)
-        allow_pickle = self.source(run).get("allow_pickle", False)
-        return load_unet(self.base(run), self.lora(run), allow_pickle)
+        if not verified:
+            self.verify(run)
+        return load_adapted_unet(self.base(run), self.lora(run), self.allow_pickle(run))
 
-    def feature_settings(self, run: RunDir, settings: Any) -> Any:
-        """LoRA parameters by default when the run has adapters, else all of the UNet's."""
-        return super().feature_settings(run, settings) if self.lora(run) else settings
+
+def text2image_diffusers_family() -> TextToImageFamily:
+    """The family of imported text-to-image pipelines (``"family": "diffusers-text2image"``)."""
+    return TextToImageFamily(TEXT2IMAGE_DIFFUSERS, ImportedPipeline())
 
 
 def import_text2image(
@@ -256,7 +193,7 @@ def import_text2image(
     scheduler = Path(scheduler).expanduser().resolve() if scheduler else pipeline / "scheduler"
     cfg = read_scheduler_config(scheduler)
     schedule = schedule_from_config(cfg)
-    unet = load_unet(pipeline, lora_file, allow_pickle)
+    unet = load_adapted_unet(pipeline, lora_file, allow_pickle)
     factor = vae_factor(pipeline / "vae")
     if None not in (spec.size, resolution) and spec.size != resolution:
         raise ConfigError("text-to-image runs resize images to --resolution; drop --size")

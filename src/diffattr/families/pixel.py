@@ -22,6 +22,7 @@ from diffattr.attribution.methods import (
 )
 from diffattr.errors import CheckpointError, DiffattrError
 from diffattr.families import Family, is_samples_file, samples_path
+from diffattr.families.weights import Weights
 from diffattr.run import UNCONDITIONAL, RunDir
 
 
@@ -39,22 +40,53 @@ def check_model_fits(model: torch.nn.Module, shape: tuple[int, int, int], where:
         )
 
 
-class PixelFamily(Family):
-    name = UNCONDITIONAL
-    provides = frozenset({CHECKPOINTS, TRAJECTORIES, MODEL_CALLS, MODEL_INPUTS, TRAINING_LOSS})
-
-    def config_from_dict(self, data: dict[str, Any]) -> Any:
-        from diffattr.diffusion.training import TrainConfig
-
-        return TrainConfig.from_dict(data)
+class TrainedUNet(Weights):
+    """A UNet trained by ``diffattr train`` (``RUN/model``), sampled by diffattr's samplers."""
 
     def model(self, run: RunDir) -> torch.nn.Module:
         from diffattr.diffusion.presets import load_unet
 
         return load_unet(run.model_dir)
 
+    def sample(
+        self, model: torch.nn.Module, schedule: Any, seeds: Any, sampler: str = "ddim",
+        num_steps: int = 50, trajectory: bool = False, progress: bool = True,
+        alone: bool = False,
+    ) -> Any:  # fmt: skip
+        """``Samples`` of ``model`` for ``seeds`` (each generated alone when ``alone``: a batch
+        of one, bit-reproducible whatever the other seeds)."""
+        from diffattr.diffusion.sampling import sample
+
+        return sample(model, seeds, schedule, sampler, num_steps, batch_size=1 if alone else 64,
+                      record_trajectory=trajectory, progress=progress)  # fmt: skip
+
+
+class PixelFamily(Family):
+    """Pixel-space unconditional diffusion: a UNet on the run's images, trained by diffattr
+    (:class:`TrainedUNet`) or imported (:class:`~diffattr.families.imported.ImportedUNet`)."""
+
+    modality_provides = frozenset(
+        {CHECKPOINTS, TRAJECTORIES, MODEL_CALLS, MODEL_INPUTS, TRAINING_LOSS}
+    )
+
+    def __init__(self, name: str = UNCONDITIONAL, weights: Weights | None = None) -> None:
+        super().__init__(name, weights or TrainedUNet())
+
+    def config_from_dict(self, data: dict[str, Any]) -> Any:
+        from diffattr.diffusion.training import TrainConfig
+
+        return TrainConfig.from_dict(data)
+
+    def schedule_from_config(self, config: dict[str, Any]) -> Any:
+        from diffattr.diffusion.schedule import NoiseSchedule
+
+        return NoiseSchedule.from_scheduler_config(config)
+
+    def model(self, run: RunDir) -> torch.nn.Module:
+        return self.weights.model(run)
+
     def check_attributor(self, run: RunDir, attributor: Any) -> None:
-        check_model_fits(attributor.model, attributor.train.shape, run.model_dir)
+        check_model_fits(attributor.model, attributor.train.shape, self.model_dir(run))
 
     def trajectory_targets(self, run: RunDir, spec: str) -> Any:
         from diffattr.diffusion.sampling import load_samples
@@ -71,10 +103,10 @@ class PixelFamily(Family):
         """Options: ``sampler``, ``num_steps``, ``trajectory``, ``progress``; prompts are
         refused."""
         from diffattr.diffusion.presets import model_fingerprint
-        from diffattr.diffusion.sampling import sample, save_samples
+        from diffattr.diffusion.sampling import save_samples
 
         if options.get("prompts"):
-            raise DiffattrError(f"{run.path} is an unconditional run: it takes no prompts")
+            raise DiffattrError(f"{run.path} is an unconditional model: it takes no prompts")
         schedule = self.schedule(run)
         if options["num_steps"] > schedule.num_train_timesteps:
             raise DiffattrError(
@@ -82,10 +114,9 @@ class PixelFamily(Family):
                 f"{options['num_steps']}"
             )
         model = self.model(run)
-        samples = sample(
-            model, seeds, schedule=schedule, sampler=options["sampler"],
-            num_steps=options["num_steps"], record_trajectory=options.get("trajectory", False),
-            progress=options.get("progress", True),
+        samples = self.weights.sample(
+            model, schedule, seeds, options.get("sampler", "ddim"), options["num_steps"],
+            trajectory=options.get("trajectory", False), progress=options.get("progress", True),
         )  # fmt: skip
         return save_samples(samples, out, model_fingerprint(model))
 
@@ -113,20 +144,14 @@ class PixelFamily(Family):
         sampler: str,
         num_steps: int,
     ) -> np.ndarray:
-        from diffattr.diffusion.sampling import sample
-
-        out = [
-            sample(model, [int(s)], config.schedule, sampler, num_steps, batch_size=1,
-                   progress=False).images[0].numpy()
-            for s in seeds
-        ]  # fmt: skip
-        return np.stack(out).astype(np.float32)
+        samples = self.weights.sample(
+            model, config.schedule, seeds, sampler, num_steps, progress=False, alone=True
+        )
+        return samples.images.numpy().astype(np.float32)
 
     def lds_targets(
         self, run: RunDir, val_set: Any, num_val: int, seeds: np.ndarray, progress: bool = True
     ) -> dict[str, np.ndarray]:
-        from diffattr.diffusion.sampling import sample
-
-        gen = sample(self.model(run), seeds, self.schedule(run), progress=progress)
+        gen = self.weights.sample(self.model(run), self.schedule(run), seeds, progress=progress)
         images = torch.cat([val_set.images[:num_val], gen.images])
         return {"images": images.numpy().astype(np.float32)}

@@ -14,12 +14,13 @@ import torch
 from diffattr.errors import DiffattrError
 from diffattr.run import UNCONDITIONAL, RunDir
 
-#: Family name (``run.json``'s ``family``) → ``module:Class``, imported on first use.
+#: Family name (``run.json``'s ``family``) → ``module:factory`` (a callable without arguments
+#: returning the family: a modality holding a weights source), imported on first use.
 REGISTRY: dict[str, str] = {
     UNCONDITIONAL: "diffattr.families.pixel:PixelFamily",
     "text2image": "diffattr.families.text2image:TextToImageFamily",
-    "diffusers": "diffattr.families.imported:DiffusersFamily",
-    "diffusers-text2image": "diffattr.families.imported_text2image:ImportedTextToImageFamily",
+    "diffusers": "diffattr.families.imported:diffusers_family",
+    "diffusers-text2image": "diffattr.families.imported_text2image:text2image_diffusers_family",
 }
 _LOADED: dict[str, Any] = {}
 

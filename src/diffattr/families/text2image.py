@@ -25,6 +25,7 @@ import torch
 from diffattr.attribution.methods import MODEL_INPUTS
 from diffattr.errors import DiffattrError
 from diffattr.families import Family, given_images, is_samples_file, samples_path
+from diffattr.families.weights import Weights
 from diffattr.run import TEXT2IMAGE, RunDir
 from diffattr.text2image.latents import LatentSet, encode_dataset
 from diffattr.text2image.lora import LORA_PARAMS
@@ -57,43 +58,84 @@ def train_latents(run: RunDir, comps: Components | None = None) -> LatentSet:
     return load_latents(latents_path(run, comps), "train")
 
 
+class FinetunedLora(Weights):
+    """LoRA adapters fine-tuned by ``diffattr finetune`` (``RUN/model/lora.safetensors``) on
+    the base pipeline named in the run's training settings."""
+
+    def base(self, run: RunDir, family: Any) -> Path:
+        """The base pipeline folder."""
+        return Path(family.train_config(run).preset)
+
+    def resolution(self, run: RunDir, family: Any) -> int:
+        """The side of the run's images in pixels."""
+        return int(family.train_config(run).resolution)
+
+    def components(self, run: RunDir, family: Any, unet: bool) -> Components:
+        return load_components(family.base(run), unet=unet)
+
+    def model(self, run: RunDir, family: Any) -> torch.nn.Module:
+        if not (run.model_dir / "lora.safetensors").is_file():
+            raise DiffattrError(
+                f"{run.path} has no fine-tuned LoRA weights (model/lora.safetensors)",
+                hint=f"finish the fine-tuning: rerun `diffattr finetune ... --out {run.path}`",
+            )
+        return family.load_trained(family.train_config(run), run.model_dir)
+
+    def adapted(self, run: RunDir) -> bool:
+        """Whether the model has LoRA adapters (features default to their parameters)."""
+        return True
+
+
 class TextToImageFamily(Family):
-    name = TEXT2IMAGE
+    """Latent text-to-image diffusion: the conditional UNet of a pipeline on latents with
+    caption embeddings, with LoRA adapters fine-tuned by diffattr (:class:`FinetunedLora`) or
+    a user's imported pipeline
+    (:class:`~diffattr.families.imported_text2image.ImportedPipeline`)."""
+
     # EK-FAC (kronfluence) calls the conditional UNet on (x_t, t, caption embedding) itself,
     # its tracked layers the run's --params (the LoRA layers of a run with adapters)
-    provides = frozenset({MODEL_INPUTS})
+    modality_provides = frozenset({MODEL_INPUTS})
+    retrains, train_command = "the model's LoRA adapters", "diffattr finetune"
+
+    def __init__(self, name: str = TEXT2IMAGE, weights: Weights | None = None) -> None:
+        super().__init__(name, weights or FinetunedLora())
 
     def config_from_dict(self, data: dict[str, Any]) -> Any:
         from diffattr.text2image.training import LoraTrainConfig
 
         return LoraTrainConfig.from_dict(data)
 
+    def schedule_from_config(self, config: dict[str, Any]) -> Any:
+        from diffattr.text2image.pipeline import schedule_from_config
+
+        return schedule_from_config(config)
+
     def base(self, run: RunDir) -> Path:
         """The base pipeline folder."""
-        return Path(self.train_config(run).preset)
+        return self.weights.base(run, self)
 
     def resolution(self, run: RunDir) -> int:
         """The side of the run's images in pixels."""
-        return int(self.train_config(run).resolution)
+        return self.weights.resolution(run, self)
 
     def components(self, run: RunDir, unet: bool = False) -> Components:
         """The base pipeline's parts (without its UNet unless asked: encoding only)."""
-        return load_components(self.base(run), unet=unet)
+        return self.weights.components(run, self, unet)
 
     def model(self, run: RunDir) -> torch.nn.Module:
-        """Base UNet + the run's fine-tuned LoRA weights."""
-        if not (run.model_dir / "lora.safetensors").is_file():
-            raise DiffattrError(
-                f"{run.path} has no fine-tuned LoRA weights (model/lora.safetensors)",
-                hint=f"finish the fine-tuning: rerun `diffattr finetune ... --out {run.path}`",
-            )
-        return self.load_trained(self.train_config(run), run.model_dir)
+        """The base UNet with the run's LoRA adapters (an imported pipeline's UNet, with its
+        adapters when it has some)."""
+        return self.weights.model(run, self)
 
     def train_set(self, run: RunDir) -> Any:
         return train_latents(run)
 
     def feature_settings(self, run: RunDir, settings: Any) -> Any:
-        return replace(settings, params=LORA_PARAMS) if settings.params is None else settings
+        """The LoRA parameters by default when the model has adapters, else all of the
+        UNet's (or those ``--params`` selects)."""
+        if settings.params is None and self.weights.adapted(run):
+            return replace(settings, params=LORA_PARAMS)
+        return settings
 
     def targets(self, run: RunDir, spec: str) -> tuple[str, Any, np.ndarray]:
         """Latents with caption embeddings: ``samples`` (final latents and prompts), ``val``
@@ -177,8 +219,14 @@ class TextToImageFamily(Family):
         return finetune(dataset, config, out_dir, subset=subset, progress=False)
 
     def load_trained(self, config: Any, model_dir: Path) -> torch.nn.Module:
+        """A model ``diffattr finetune`` wrote (a folder), or LoRA weights as diffusers saves
+        them (a file: an imported run's own adapters, read as its import accepted them), on
+        the base pipeline's UNet."""
+        from diffattr.text2image.lora import load_adapted_unet
         from diffattr.text2image.training import load_finetuned
 
+        if Path(model_dir).is_file():
+            return load_adapted_unet(Path(config.preset), Path(model_dir), allow_pickle=True)
         return load_finetuned(config, model_dir)
 
     def regenerate(

@@ -108,3 +108,36 @@ def load_lora(unet: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
         )
     unet.load_state_dict(weights, strict=False)
     return unet
+
+
+def load_adapted_unet(pipeline: Path, lora: Path | None, allow_pickle: bool) -> torch.nn.Module:
+    """The pipeline's UNet (float32, eval mode, weights frozen) with the LoRA adapters of
+    ``lora`` loaded as diffusers loads them (adapter ``default``; only they need gradients)."""
+    from diffusers import UNet2DConditionModel
+
+    unet_dir = pipeline / "unet"
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            unet_dir, local_files_only=True, low_cpu_mem_usage=False,
+            use_safetensors=None if allow_pickle else True,
+        ).float()  # fmt: skip
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load the UNet in {unet_dir}: {exc}") from exc
+    unet.requires_grad_(False)
+    if lora is None:
+        return unet.eval()
+    try:
+        unet.load_lora_adapter(
+            str(lora.parent), weight_name=lora.name, prefix="unet", adapter_name="default",
+            use_safetensors=lora.suffix == ".safetensors",
+        )  # fmt: skip
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"cannot load the LoRA weights {lora}: {exc}") from exc
+    adapters = [p for n, p in unet.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    if not adapters:
+        raise CheckpointError(
+            f"{lora} holds no LoRA weights of this UNet (diffusers' format, keys 'unet.…')"
+        )
+    for p in adapters:
+        p.requires_grad_(True)
+    return unet.eval()
