@@ -8,6 +8,7 @@ attributor per method and scores; nothing here depends on which method or family
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -316,8 +317,8 @@ def method_listing(name: str) -> dict[str, Any]:
     cls = METHODS[name]
     context = {"noise_seed": "--noise-seed", "run_dir": "the run"}
     rows = [
-        (n, k, f"{context[cls.context_defaults[n]]} ({d})" if n in cls.context_defaults else d)
-        for n, k, d in options_table(cls.option_specs())
+        (n, k, f"{context[cls.context_defaults[n]]} ({d})" if n in cls.context_defaults else d, h)
+        for n, k, d, h in options_table(cls.option_specs())
     ]
     return {
         "method": name,
@@ -325,7 +326,7 @@ def method_listing(name: str) -> dict[str, Any]:
         "features": cls.measure or ("its own" if cls.needs_model else "images"),
         "kernel": cls.uses_kernel,
         "needs": sorted(cls.needs),
-        "options": [{"name": n, "kind": k, "default": d} for n, k, d in rows],
+        "options": [{"name": n, "kind": k, "default": d, "help": h} for n, k, d, h in rows],
     }  # fmt: skip
 
 
@@ -347,6 +348,9 @@ def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  {entry['description']}")
         for o in entry["options"]:
             print(f"    {o['name']:<22} {o['kind']:<32} default {o['default']}")
+            if args.names and o["help"]:
+                for line in textwrap.wrap(o["help"], 76):
+                    print(f"        {line}")
     return {}
 
 

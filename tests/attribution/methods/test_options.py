@@ -50,3 +50,28 @@ def test_every_method_describes_every_option_it_accepts():
             assert o.describe() and o.default_text(), (name, o)
             if o.default not in (None, REQUIRED) and o.kind is not None:
                 o.check(name, o.default)  # every default fits its own kind
+
+
+def test_every_option_of_every_method_says_what_it_does():
+    undocumented = [
+        f"{name}[{o.name}]" for name, cls in METHODS.items() for o in cls.option_specs()
+        if not o.help
+    ]  # fmt: skip
+    assert not undocumented, f"options without help text: {undocumented}"
+
+
+def test_help_is_read_from_the_implementing_functions_docstring():
+    from diffattr.attribution.methods.options import documented_options, options_of_function
+
+    def fn(inputs, eta: float = 0.1, steps: int = 1):
+        """Scores. Options: ``eta``: the step size; ``steps``: how many. More text."""
+
+    assert documented_options(fn.__doc__) == {"eta": "the step size", "steps": "how many"}
+    assert [o.help for o in options_of_function(fn, 1)] == ["the step size", "how many"]
+
+
+def test_the_listing_shows_help(capsys):
+    from diffattr.cli import main
+
+    main(["methods", "das"])
+    assert "divide by 1 − hᵢ" in capsys.readouterr().out

@@ -37,7 +37,12 @@ import numpy as np
 from diffattr.attribution.inputs import ScoreInputs, require_inputs
 from diffattr.attribution.kernel import Kernel, inner_products, row_norms
 from diffattr.attribution.kernel.ridge import DEFAULT_RIDGE, Ridge
-from diffattr.attribution.methods.options import Option, options_of_function, typed
+from diffattr.attribution.methods.options import (
+    Option,
+    documented_options,
+    options_of_function,
+    typed,
+)
 from diffattr.errors import ConfigError
 from diffattr.seeding import derive_seed
 
@@ -169,9 +174,23 @@ class DAS(KernelMethod):
     name = "das"
     measure = "das"
     declared_options = (
-        Option("residual", "error", str, False, ("error", "signed", "raw", "none")),
-        Option("leverage", False, bool, False),
-        Option("squared", False, bool, False),
+        Option(
+            "residual",
+            "error",
+            str,
+            False,
+            ("error", "signed", "raw", "none"),
+            "wᵢ: the training image's error relative to the mean (error), its signed "
+            "residual relative to the RMS (signed) or as it is (raw), or 1 (none)",
+        ),
+        Option(
+            "leverage",
+            False,
+            bool,
+            False,
+            help="divide by 1 − hᵢ, the training image's leverage in the kernel",
+        ),
+        Option("squared", False, bool, False, help="square the scores (rank by magnitude)"),
     )
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
@@ -274,7 +293,7 @@ class RandomScores(Method):
     """Seeded standard-normal scores: the chance baseline."""
 
     name = "random"
-    declared_options = (Option("seed", 0, int, False),)
+    declared_options = (Option("seed", 0, int, False, help="seed of the random scores"),)
     context_defaults = {"seed": "noise_seed"}
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
@@ -423,8 +442,15 @@ class EmbeddingCos(Method):
 
         from diffattr.attribution.methods.embedding import EncoderSettings
 
-        settings = tuple(typed(f.name, f.default, f.type) for f in fields(EncoderSettings))
-        return (Option("encoder"), Option("cache_dir", None, str), *settings)
+        helps = documented_options(EncoderSettings.__doc__)
+        settings = tuple(
+            typed(f.name, f.default, f.type, helps.get(f.name, "")) for f in fields(EncoderSettings)
+        )
+        return (
+            Option("encoder", help="a callable mapping images to embeddings (Python only)"),
+            Option("cache_dir", None, str, help="where the trained encoder is kept"),
+            *settings,
+        )
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         from diffattr.attribution.methods.embedding import EncoderSettings, embedding_scores
@@ -491,10 +517,27 @@ class JourneyTRAK(KernelMethod):
     needs = frozenset({TRAJECTORIES})
     # sampler / num_steps: how ``lds eval`` describes the generated targets' sampling
     declared_options = (
-        Option("steps", None, int),
-        Option("generation_batch_size", None, int),
-        Option("sampler", None, str, True, ("ddim", "ddpm")),
-        Option("num_steps", None, int),
+        Option("steps", None, int, help="trajectory steps used, evenly spaced (unset: all)"),
+        Option(
+            "generation_batch_size",
+            None,
+            int,
+            help="batch size the targets were generated in (unset: the samples' record)",
+        ),
+        Option(
+            "sampler",
+            None,
+            str,
+            True,
+            ("ddim", "ddpm"),
+            "sampler of generated targets given as images (unset: ddim)",
+        ),
+        Option(
+            "num_steps",
+            None,
+            int,
+            help="sampling steps of generated targets given as images (unset: 50)",
+        ),
     )
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:

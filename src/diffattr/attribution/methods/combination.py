@@ -58,7 +58,10 @@ def parse_members(methods: Any) -> list[tuple[str, dict[str, Any]]]:
 
 def combination_from_inputs(inputs: Any, methods: Any = None) -> tuple[np.ndarray, dict]:
     """The registered ``combine`` method: each member scored through the inputs' ``scorer``
-    (its own features and default λ, or the λ given), then :func:`combine_scores`."""
+    (its own features and default λ, or the λ given), then :func:`combine_scores`.
+
+    Options: ``methods``: the members, joined by + (das+ekfac), each standardised per target
+    and averaged with equal weights."""
     from diffattr.attribution.methods.spec import method_label
 
     members = parse_members(methods)

@@ -36,7 +36,10 @@ _MEMO: dict[str, nn.Module] = {}
 
 @dataclass(frozen=True)
 class EncoderSettings:
-    """Everything that determines the in-domain encoder besides the training images."""
+    """Everything that determines the in-domain encoder besides the training images:
+    ``dim``: embedding size; ``width``: channels of the first convolution; ``steps``: training
+    steps of the denoising autoencoder; ``train_batch``: its batch size; ``lr``: its learning
+    rate; ``noise``: standard deviation of the noise it learns to remove; ``seed``: its seed."""
 
     dim: int = 32
     width: int = 16

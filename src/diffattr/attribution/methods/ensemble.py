@@ -75,7 +75,11 @@ def ensemble_from_inputs(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The registered ``ensemble`` method: ``base`` scored on each member model (through the
     inputs' ``scorer``, each member's features in ``store_dir/ensemble/<fingerprint>``), then
-    the mean."""
+    the mean.
+
+    Options: ``base``: the method scored on every member; ``models``: the other members' model
+    folders, separated by commas; ``include_self``: whether the run's own model is a member;
+    ``base_options``: the base method's options (Python only)."""
     from diffattr.diffusion.presets import load_unet, model_fingerprint
 
     if base == "ensemble":

@@ -501,7 +501,17 @@ def ekfac_from_inputs(
     normalize: bool = False,
     train: Literal["loss", "das", "dtrak"] = "loss",
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The registered ``ekfac`` method from its ScoreInputs (model, settings, store_dir, …)."""
+    """The registered ``ekfac`` method from its ScoreInputs (model, settings, store_dir, …).
+
+    Options (module docstring): ``strategy``: the curvature F, kronfluence's ekfac, kfac,
+    diagonal, or identity (plain gradient dot products); ``query``: the target's measure f(x),
+    its diffusion loss or DAS's or D-TRAK's output measure; ``damping``: λ, absolute (unset:
+    0.1 × each layer's mean eigenvalue); ``fisher``: F from sampled outputs (true, the
+    Gauss–Newton matrix) or from the true noise (empirical); ``pairing``: pair timestep-averaged
+    gradients (samples) or kronfluence's per-timestep items averaged (items, slower);
+    ``normalize``: average per-timestep unit-norm gradients on both sides, as the kernel
+    methods' features are (pairing samples only); ``train``: the training images' measure
+    (their diffusion loss by default; das or dtrak need pairing samples)."""
     from diffattr.attribution.inputs import require_inputs
 
     require_inputs(inputs, "ekfac", "model", "train_images", "target_images", "store_dir")

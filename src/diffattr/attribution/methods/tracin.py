@@ -202,7 +202,13 @@ def tracin_from_inputs(
     learning_rates: list[float] | str | float | None = None,
     measure: str | None = "loss",
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The registered ``tracin`` / ``gas`` methods: :func:`tracin_scores` from ScoreInputs."""
+    """The registered ``tracin`` / ``gas`` methods: :func:`tracin_scores` from ScoreInputs.
+
+    Options: ``checkpoints``: the training checkpoints summed over (a run directory, or
+    checkpoint folders separated by commas; default the run's); ``learning_rates``: each
+    checkpoint's learning rate, its weight in the sum (a number, or one per checkpoint
+    separated by commas; unset: 1 each);
+    ``measure``: the gradients' measure (loss, das or dtrak)."""
     if checkpoints is None:
         raise ConfigError(
             f"method {method!r} needs checkpoints",

@@ -428,7 +428,15 @@ def abu_scores(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """(T, N) AbU scores τ(x̂, zᵢ) = mean_k [ℓ(θ_x̂; zᵢ, t_k, ε_ik) − ℓ(θ₀; zᵢ, t_k, ε_ik)]
     (module docstring) and metadata: the Fisher's and unlearning's settings, and per target
-    the ratio of its own loss after/before and of the mean training loss after/before."""
+    the ratio of its own loss after/before and of the mean training loss after/before.
+
+    Options: ``eta``: η, the size of each Fisher-preconditioned ascent step on the target's
+    loss; ``steps``: how many steps; ``draws``: D, (timestep, noise) draws of the target's
+    loss per step; ``damping``: δ added to the Fisher, relative to its mean per tensor;
+    ``fisher_draws``: R, draws per training image for the diagonal Fisher; ``timesteps``: K,
+    timesteps of the training images' losses (unset: the caller's feature timesteps, else
+    20); ``params``: a regular expression selecting the parameters unlearned (unset: all);
+    ``seed``: the key of every draw."""
     _check(eta >= 0 and math.isfinite(eta), f"abu eta must be ≥ 0, got {eta}")
     _check(int(steps) >= 0, f"abu steps must be ≥ 0, got {steps}")
     _check(int(draws) >= 1, f"abu draws must be ≥ 1, got {draws}")
@@ -537,7 +545,18 @@ def mucs_scores(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """(T, N) MUCS scores τ(x̂, zᵢ) = mean_k (L_u − L_t)/(L_u + L_t + c) (module docstring)
     and metadata: L_null, the bank's timesteps, and per target the steps taken and the ratio of
-    its own loss after/before."""
+    its own loss after/before.
+
+    Options: ``lr``: AdamW's learning rate for the unlearning; ``lam``: λ, the weight of the
+    mirrored ascent on the target's loss; ``max_steps``: at most this many steps; ``tol``:
+    stop once the target's loss is within this fraction of L_null; ``retain_batch``: training
+    images per step; ``forget_batch``: copies of the target per step; ``weight_decay``:
+    AdamW's weight decay; ``l_null``: the loss at which ascent stops (unset: the zero
+    predictor's on the bank); ``sigma_min``: the lowest noise level of the bank; ``rho``: the
+    Karras grid's ρ; ``timesteps``: K, the bank's size (unset: the caller's feature
+    timesteps, else 20); ``params``: a regular expression selecting the parameters trained
+    (unset: Linear and Conv weights outside the time embedding); ``seed``: the key of every
+    draw."""
     _check(lr >= 0 and math.isfinite(lr), f"mucs lr must be ≥ 0, got {lr}")
     _check(lam >= 0, f"mucs lam must be ≥ 0, got {lam}")
     _check(int(max_steps) >= 0, f"mucs max_steps must be ≥ 0, got {max_steps}")
