@@ -90,10 +90,16 @@ class Attributor:
         self._train_store: FeatureStore | None = None
         #: :mod:`diffattr.parallel` executor for the kernel's training-tile products.
         self.executor = executor
+        #: Where target features are stored (None: ``store_dir``; an index's queries keep
+        #: theirs out of the run, in a temporary directory).
+        self.target_store_dir: Path | None = None
 
     def _store_path(self, role: str, settings: FeatureSettings | None = None) -> Path:
         settings = settings or self.settings
-        return self.store_dir / f"{role}-{settings.measure}-{settings.key()}"
+        root = self.store_dir
+        if role.startswith("targets") and self.target_store_dir is not None:
+            root = self.target_store_dir
+        return root / f"{role}-{settings.measure}-{settings.key()}"
 
     @property
     def train_store_path(self) -> Path:
@@ -163,6 +169,11 @@ class Attributor:
             on_nonfinite=self.on_nonfinite,
             conditioning=conditioning,
         )
+
+    def use_kernel(self, kernel: Kernel, store: FeatureStore) -> None:
+        """Score with ``kernel`` (fitted on ``store``, the complete training features, e.g. by
+        an index) instead of fitting one."""
+        self._kernel, self._train_store = kernel, store
 
     def kernel(self) -> Kernel:
         if self._kernel is None:

@@ -218,40 +218,47 @@ class Scores:
                 out.append(row)
         return out
 
-    def _write(self, out: Path, k: int) -> None:
-        atomic_write(out / "scores.npy", lambda f: np.save(f, self.values))
-        atomic_write(out / "train_ids.npy", lambda f: np.save(f, self.train_ids))
-        atomic_write(out / "target_ids.npy", lambda f: np.save(f, self.target_ids))
+    def topk_rows(self, k: int = 10) -> list[dict[str, Any]]:
+        """Per target, as ``topk.json`` lists it: id, source, caption, its ``k`` proponents and
+        opponents (id, score, source, caption, group), κ with its held-out percentile and
+        bin, and the near-copy flag when checked."""
         pro_ids, pro = self.top_k(k)
         opp_ids, opp = self.top_k(k, opponents=True)
         conf = self.confidence_meta()
         near = self.near_copy_flags()
+        pct = conf["heldout_percentile"]
         rows = []
+        for t, tid in enumerate(self.target_ids.tolist()):
+            rows.append({
+                "target_id": int(tid),
+                "source": self._name(self.target_names, int(tid), "source"),
+                "caption": self._name(self.target_names, int(tid), "caption"),
+                "proponents": self._ranked(pro_ids[t], pro[t]),
+                "opponents": self._ranked(opp_ids[t], opp[t]),
+                "confidence": conf["values"][t],
+                "confidence_percentile": None if pct is None else pct[t],
+                "confidence_bin": conf["bins"][t],
+                **({} if near is None else {"near_copy": bool(near[t])}),
+            })  # fmt: skip
+        return rows
+
+    def _write(self, out: Path, k: int) -> None:
+        atomic_write(out / "scores.npy", lambda f: np.save(f, self.values))
+        atomic_write(out / "train_ids.npy", lambda f: np.save(f, self.train_ids))
+        atomic_write(out / "target_ids.npy", lambda f: np.save(f, self.target_ids))
+        rows = self.topk_rows(k)
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(CSV_COLUMNS)
-        for t, tid in enumerate(self.target_ids):
-            tid = int(tid)
-            target = [self._name(self.target_names, tid, f) for f in ("source", "caption")]
-            for kind, ids, vals in (("proponent", pro_ids, pro), ("opponent", opp_ids, opp)):
-                for r, entry in enumerate(self._ranked(ids[t], vals[t])):
+        for row in rows:
+            target = [row["source"], row["caption"]]
+            for kind in ("proponent", "opponent"):
+                for r, entry in enumerate(row[f"{kind}s"]):
                     names = [entry[f"train_{f}"] for f in FIELDS]
-                    w.writerow([tid, kind, r + 1, entry["train_id"], f"{entry['score']:.6g}",
+                    score = f"{entry['score']:.6g}"
+                    w.writerow([row["target_id"], kind, r + 1, entry["train_id"], score,
                                 *(x or "" for x in names + target)])  # fmt: skip
-            pct = conf["heldout_percentile"]
-            rows.append(
-                {
-                    "target_id": tid,
-                    "source": target[0],
-                    "caption": target[1],
-                    "proponents": self._ranked(pro_ids[t], pro[t]),
-                    "opponents": self._ranked(opp_ids[t], opp[t]),
-                    "confidence": conf["values"][t],
-                    "confidence_percentile": None if pct is None else pct[t],
-                    "confidence_bin": conf["bins"][t],
-                    **({} if near is None else {"near_copy": bool(near[t])}),
-                }
-            )
+        conf = self.confidence_meta()
         atomic_write_bytes(out / "topk.csv", buf.getvalue().encode())
         atomic_write_bytes(out / "topk.json", json.dumps(rows, indent=1).encode())
         meta = {"method": self.method, **self.meta, "confidence": conf}
