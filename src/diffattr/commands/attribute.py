@@ -45,34 +45,79 @@ def score_run(
     scores directory, and ``targets``: per target its id, source, caption, near-copy flag and
     each method's confidence, held-out percentile and bin."""
     from diffattr.attribution.methods.spec import method_label
-    from diffattr.attribution.scores.names import Names
     from diffattr.families import open_run
 
     bound = open_run(run)
     out: dict[str, Any] = {}
-    near: Any = None
-    names: Any = None
-    pictures = run.data_spec().load()  # (train, val) as pictures: files, captions, groups
-    train_names = Names.of(pictures[0])
-    per_target: list[dict[str, Any]] = []
+    named = NamedAnswers(run, bound, targets)
     for method, given in methods:
         scores = bound.score(
             method, given, targets, settings, screen, executor, worker_device,
             **attributor_options,
         )  # fmt: skip
-        name, _, ids = bound.targets(targets)
-        if not per_target:  # the first method: the targets' names and near-copy check, once
-            near = near_copies_of(run, bound.family, targets, pictures)
-            names = target_names_of(run, targets, ids, pictures[1])
-            per_target = target_rows(ids, names, near)
-        if near is not None:
-            scores.set_near_copies(near)
-        scores.train_names, scores.target_names = train_names, names
         label = method_label(method, given)
-        out[label] = str(scores.save(run.scores_dir / f"{label}-{name}", k=k))
-        add_confidence(per_target, label, scores)
-    out["targets"] = per_target
+        named.add(label, scores)
+        out[label] = str(scores.save(run.scores_dir / f"{label}-{named.name}", k=k))
+    out["targets"] = named.per_target
     return out
+
+
+class NamedAnswers:
+    """What every answer about ``targets`` of ``run`` carries besides the scores: the training
+    images' and targets' names, the targets' near-copy check (computed once, with the first
+    method) and, per target, each method's confidence (``--json``'s ``targets``)."""
+
+    def __init__(self, run: Any, bound: Any, targets: str) -> None:
+        from diffattr.attribution.scores.names import Names
+
+        self.run, self.bound, self.targets = run, bound, targets
+        self.pictures = run.data_spec().load()  # (train, val) as pictures: files, captions, …
+        self.train_names = Names.of(self.pictures[0])
+        self.per_target: list[dict[str, Any]] = []
+        self.near: Any = None
+        self.names: Any = None
+        self.name = ""
+
+    def add(self, label: str, scores: Any) -> None:
+        """Name ``scores`` (of method ``label``), set their near-copy check and add their
+        confidence to the per-target rows."""
+        name, _, ids = self.bound.targets(self.targets)
+        if not self.per_target:  # the first method: names and near-copy check, once
+            self.name = name
+            self.near = near_copies_of(self.run, self.bound.family, self.targets, self.pictures)
+            self.names = target_names_of(self.run, self.targets, ids, self.pictures[1])
+            self.per_target = target_rows(ids, self.names, self.near)
+        if self.near is not None:
+            scores.set_near_copies(self.near)
+        scores.train_names, scores.target_names = self.train_names, self.names
+        add_confidence(self.per_target, label, scores)
+
+
+def query_run(
+    run: Any,
+    method: str,
+    given: dict[str, Any],
+    targets: str,
+    k: int = 10,
+    settings: Any = None,
+    screen: Any = None,
+    build: bool = False,
+    **attributor_options: Any,
+) -> dict[str, Any]:
+    """``diffattr query``: targets scored by the run's index of ``method`` (built first when
+    ``build``); what ``score`` would save, returned instead (nothing in the run changes):
+    ``method``, ``targets`` (per target its id, source, caption, near-copy flag and
+    confidence) and ``answers`` (``topk.json``'s rows)."""
+    from diffattr.attribution.methods.spec import method_label
+    from diffattr.families import open_run
+
+    bound = open_run(run)
+    index = bound.index(method, given, settings, screen, build, **attributor_options)
+    scores = index.score(targets)
+    label = method_label(method, given)
+    named = NamedAnswers(run, bound, targets)
+    named.add(label, scores)
+    return {"method": label, "targets": named.per_target, "answers": scores.topk_rows(k)}
 
 
 def target_names_of(run: Any, spec: str, ids: np.ndarray, val_set: Any) -> Any:
@@ -281,17 +326,82 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     if args.k < 1:
         raise ConfigError(f"--k must be at least 1, got {args.k}")
     run = RunDir(args.run)
-    screen = None
-    if getattr(args, "screen", None):
-        from diffattr.attribution.screening import Screen
-
-        screen = Screen.parse(args.screen, args.screen_kernel)
+    screen = _screen(args)
     plan = driver_plan(args)
     with workers_from_args(args) as executor:
         return score_run(
             run, parse_method_list(args.method), args.targets, args.k, feature_settings(plan),
             screen, executor, args.device, **attributor_kwargs(plan),
         )  # fmt: skip
+
+
+def _one_method(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The single (method, options) of ``--method`` (an index serves one method)."""
+    from diffattr.attribution.methods.spec import parse_method_list
+
+    methods = parse_method_list(args.method)
+    if len(methods) != 1:
+        raise ConfigError(
+            f"--method names {len(methods)} methods; an index serves one",
+            hint="build one index per method",
+        )
+    return methods[0]
+
+
+def _screen(args: argparse.Namespace) -> Any:
+    if not getattr(args, "screen", None):
+        return None
+    from diffattr.attribution.screening import Screen
+
+    return Screen.parse(args.screen, args.screen_kernel)
+
+
+def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.families import open_run
+    from diffattr.run import RunDir
+
+    method, given = _one_method(args)
+    bound = open_run(RunDir(args.run))
+    index = bound.index(
+        method, given, feature_settings(args), _screen(args), **attributor_kwargs(args)
+    )
+    return {"index": str(index.path), "method": index.attributor.method.name}
+
+
+def cmd_query(args: argparse.Namespace) -> dict[str, Any]:
+    from diffattr.run import RunDir
+
+    if args.k < 1:
+        raise ConfigError(f"--k must be at least 1, got {args.k}")
+    method, given = _one_method(args)
+    run = RunDir(args.run)
+    results = [
+        query_run(run, method, given, image, args.k, feature_settings(args), _screen(args),
+                  args.build, **attributor_kwargs(args))
+        for image in args.images
+    ]  # fmt: skip
+    if args.json:
+        return {"queries": results}
+    for result in results:
+        for row, answer in zip(result["targets"], result["answers"], strict=True):
+            print_answer(result["method"], row, answer)
+    return {}
+
+
+def print_answer(label: str, row: dict[str, Any], answer: dict[str, Any]) -> None:
+    """One target's answer, as a person reads it: its name, the near-copy verdict, κ and the
+    top proponents with their names."""
+    conf = row[label]
+    near = {True: "a near copy of a training image", False: "no near copy"}.get(
+        row.get("near_copy"), "near copies not checked"
+    )
+    pct = "" if conf["percentile"] is None else f", above {conf['percentile']:.0f}% of held-out"
+    print(f"{row['source'] or row['id']}: {near}; κ {conf['confidence']:.3g}{pct} "
+          f"({conf['bin'] or 'not calibrated for this data'})")  # fmt: skip
+    for r, p in enumerate(answer["proponents"], 1):
+        name = p["train_source"] or ""
+        caption = f" “{p['train_caption']}”" if p["train_caption"] else ""
+        print(f"  {r:>2}. #{p['train_id']:<6} {p['score']:+.4g}  {name}{caption}")
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
@@ -352,6 +462,25 @@ def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
                 for line in textwrap.wrap(o["help"], 76):
                     print(f"        {line}")
     return {}
+
+
+def _add_screen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--screen",
+        default=None,
+        metavar="SIMILARITY:M",
+        help="score each target on its M most similar training images only (pixel-cos, "
+        "pixel-dot or embedding-cos; M images or a share: pixel-cos:200, pixel-cos:5%%): the "
+        "others get no score (NaN in scores.npy, absent from the top-k tables)",
+    )
+    p.add_argument(
+        "--screen-kernel",
+        choices=["union", "candidates", "all"],
+        default="union",
+        help="with --screen: fit the kernel once on the union of all targets' candidates "
+        "(default), on each target's own candidates (the DAS paper's form), or on all training "
+        "images (no saving: the screen only restricts which images are scored)",
+    )
 
 
 def register(add) -> None:
@@ -423,24 +552,43 @@ def register(add) -> None:
     p.add_argument("--targets", default="samples", help=TARGETS_HELP)
     p.add_argument("--k", type=int, default=10, help="top-k written to topk.csv/json")
     add_lambda_args(p)
-    p.add_argument(
-        "--screen",
-        default=None,
-        metavar="SIMILARITY:M",
-        help="score each target on its M most similar training images only (pixel-cos, "
-        "pixel-dot or embedding-cos; M images or a share: pixel-cos:200, pixel-cos:5%%): the "
-        "others get no score (NaN in scores.npy, absent from the top-k tables)",
-    )
-    p.add_argument(
-        "--screen-kernel",
-        choices=["union", "candidates", "all"],
-        default="union",
-        help="with --screen: fit the kernel once on the union of all targets' candidates "
-        "(default), on each target's own candidates (the DAS paper's form), or on all training "
-        "images (no saving: the screen only restricts which images are scored)",
-    )
+    _add_screen_args(p)
     add_feature_args(p)
     add_executor_args(p, default="inprocess")
+
+    p = add(
+        "index",
+        "precompute what queries need (training features, the kernel's factor, κ's reference)",
+        """
+        diffattr index runs/digits                   # the default method, das
+        diffattr index runs/digits --method dtrak --timesteps 100
+        """,
+        cmd_index,
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("--method", default="das", help="the method to index (default: das)")
+    add_lambda_args(p)
+    _add_screen_args(p)
+    add_feature_args(p)
+
+    p = add(
+        "query",
+        "attribute images with the run's index: what score gives, in seconds, nothing written",
+        """
+        diffattr query runs/digits my_image.png
+        diffattr query runs/digits folder/ --k 5 --json
+        diffattr query runs/digits samples --build   # build the index first if missing
+        """,
+        cmd_query,
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("images", nargs="+", help=TARGETS_HELP)
+    p.add_argument("--method", default="das", help="the indexed method (default: das)")
+    p.add_argument("--k", type=int, default=10, help="proponents and opponents per target")
+    p.add_argument("--build", action="store_true", help="build the index when it is missing")
+    add_lambda_args(p)
+    _add_screen_args(p)
+    add_feature_args(p)
 
     p = add(
         "report",

@@ -17,8 +17,10 @@ place where
 - methods are scored: :meth:`BoundRun.score` (``score``, ``counterfactual``: targets by spec,
   featurized on an executor where given, screened, with κ's held-out reference),
   :meth:`BoundRun.score_grid` (``lds eval``: a λ grid on a benchmark's targets, in the Gram
-  form of its kernel cache) and :meth:`BoundRun.featurize` / :meth:`BoundRun.featurize_targets`
-  (``featurize``, the kernel caches). No caller outside the families builds an Attributor.
+  form of its kernel cache), :meth:`BoundRun.index` (``index``, ``query``: the kernel and κ's
+  reference precomputed, :mod:`~diffattr.families.index`) and :meth:`BoundRun.featurize` /
+  :meth:`BoundRun.featurize_targets` (``featurize``, the kernel caches). No caller outside the
+  families builds an Attributor.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from diffattr.attribution.features.store import FeatureStore
     from diffattr.attribution.methods import Method
     from diffattr.attribution.scores import Scores
+    from diffattr.families.index import AttributionIndex
     from diffattr.run import RunDir
 
 
@@ -161,6 +164,21 @@ class BoundRun:
             if len(heldout_ids):
                 att.compare_to_heldout(scores, targets, images, screen, False, heldout_ids)
         return scores
+
+    def index(
+        self,
+        name: str,
+        given: dict[str, Any] | None = None,
+        settings: Any = None,
+        screen: Any = None,
+        build: bool = True,
+        **kwargs: Any,
+    ) -> AttributionIndex:
+        """The run's index of method ``name`` (:mod:`~diffattr.families.index`): loaded when
+        one with the same inputs exists, else built (``build``) or refused."""
+        from diffattr.families.index import AttributionIndex
+
+        return AttributionIndex.open(self, name, given, settings, screen, build, **kwargs)
 
     def describe(
         self, name: str, given: dict[str, Any] | None, settings: Any = None, **kwargs: Any
