@@ -146,4 +146,3 @@ def test_only_the_families_build_attributors():
             if re.search(r"\.attributor\(|\bAttributor\(", line):
                 hits.append(f"{rel}:{number}: {line.strip()}")
     assert not hits, "\n".join(hits)
-
