@@ -21,7 +21,7 @@ LAYERS = {
     "engine": ("attribution",),
     "families": ("families", "text2image"),
     "evaluation": ("evaluation",),
-    "application": ("cli", "commands", "report", "plots"),
+    "application": ("cli", "commands", "report", "plots", "serve"),
 }  # fmt: skip
 ORDER = list(LAYERS)
 

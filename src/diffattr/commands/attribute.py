@@ -18,10 +18,13 @@ from diffattr.commands.options import (
     TARGETS_HELP,
     add_feature_args,
     add_lambda_args,
+    add_screen_args,
     attributor_kwargs,
     driver_plan,
     feature_settings,
+    one_method,
     parse_rows,
+    screen_from_args,
 )
 from diffattr.errors import ConfigError, DiffattrError
 
@@ -67,11 +70,14 @@ class NamedAnswers:
     images' and targets' names, the targets' near-copy check (computed once, with the first
     method) and, per target, each method's confidence (``--json``'s ``targets``)."""
 
-    def __init__(self, run: Any, bound: Any, targets: str) -> None:
+    def __init__(
+        self, run: Any, bound: Any, targets: str, pictures: Any = None, cache: bool = True
+    ) -> None:
         from diffattr.attribution.scores.names import Names
 
-        self.run, self.bound, self.targets = run, bound, targets
-        self.pictures = run.data_spec().load()  # (train, val) as pictures: files, captions, …
+        self.run, self.bound, self.targets, self.cache = run, bound, targets, cache
+        #: (train, val) as pictures: files, captions, groups
+        self.pictures = pictures or run.data_spec().load()
         self.train_names = Names.of(self.pictures[0])
         self.per_target: list[dict[str, Any]] = []
         self.near: Any = None
@@ -81,7 +87,7 @@ class NamedAnswers:
     def add(self, label: str, scores: Any) -> None:
         """Name ``scores`` (of method ``label``), set their near-copy check and add their
         confidence to the per-target rows."""
-        name, _, ids = self.bound.targets(self.targets)
+        name, _, ids = self.bound.targets(self.targets, cache=self.cache)
         if not self.per_target:  # the first method: names and near-copy check, once
             self.name = name
             self.near = near_copies_of(self.run, self.bound.family, self.targets, self.pictures)
@@ -326,7 +332,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     if args.k < 1:
         raise ConfigError(f"--k must be at least 1, got {args.k}")
     run = RunDir(args.run)
-    screen = _screen(args)
+    screen = screen_from_args(args)
     plan = driver_plan(args)
     with workers_from_args(args) as executor:
         return score_run(
@@ -335,35 +341,14 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
 
 
-def _one_method(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """The single (method, options) of ``--method`` (an index serves one method)."""
-    from diffattr.attribution.methods.spec import parse_method_list
-
-    methods = parse_method_list(args.method)
-    if len(methods) != 1:
-        raise ConfigError(
-            f"--method names {len(methods)} methods; an index serves one",
-            hint="build one index per method",
-        )
-    return methods[0]
-
-
-def _screen(args: argparse.Namespace) -> Any:
-    if not getattr(args, "screen", None):
-        return None
-    from diffattr.attribution.screening import Screen
-
-    return Screen.parse(args.screen, args.screen_kernel)
-
-
 def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
     from diffattr.families import open_run
     from diffattr.run import RunDir
 
-    method, given = _one_method(args)
+    method, given = one_method(args)
     bound = open_run(RunDir(args.run))
     index = bound.index(
-        method, given, feature_settings(args), _screen(args), **attributor_kwargs(args)
+        method, given, feature_settings(args), screen_from_args(args), **attributor_kwargs(args)
     )
     return {"index": str(index.path), "method": index.attributor.method.name}
 
@@ -373,10 +358,10 @@ def cmd_query(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.k < 1:
         raise ConfigError(f"--k must be at least 1, got {args.k}")
-    method, given = _one_method(args)
+    method, given = one_method(args)
     run = RunDir(args.run)
     results = [
-        query_run(run, method, given, image, args.k, feature_settings(args), _screen(args),
+        query_run(run, method, given, image, args.k, feature_settings(args), screen_from_args(args),
                   args.build, **attributor_kwargs(args))
         for image in args.images
     ]  # fmt: skip
@@ -464,25 +449,6 @@ def cmd_methods(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
-def _add_screen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--screen",
-        default=None,
-        metavar="SIMILARITY:M",
-        help="score each target on its M most similar training images only (pixel-cos, "
-        "pixel-dot or embedding-cos; M images or a share: pixel-cos:200, pixel-cos:5%%): the "
-        "others get no score (NaN in scores.npy, absent from the top-k tables)",
-    )
-    p.add_argument(
-        "--screen-kernel",
-        choices=["union", "candidates", "all"],
-        default="union",
-        help="with --screen: fit the kernel once on the union of all targets' candidates "
-        "(default), on each target's own candidates (the DAS paper's form), or on all training "
-        "images (no saving: the screen only restricts which images are scored)",
-    )
-
-
 def register(add) -> None:
     from diffattr.parallel import add_executor_args
 
@@ -552,7 +518,7 @@ def register(add) -> None:
     p.add_argument("--targets", default="samples", help=TARGETS_HELP)
     p.add_argument("--k", type=int, default=10, help="top-k written to topk.csv/json")
     add_lambda_args(p)
-    _add_screen_args(p)
+    add_screen_args(p)
     add_feature_args(p)
     add_executor_args(p, default="inprocess")
 
@@ -568,7 +534,7 @@ def register(add) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--method", default="das", help="the method to index (default: das)")
     add_lambda_args(p)
-    _add_screen_args(p)
+    add_screen_args(p)
     add_feature_args(p)
 
     p = add(
@@ -587,7 +553,7 @@ def register(add) -> None:
     p.add_argument("--k", type=int, default=10, help="proponents and opponents per target")
     p.add_argument("--build", action="store_true", help="build the index when it is missing")
     add_lambda_args(p)
-    _add_screen_args(p)
+    add_screen_args(p)
     add_feature_args(p)
 
     p = add(

@@ -285,3 +285,45 @@ def driver_plan(args: argparse.Namespace) -> argparse.Namespace:
     if sharded and str(args.device).startswith("cuda") and not torch.cuda.is_available():
         return argparse.Namespace(**{**vars(args), "device": "cpu"})
     return args
+
+
+def one_method(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The single (method, options) of ``--method`` (an index serves one method)."""
+    from diffattr.attribution.methods.spec import parse_method_list
+
+    methods = parse_method_list(args.method)
+    if len(methods) != 1:
+        raise ConfigError(
+            f"--method names {len(methods)} methods; an index serves one",
+            hint="build one index per method",
+        )
+    return methods[0]
+
+
+def screen_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~diffattr.attribution.screening.Screen` of ``--screen``, or None."""
+    if not getattr(args, "screen", None):
+        return None
+    from diffattr.attribution.screening import Screen
+
+    return Screen.parse(args.screen, args.screen_kernel)
+
+
+def add_screen_args(p: argparse.ArgumentParser) -> None:
+    """``--screen`` and ``--screen-kernel``."""
+    p.add_argument(
+        "--screen",
+        default=None,
+        metavar="SIMILARITY:M",
+        help="score each target on its M most similar training images only (pixel-cos, "
+        "pixel-dot or embedding-cos; M images or a share: pixel-cos:200, pixel-cos:5%%): the "
+        "others get no score (NaN in scores.npy, absent from the top-k tables)",
+    )
+    p.add_argument(
+        "--screen-kernel",
+        choices=["union", "candidates", "all"],
+        default="union",
+        help="with --screen: fit the kernel once on the union of all targets' candidates "
+        "(default), on each target's own candidates (the DAS paper's form), or on all training "
+        "images (no saving: the screen only restricts which images are scored)",
+    )

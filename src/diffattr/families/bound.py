@@ -102,15 +102,21 @@ class BoundRun:
         self.family.check_attributor(self.run, att)
         return att
 
-    def targets(self, spec: str, method: Method | None = None) -> tuple[str, Any, np.ndarray]:
+    def targets(
+        self, spec: str, method: Method | None = None, cache: bool = True
+    ) -> tuple[str, Any, np.ndarray]:
         """(name, targets as ``method`` takes them, ids) of ``spec`` (``samples``, ``val``, a
         samples file, images): generated samples with their seeds for a method that needs
-        trajectories, else the family's targets; each loaded once."""
+        trajectories, else the family's targets; each loaded once (``cache``; a spec read
+        once, e.g. an upload's temporary folder, is not kept)."""
         from diffattr.attribution.methods import TRAJECTORIES
 
-        if spec not in self._targets:
-            self._targets[spec] = self.family.targets(self.run, spec)
-        name, targets, ids = self._targets[spec]
+        if spec in self._targets:
+            name, targets, ids = self._targets[spec]
+        else:
+            name, targets, ids = self.family.targets(self.run, spec)
+            if cache:
+                self._targets[spec] = (name, targets, ids)
         if method is not None and TRAJECTORIES in method.requirements():
             return name, self.family.trajectory_targets(self.run, spec), ids
         return name, targets, ids

@@ -119,14 +119,15 @@ class AttributionIndex:
         return cls(bound, att, path, screen, reference)
 
     # ------------------------------------------------------------------ queries
-    def score(self, spec_or_targets: Any, ids: np.ndarray | None = None) -> Any:
+    def score(self, spec_or_targets: Any, ids: np.ndarray | None = None, cache: bool = True) -> Any:
         """:class:`~diffattr.attribution.scores.Scores` of targets — a spec as ``diffattr
-        score`` takes it (``samples``, ``val``, an image file, a folder, an ``.npz``), or
-        targets as the attributor takes them with their ``ids`` — with κ's held-out
-        reference; the target features go to a temporary directory, never the run."""
+        score`` takes it (``samples``, ``val``, an image file, a folder, an ``.npz``; kept
+        loaded when ``cache``), or targets as the attributor takes them with their ``ids`` —
+        with κ's held-out reference; the target features go to a temporary directory, never
+        the run."""
         att = self.attributor
         if isinstance(spec_or_targets, str):
-            _, targets, ids = self.bound.targets(spec_or_targets, att.method)
+            _, targets, ids = self.bound.targets(spec_or_targets, att.method, cache)
         else:
             targets = spec_or_targets
         with tempfile.TemporaryDirectory(prefix="diffattr-query-") as tmp:
