@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -44,3 +48,33 @@ def small_set(digits) -> ImageDataset:
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_unet("tiny", 8, 1).eval()
+
+
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
+
+
+@pytest.fixture(scope="session")
+def chromium_binary() -> str:
+    """A Chrome/Chromium binary that runs (``DIFFATTR_CHROMIUM``, else the usual names), or
+    skip with the reason (Debian: ``apt-get install chromium``)."""
+    wanted = os.environ.get("DIFFATTR_CHROMIUM")
+    found = next(
+        (
+            p
+            for n in ([wanted] if wanted else []) + list(CHROMIUM_CANDIDATES)
+            if (p := shutil.which(n))
+        ),
+        None,
+    )
+    if found is None:
+        pytest.skip(
+            "chromium not installed: `apt-get install chromium` (Debian) or set "
+            "DIFFATTR_CHROMIUM to a Chrome/Chromium binary"
+        )
+    try:
+        version = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"chromium not installed: {found} does not run ({exc})")
+    if version.returncode != 0:
+        pytest.skip(f"chromium not installed: {found} --version failed: {version.stderr[-300:]}")
+    return found

@@ -24,37 +24,14 @@ from diffattr.cli import main
 
 pytestmark = pytest.mark.slow
 
-CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome", "chrome")
 TIMEOUT = 60
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
-def _find_chromium() -> str | None:
-    wanted = os.environ.get("DIFFATTR_CHROMIUM")
-    for name in ([wanted] if wanted else []) + list(CANDIDATES):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 @pytest.fixture(scope="module")
-def chromium(tmp_path_factory) -> list[str]:
+def chromium(tmp_path_factory, chromium_binary) -> list[str]:
     """The headless Chromium command line (without the page), or skip with the reason."""
-    binary = _find_chromium()
-    if binary is None:
-        pytest.skip(
-            "chromium not installed: `apt-get install chromium` (Debian) or set "
-            "DIFFATTR_CHROMIUM to a Chrome/Chromium binary"
-        )
-    try:
-        version = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=TIMEOUT
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"chromium not installed: {binary} does not run ({exc})")
-    if version.returncode != 0:
-        pytest.skip(f"chromium not installed: {binary} --version failed: {version.stderr[-300:]}")
+    binary = chromium_binary
     profile = tmp_path_factory.mktemp("chromium-profile")
     return [
         binary,
