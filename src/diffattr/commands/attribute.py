@@ -38,21 +38,24 @@ def score_run(
     screen: Any = None,
     executor: Any = None,
     worker_device: str | None = None,
+    groups: str | None = None,
     **attributor_options: Any,
 ) -> dict[str, str]:
     """Score ``targets`` of ``run`` with each (method, options); save ``RUN/scores/LABEL-NAME``
     (scores, top-k tables naming each image's file and caption, per-target confidence with
     its percentile among the run's held-out images and, for generated or given images, the
     near-copy check against them). ``executor``: featurize and tile the kernel products on
-    it; ``attributor_options``: λ, batch size, device, progress, on_nonfinite. Returns label →
-    scores directory, and ``targets``: per target its id, source, caption, near-copy flag and
-    each method's confidence, held-out percentile and bin."""
+    it; ``groups``: a groups file, ``none``, or None for the training set's own labels (group
+    scores in ``groups.json`` and ``--json``); ``attributor_options``: λ, batch size, device,
+    progress, on_nonfinite. Returns label → scores directory, and ``targets``: per target its
+    id, source, caption, near-copy flag and each method's confidence, held-out percentile and
+    bin (and group scores)."""
     from diffattr.attribution.methods.spec import method_label
     from diffattr.families import open_run
 
     bound = open_run(run)
     out: dict[str, Any] = {}
-    named = NamedAnswers(run, bound, targets)
+    named = NamedAnswers(run, bound, targets, groups=groups)
     for method, given in methods:
         scores = bound.score(
             method, given, targets, settings, screen, executor, worker_device,
@@ -71,7 +74,13 @@ class NamedAnswers:
     method) and, per target, each method's confidence (``--json``'s ``targets``)."""
 
     def __init__(
-        self, run: Any, bound: Any, targets: str, pictures: Any = None, cache: bool = True
+        self,
+        run: Any,
+        bound: Any,
+        targets: str,
+        pictures: Any = None,
+        cache: bool = True,
+        groups: str | None = None,
     ) -> None:
         from diffattr.attribution.scores.names import Names
 
@@ -79,6 +88,7 @@ class NamedAnswers:
         #: (train, val) as pictures: files, captions, groups
         self.pictures = pictures or run.data_spec().load()
         self.train_names = Names.of(self.pictures[0])
+        self.groups = group_assignment(groups, self.train_names)
         self.per_target: list[dict[str, Any]] = []
         self.near: Any = None
         self.names: Any = None
@@ -96,7 +106,26 @@ class NamedAnswers:
         if self.near is not None:
             scores.set_near_copies(self.near)
         scores.train_names, scores.target_names = self.train_names, self.names
+        scores.groups = self.groups
         add_confidence(self.per_target, label, scores)
+        grouped = scores.by_group() if self.groups else None
+        if grouped is not None:
+            for row, groups in zip(self.per_target, grouped.rows(), strict=True):
+                row[label]["groups"] = groups
+
+
+def group_assignment(spec: str | None, train_names: Any) -> dict[int, str] | None:
+    """Training id → group: from a groups file, none (``none``), or by default the training
+    images' own labels (digit classes, emoji categories) when they have some."""
+    from diffattr.attribution.scores.groups import read_groups
+
+    if spec is not None and spec.lower() == "none":
+        return None
+    if spec is not None:
+        return read_groups(spec, train_names)
+    if not train_names.groups:
+        return None
+    return dict(zip(train_names.ids.tolist(), train_names.groups, strict=True))
 
 
 def query_run(
@@ -242,10 +271,13 @@ def write_run_report(
     out: str | Path | None = None,
     lds: str | None = None,
     counterfactual: str | None = None,
+    groups: str | None = None,
 ) -> tuple[Path, list[str]]:
     """Write ``RUN/report.html`` (or ``out``): the targets, the saved scores of ``methods``
     (default: every method with scores of them), the run's quality summary, LDS and
-    counterfactual results when given. Returns the file and the methods shown."""
+    counterfactual results when given; ``groups`` as for :func:`score_run`. Returns the file and
+    the methods shown."""
+    from diffattr.attribution.scores.names import Names
     from diffattr.families import family_of
     from diffattr.fsio import read_json
     from diffattr.report import load_rows, write_report
@@ -275,6 +307,7 @@ def write_run_report(
         heldout=None if name == "val" else val_set.images,
         target_kind="val" if name == "val" else "gen",
         target_names=target_names_of(run, targets, ids, val_set),
+        groups=group_assignment(groups, Names.of(train_set)) or {},
     )
     return path, sorted(scores)
 
@@ -337,7 +370,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     with workers_from_args(args) as executor:
         return score_run(
             run, parse_method_list(args.method), args.targets, args.k, feature_settings(plan),
-            screen, executor, args.device, **attributor_kwargs(plan),
+            screen, executor, args.device, args.groups, **attributor_kwargs(plan),
         )  # fmt: skip
 
 
@@ -396,7 +429,7 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     methods = args.method.split(",") if args.method else None
     path, shown = write_run_report(
         run, args.targets, methods, args.out, getattr(args, "lds", None),
-        getattr(args, "counterfactual", None),
+        getattr(args, "counterfactual", None), getattr(args, "groups", None),
     )  # fmt: skip
     return {"report": str(path), "methods": shown}
 
@@ -517,6 +550,15 @@ def register(add) -> None:
     )
     p.add_argument("--targets", default="samples", help=TARGETS_HELP)
     p.add_argument("--k", type=int, default=10, help="top-k written to topk.csv/json")
+    p.add_argument(
+        "--groups",
+        default=None,
+        metavar="FILE|none",
+        help="group scores per target (groups.json, --json) by the groups in FILE (CSV rows "
+        "image,group or JSON {image: group}; images by id or file name), or by the training "
+        "set's own labels when it has some (digit classes, emoji categories; the default), or "
+        "none",
+    )
     add_lambda_args(p)
     add_screen_args(p)
     add_feature_args(p)
@@ -570,6 +612,13 @@ def register(add) -> None:
         "--method",
         default=None,
         help="comma-separated methods to show (default: every method with scores of the targets)",
+    )
+    p.add_argument(
+        "--groups",
+        default=None,
+        metavar="FILE|none",
+        help="show each target's groups (as for score): the groups in FILE, the training set's "
+        "own labels when it has some (the default), or none",
     )
     p.add_argument("--targets", default="samples", help=TARGETS_HELP)
     p.add_argument("--out", default=None, help="output file (default: RUN/report.html)")

@@ -99,6 +99,7 @@ def render_report(
     target_kind: str = "gen",
     k_ranking: int = 20,
     target_names: Names | None = None,
+    groups: dict[int, str] | None = None,
 ) -> str:
     """The report as one HTML string.
 
@@ -114,6 +115,10 @@ def render_report(
     ``target_kind``: which benchmark targets' measured LDS to quote per confidence bin
     ("gen": generated, "val": held-out real). ``k_ranking``: length of each target's
     expandable ranking.
+
+    ``groups``: training id → group (default: ``train``'s own labels, when it has some): each
+    target gets its groups' shares of the attribution as bars, per method, and the top group's
+    strongest members.
 
     ``figures``: extra (caption, PNG file) pairs embedded in the plots section, e.g. the
     counterfactual picture (original / regenerated after each removal).
@@ -133,6 +138,8 @@ def render_report(
         return uri_cache[train_id]
 
     names = Names.of(train)
+    if groups is None and names.groups:
+        groups = dict(zip(names.ids.tolist(), names.groups, strict=True))
     target_uris = [png_data_uri(targets[t]) for t in range(len(target_list))]
     captions = [
         [c] if isinstance(c, str) else list(c)
@@ -154,6 +161,7 @@ def render_report(
             "heldout_count": len((s.meta.get("confidence_reference") or {}).get("values", [])),
             "values": s.values,
             "train_ids": s.train_ids,
+            "groups": s.by_group(groups) if groups else None,
         }
     near = near_copy_rows(targets, target_list, train, scores, heldout, near_copy_quantile, encoder)
 
@@ -294,12 +302,48 @@ def render_report(
                 parts.append("</div>")
             values = top["values"][row]
             parts.append(ranking_panel(values, top["train_ids"], ranked, k_ranking, name, names))
+            if top["groups"] is not None:
+                parts.append(group_panel(top["groups"], row, train_uri, names))
             parts.append("</div>")
         parts.append("</div></section>")
     thumbs = json.dumps({str(i): train_uri(i) for i in sorted(ranked)})
     parts.insert(thumbs_at, f"<script type='application/json' id='thumbs'>{thumbs}</script>")
     parts.append(f"</section></main><script>\n{SCRIPT}</script></body></html>")
     return "\n".join(parts)
+
+
+def group_panel(grouped: Any, row: int, train_uri: Callable[[int], str], names: Names) -> str:
+    """One target's groups under one method: each group's share as a bar (blue: it helped,
+    red: it worked against), the top group named with its strongest members."""
+    rows = grouped.rows()[row]
+    shown = rows[:8]
+    bars = []
+    for g in shown:
+        width = min(100.0, abs(g["share"]) * 100)
+        cls = "gbar" if g["score"] >= 0 else "gbar opp"
+        bars.append(
+            f"<div class='grow' title='{_e(g['group'])}: {g['score']:+.3g} "
+            f"({g['share']:+.0%} of the attribution, {g['size']} images)'>"
+            f"<span class='gname'>{_e(g['group'])}</span>"
+            f"<span class='{cls}' style='width:{width:.1f}%'></span>"
+            f"<span class='gval'>{g['share']:+.0%}</span></div>"
+        )
+    top = rows[0]
+    members = "".join(
+        _figure(train_uri(m["train_id"]), [f"#{m['train_id']}", f"{m['score']:+.3g}"], "",
+                f"member of {top['group']}: training image {m['train_id']}",
+                _hover(names, m["train_id"], m["score"]))
+        for m in top["top_members"]
+    )  # fmt: skip
+    more = f" ({len(rows) - len(shown)} smaller groups not shown)" if len(rows) > len(shown) else ""
+    return (
+        f"<details class='groups' open><summary>groups: <b>{_e(top['group'])}</b> "
+        f"{top['share']:+.0%}{more}</summary><div class='gbars'>{''.join(bars)}</div>"
+        f"<div class='label'>strongest members of {_e(top['group'])}</div>"
+        f"<div class='grid'>{members}</div><p class='note'>A group's score is "
+        f"{_e(grouped.meaning())}; its share is that over the sum of all groups' |scores|.</p>"
+        "</details>"
+    )
 
 
 def write_report(

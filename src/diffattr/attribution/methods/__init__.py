@@ -84,6 +84,9 @@ class Method(ABC):
     #: Whether `diffattr score` also scores held-out images as κ's reference by default (no
     #: for methods whose every target costs a fine-tuning: the unlearning methods).
     heldout_reference: ClassVar[bool] = True
+    #: Whether its scores estimate each training image's effect on the target, so that a
+    #: group's summed score estimates the group's (:mod:`~diffattr.attribution.scores.groups`).
+    additive: ClassVar[bool] = False
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -172,6 +175,7 @@ class DAS(KernelMethod):
     the training residual (``residual``), optionally leverage-corrected or squared."""
 
     name = "das"
+    additive = True
     measure = "das"
     declared_options = (
         Option(
@@ -224,6 +228,7 @@ class DTRAK(KernelMethod):
     """D-TRAK: the kernel score on gradients of ‖ε_θ(x_t, t)‖² (Zheng et al., 2024)."""
 
     name = "dtrak"
+    additive = True
     measure = "dtrak"
 
 
@@ -231,6 +236,7 @@ class TRAK(KernelMethod):
     """TRAK: the kernel score on gradients of the diffusion loss (Park et al., 2023)."""
 
     name = "trak"
+    additive = True
     measure = "loss"
 
 
@@ -245,6 +251,7 @@ class GradDot(Method):
     """Dot products of loss gradients φ(x)ᵀφᵢ (no kernel)."""
 
     name = "grad-dot"
+    additive = True
     measure = "loss"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
@@ -482,6 +489,7 @@ class TracIn(DelegatingMethod):
     """
 
     name = "tracin"
+    additive = True
     needs = frozenset({CHECKPOINTS})
     context_defaults = {"checkpoints": "run_dir"}
     implementation = "diffattr.attribution.methods.tracin:tracin_from_inputs"
@@ -492,6 +500,7 @@ class GAS(TracIn):
     """GAS: Σ_c η_c cos(φ_c(x), φ_c(zᵢ)) over saved checkpoints (options as ``tracin``)."""
 
     name = "gas"
+    additive = False
     fixed_args = ("cos", "gas")
 
 
@@ -512,6 +521,7 @@ class JourneyTRAK(KernelMethod):
     """
 
     name = "journey-trak"
+    additive = True
     measure = "loss"
     needs_model = True
     needs = frozenset({TRAJECTORIES})
@@ -593,6 +603,7 @@ class EKFAC(DelegatingMethod):
     """
 
     name = "ekfac"
+    additive = True
     needs = frozenset({MODEL_INPUTS})
     implementation = "diffattr.attribution.methods.influence:ekfac_from_inputs"
 
@@ -691,6 +702,7 @@ class AbU(UnlearningMethod):
     ``seed`` (default the noise seed)."""
 
     name = "abu"
+    additive = True
     implementation = "diffattr.attribution.methods.unlearning:abu_from_inputs"
     options_from_function = "diffattr.attribution.methods.unlearning:abu_scores"
     option_skip = 5  # model, schedule, training images (ids), targets

@@ -43,6 +43,8 @@ class Scores:
     meta: dict[str, Any] = field(default_factory=dict)
     train_names: Names | None = field(default=None, repr=False, compare=False)
     target_names: Names | None = field(default=None, repr=False, compare=False)
+    #: Training id → group name for :meth:`by_group` (None: the training names' groups).
+    groups: dict[int, str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float32)
@@ -178,6 +180,24 @@ class Scores:
             "calibrated_on": calibration_words(),
         }
 
+    def by_group(self, assignment: dict[int, str] | None = None) -> Any:
+        """:class:`~diffattr.attribution.scores.groups.GroupScores` of these scores: per target
+        and group, the summed score, its share and the strongest members. ``assignment``:
+        training id → group (default: :attr:`groups`, else the training images' own groups,
+        e.g. digit classes or emoji categories); None when there are no groups."""
+        from diffattr.attribution.methods import METHODS
+        from diffattr.attribution.scores.groups import group_scores
+
+        assignment = assignment if assignment is not None else self.groups
+        if assignment is None and self.train_names is not None and self.train_names.groups:
+            names = self.train_names
+            assignment = dict(zip(names.ids.tolist(), names.groups, strict=True))
+        if not assignment:
+            return None
+        cls = METHODS.get(self.method)
+        additive = bool(cls is not None and cls.additive)
+        return group_scores(self.values, self.train_ids, assignment, additive)
+
     def names_meta(self) -> dict[str, Any] | None:
         """The ``meta.json`` entry ``targets``: per target its ``source`` and ``caption``."""
         if self.target_names is None:
@@ -261,6 +281,14 @@ class Scores:
         conf = self.confidence_meta()
         atomic_write_bytes(out / "topk.csv", buf.getvalue().encode())
         atomic_write_bytes(out / "topk.json", json.dumps(rows, indent=1).encode())
+        grouped = self.by_group() if self.groups is not None else None
+        if grouped is not None:
+            by_target = [
+                {"target_id": int(t), "groups": g}
+                for t, g in zip(self.target_ids.tolist(), grouped.rows(), strict=True)
+            ]
+            atomic_write_json(out / "groups.json", {"meaning": grouped.meaning(),
+                                                    "targets": by_target})  # fmt: skip
         meta = {"method": self.method, **self.meta, "confidence": conf}
         if self.target_names is not None:
             meta["targets"] = self.names_meta()
