@@ -74,6 +74,14 @@ def run_dir(tmp_path_factory) -> Path:
     return run
 
 
+def test_group_bars_are_drawn(chromium, run_dir):
+    dom = _browse(
+        chromium, "--virtual-time-budget=10000", "--dump-dom", (run_dir / "report.html").as_uri()
+    ).stdout  # fmt: skip
+    # digits: the classes are the built-in groups; one group view per target and method
+    assert dom.count('class="gbars"') == 3 * 2 and 'class="gbar' in dom
+
+
 def test_every_image_loads_and_tables_are_present(chromium, run_dir):
     dom = _browse(
         chromium, "--virtual-time-budget=10000", "--dump-dom", (run_dir / "report.html").as_uri()
@@ -154,15 +162,17 @@ def test_page_fits_a_phone_screen(chromium, run_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name,size", [("report.png", "1200,2000"), ("report-phone.png", "390,1600")]
-)
-def test_screenshot(chromium, run_dir, tmp_path, name, size):
+    "name,size,anchor",
+    [("report.png", "1200,2000", ""), ("report-phone.png", "390,1600", ""),
+     ("report-full.png", "1200,6000", "")],  # down to the targets: rankings, group bars
+)  # fmt: skip
+def test_screenshot(chromium, run_dir, tmp_path, name, size, anchor):
     shot = tmp_path / name
     _browse(
         chromium,
         f"--screenshot={shot}",
         f"--window-size={size}",
-        run_dir.joinpath("report.html").as_uri(),
+        run_dir.joinpath("report.html").as_uri() + anchor,
     )
     assert shot.is_file() and shot.stat().st_size > 20_000
     image = Image.open(io.BytesIO(shot.read_bytes())).convert("L")

@@ -189,7 +189,9 @@ def test_per_target_sections_show_methods_side_by_side(parts):
     for s in sections:
         assert s.count("<div class='method'>") == 2
         assert s.count("top 5 proponents") == 2 and s.count("top 2 opponents") == 2
-        assert len(_images(s)) == 1 + 2 * (5 + 2)
+        outside = re.sub(r"<details class='groups'.*?</details>", "", s, flags=re.S)
+        assert len(_images(outside)) == 1 + 2 * (5 + 2)  # the groups add their top members
+        assert s.count("class='gbars'") == 2
     ids, vals = parts["scores"]["das"].top_k(5)
     assert f"#{ids[0, 0]}" in sections[0] and f"{vals[0, 0]:+.3g}" in sections[0]
 
