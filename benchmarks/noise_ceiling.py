@@ -57,7 +57,8 @@ def main() -> int:
         "# Noise ceiling",
         "",
         "Command: `.venv/bin/python benchmarks/noise_ceiling.py "
-        + " ".join(args.benches) + f" --out {args.out}`.",
+        + " ".join(args.benches)
+        + f" --out {args.out}`.",
         "",
         "| benchmark | kind | seeds | seed agreement r | noise ceiling √ρ_S | best committed row "
         "(LDS) | below the ceiling |",

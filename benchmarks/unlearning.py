@@ -92,7 +92,7 @@ def _unlearning_call(method: str, options: dict, model, train, targets, K: int) 
     from diffattr.attribution.methods import get_method
     from diffattr.diffusion.schedule import NoiseSchedule
 
-    inputs = ScoreInputs(
+    inputs = ScoreInputs.of(
         train_images=train.images, target_images=targets, num_train=len(train),
         num_targets=len(targets), train_ids=train.ids.numpy(), model=model,
         schedule=NoiseSchedule(),
@@ -311,9 +311,14 @@ def lds(args: argparse.Namespace) -> str:
             f"| {d['default_lds']:.3f} | {d['num_targets']} | – |"
         )
     report["das"] = das
-    out_lines += ["", "Paired on the same targets, each method's defaults against the default DAS "
-                  "(per-target LDS difference, mean [95% bootstrap CI over targets]; wins):", "",
-                  "| method | kind | LDS − DAS's [CI] | wins / targets |", "|---|---|---|---|"]
+    out_lines += [
+        "",
+        "Paired on the same targets, each method's defaults against the default DAS "
+        "(per-target LDS difference, mean [95% bootstrap CI over targets]; wins):",
+        "",
+        "| method | kind | LDS − DAS's [CI] | wins / targets |",
+        "|---|---|---|---|",
+    ]
     das_lds = lds_per_target(gt, das_values)
     rng = np.random.default_rng(0)
     for method, values in defaults.items():

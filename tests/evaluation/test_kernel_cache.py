@@ -40,7 +40,7 @@ def test_das_from_the_cache_equals_das_from_features():
     assert isinstance(inputs, ScoreInputs) and inputs.num_train == 12
     das = get_method("das")
     [gram_form] = das.score_grid(inputs, [1.0])  # absolute λ = 1
-    primal = ScoreInputs(
+    primal = ScoreInputs.of(
         train_features=phi, target_features=tphi, kernel=Kernel.fit(phi, 1.0),
         train_error=cache.error, num_train=12, num_targets=3,
     )  # fmt: skip

@@ -59,11 +59,19 @@ def test_a_method_the_family_cannot_serve_is_refused_before_loading(run):
 
 
 def test_score_inputs_are_immutable():
-    inputs = ScoreInputs(num_train=3)
+    inputs = ScoreInputs.of(num_train=3)
     with pytest.raises(dataclasses.FrozenInstanceError):
         inputs.lam = 1.0  # type: ignore[misc]
     assert dataclasses.replace(inputs, lam=1.0).lam == 1.0 and inputs.lam is None
-    assert np.isfinite(ScoreInputs().batch_size)
+    assert np.isfinite(ScoreInputs.of().context.batch_size)
+    # features apart from the model context; flat names are routed to their part
+    routed = ScoreInputs.of(train_features=np.ones((2, 3)), device="cpu", num_train=2)
+    assert routed.features.train.shape == (2, 3) and routed.context.device == "cpu"
+    assert routed.updated(feature_dim=3, progress=True).features.dim == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        routed.features.train = None  # type: ignore[misc]
+    with pytest.raises(TypeError, match="no field 'nonsense'"):
+        ScoreInputs.of(nonsense=1)
 
 
 def test_the_service_scores_as_an_attributor_does(run):

@@ -198,7 +198,7 @@ class Attributor:
             )  # fmt: skip
             return member.score(targets, ids).values
 
-        return ScoreInputs(
+        return ScoreInputs.of(
             train_images=self.train.images,
             target_images=images,
             train_conditioning=getattr(self.train, "conditioning", None),
@@ -300,8 +300,7 @@ class Attributor:
                 tstore = self.featurize_targets(images, ids, cond)
                 target_features = np.asarray(tstore.features)
                 skipped_targets = tstore.skipped_rows()
-            inputs = replace(
-                inputs,
+            inputs = inputs.updated(
                 train_features=store.features,
                 target_features=target_features,
                 train_error=store.column("error"),
@@ -362,8 +361,7 @@ class Attributor:
             )
             target_phi = np.asarray(tstore.features, dtype=np.float64)
             gram = dual_gram(phi)
-            sub = replace(
-                sub,
+            sub = sub.updated(
                 train_gram=gram,
                 target_inner=inner_products(target_phi, phi),
                 train_sqnorm=np.diag(gram).copy(),

@@ -126,9 +126,12 @@ def candidate_rows(similarity: np.ndarray, size: int) -> np.ndarray:
 def similarity_scores(screen: Screen, inputs: ScoreInputs) -> np.ndarray:
     """(T, N) the screen's similarity of every target to every training image."""
     sim = get_method(screen.similarity)
-    fields = ("train_images", "target_images", "num_train", "num_targets", "train_ids",
-              "target_ids", "store_dir", "progress")  # fmt: skip
-    return sim.score(ScoreInputs(**{f: getattr(inputs, f) for f in fields}))
+    images = ScoreInputs(
+        train_images=inputs.train_images, target_images=inputs.target_images,
+        num_train=inputs.num_train, num_targets=inputs.num_targets, train_ids=inputs.train_ids,
+        target_ids=inputs.target_ids, context=inputs.context,
+    )  # fmt: skip
+    return sim.score(images)
 
 
 def restrict(inputs: ScoreInputs, rows: np.ndarray, targets: np.ndarray) -> ScoreInputs:
@@ -138,25 +141,28 @@ def restrict(inputs: ScoreInputs, rows: np.ndarray, targets: np.ndarray) -> Scor
     def take(a: Any, idx: np.ndarray) -> Any:
         return None if a is None else a[idx]
 
-    gram = inputs.train_gram
-    inner = inputs.target_inner
+    gram = inputs.features.train_gram
+    inner = inputs.features.target_inner
+    features = inputs.updated(
+        train_features=take(inputs.features.train, rows),
+        target_features=take(inputs.features.target, targets),
+        target_inner=None if inner is None else np.asarray(inner)[np.ix_(targets, rows)],
+        train_sqnorm=take(inputs.features.train_sqnorm, rows),
+        target_sqnorm=take(inputs.features.target_sqnorm, targets),
+        train_error=take(inputs.features.train_error, rows),
+        train_residual=take(inputs.features.train_residual, rows),
+        train_gram=None if gram is None else np.asarray(gram)[np.ix_(rows, rows)],
+    ).features
     return replace(
         inputs,
-        train_features=take(inputs.train_features, rows),
-        target_features=take(inputs.target_features, targets),
+        features=features,
         kernel=None,
-        target_inner=None if inner is None else np.asarray(inner)[np.ix_(targets, rows)],
-        train_sqnorm=take(inputs.train_sqnorm, rows),
-        target_sqnorm=take(inputs.target_sqnorm, targets),
-        train_error=take(inputs.train_error, rows),
-        train_residual=take(inputs.train_residual, rows),
         train_images=take(inputs.train_images, rows),
         target_images=take(inputs.target_images, targets),
         train_conditioning=take(inputs.train_conditioning, rows),
         target_conditioning=take(inputs.target_conditioning, targets),
         num_train=len(rows),
         num_targets=len(targets),
-        train_gram=None if gram is None else np.asarray(gram)[np.ix_(rows, rows)],
         train_ids=take(inputs.train_ids, rows),
         target_ids=take(inputs.target_ids, targets),
     )
@@ -190,7 +196,7 @@ def screened_scores(
     T, N = inputs.num_targets, inputs.num_train
     if candidates.ndim != 2 or candidates.shape[0] != T:
         raise ConfigError(f"candidate lists of shape {candidates.shape} for {T} targets")
-    if method.uses_kernel and inputs.train_gram is None:
+    if method.uses_kernel and inputs.features.train_gram is None:
         raise ConfigError("screened kernel scores need the Gram of the candidates' features")
     if kernel not in KERNEL_FORMS:
         raise ConfigError(f"unknown screen kernel {kernel!r}", hint=", ".join(KERNEL_FORMS))
@@ -201,7 +207,7 @@ def screened_scores(
         rows = np.arange(N) if kernel == "all" else np.unique(candidates)
         sub = restrict(inputs, rows, np.arange(T))
         if method.uses_kernel:
-            kern = fit_gram_kernel(method, sub.train_gram, lam, min(len(rows), dim or N))
+            kern = fit_gram_kernel(method, sub.features.train_gram, lam, min(len(rows), dim or N))
             sub = replace(sub, kernel=kern)
             lams.append(sub.kernel.lam)
         values = method.score(sub)
@@ -211,7 +217,7 @@ def screened_scores(
     for t in range(T):
         rows = candidates[t]
         sub = restrict(inputs, rows, np.array([t]))
-        kern = fit_gram_kernel(method, sub.train_gram, lam, min(len(rows), dim or N))
+        kern = fit_gram_kernel(method, sub.features.train_gram, lam, min(len(rows), dim or N))
         sub = replace(sub, kernel=kern)
         lams.append(sub.kernel.lam)
         out[t, rows] = method.score(sub)[0]

@@ -138,7 +138,7 @@ def cache_inputs(cache: KernelCache | None, train_images, target_images) -> Any:
     ΦΦᵀ, φ(x)ᵀΦᵀ, squared norms, error and residual columns, k)."""
     from diffattr.attribution.inputs import ScoreInputs
 
-    return ScoreInputs(
+    return ScoreInputs.of(
         train_images=train_images,
         target_images=target_images,
         num_train=len(train_images),

@@ -302,8 +302,7 @@ def _screen_mask(ctx: _EvalContext, screen: Any) -> np.ndarray:
             hint="benchmarks/screening.py measures the union and candidates kernels",
         )
     images = ctx.train_set.images
-    inputs = replace(
-        cache_inputs(None, images, ctx.gt.images),
+    inputs = cache_inputs(None, images, ctx.gt.images).updated(
         train_ids=np.asarray(ctx.train_set.ids),
         store_dir=ctx.bound.run.features_dir if ctx.bound is not None else None,
     )

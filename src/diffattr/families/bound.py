@@ -25,7 +25,6 @@ place where
 
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -220,7 +219,7 @@ class BoundRun:
             fields.update(gram, train_features=att.featurize().features)
         else:
             fields["settings"] = settings
-        inputs = replace(att.inputs(images, images, keys), **fields)
+        inputs = att.inputs(images, images, keys).updated(**fields)
         return att.method.score_grid(inputs, grid)
 
     def featurize(

@@ -22,14 +22,14 @@ def test_user_encoder_equals_explicit_cosine(digits):
     a, b = encoder(targets).double().numpy(), encoder(train).double().numpy()
     want = (a @ b.T) / np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1))
     method = get_method("embedding-cos", encoder=encoder)
-    got = method.score(ScoreInputs(train_images=train, target_images=targets))
+    got = method.score(ScoreInputs.of(train_images=train, target_images=targets))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     meta = method_meta(method)
     assert meta["embedding"].startswith("user encoder") and meta["options"]["encoder"]
     json.dumps(meta)  # savable
     # numpy outputs work too
     got_np = get_method("embedding-cos", encoder=lambda x: encoder(x).numpy()).score(
-        ScoreInputs(train_images=train, target_images=targets)
+        ScoreInputs.of(train_images=train, target_images=targets)
     )
     np.testing.assert_allclose(got_np, want, rtol=1e-6)
 
@@ -41,7 +41,7 @@ def test_in_domain_encoder_is_seeded_and_cached(digits, tmp_path):
     for p, q in zip(e1.parameters(), e2.parameters(), strict=True):
         assert torch.equal(p, q)
 
-    inputs = ScoreInputs(
+    inputs = ScoreInputs.of(
         train_images=train_set.images,
         target_images=targets,
         train_ids=train_set.ids.numpy(),

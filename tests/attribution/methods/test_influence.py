@@ -126,7 +126,7 @@ def test_ekfac_runs_and_large_damping_recovers_the_product(data, tmp_path):
     )
     np.testing.assert_allclose(ekfac * damping, ident, rtol=1e-2, atol=1e-3 * np.abs(ident).max())
     # the registered method reads its ScoreInputs; kronfluence's results are cached on disk
-    inputs = ScoreInputs(
+    inputs = ScoreInputs.of(
         model=model,
         train_images=train.images,
         train_ids=ids,

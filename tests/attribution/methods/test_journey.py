@@ -63,7 +63,7 @@ def test_features_and_scores_equal_explicit(setup, tmp_path):
     )
     phi = gc.compute(train.images, train.ids.numpy())[0].numpy()
     lam = 0.5
-    inputs = ScoreInputs(
+    inputs = ScoreInputs.of(
         train_features=phi,
         kernel=Kernel.fit(phi, lam=lam),
         targets=samples,
@@ -106,7 +106,7 @@ def test_bit_identical_check_and_errors(setup, tmp_path):
     with pytest.raises(DiffattrError, match="bit for bit"):
         regenerate(model, other)
 
-    inputs = ScoreInputs(
+    inputs = ScoreInputs.of(
         train_features=np.ones((12, 5), np.float32),
         targets=samples.images,
         model=model,
@@ -137,8 +137,7 @@ def test_score_grid_journey_on_generated_trak_on_real(setup, tmp_path):
     )  # fmt: skip
     trak = Attributor(model, train, tmp_path, method="trak", settings=SETTINGS, progress=False)
     phi = journey.featurize().features
-    inputs = replace(
-        journey.inputs(images, images, ids),
+    inputs = journey.inputs(images, images, ids).updated(
         train_features=phi,
         target_seeds=seeds,
         train_gram=dual_gram(phi),

@@ -45,7 +45,7 @@ def test_singular_kernel_suggests_lambda():
 
 
 def das_inputs(phi, tgt, lam, residual=None, error=None):
-    return ScoreInputs(
+    return ScoreInputs.of(
         train_features=phi,
         target_features=tgt,
         kernel=Kernel.fit(phi, lam=lam),
@@ -90,7 +90,7 @@ def test_das_with_leverage_is_the_leave_one_out_newton_step():
 
 def test_baselines():
     phi, tgt = rng_features(6, 10), rng_features(2, 10, 1)
-    inputs = ScoreInputs(
+    inputs = ScoreInputs.of(
         train_features=phi,
         target_features=tgt,
         train_images=torch.from_numpy(phi.reshape(6, 1, 2, 5)),

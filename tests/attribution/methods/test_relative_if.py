@@ -37,7 +37,7 @@ def test_relative_and_renormalized_equal_direct_solve(n, k, form):
     phi, tgt = rng_features(n, k), rng_features(3, k, 1)
     lam = 0.4
     _, rel, ren = direct(phi, tgt, lam)
-    inputs = ScoreInputs(
+    inputs = ScoreInputs.of(
         train_features=phi, target_features=tgt, kernel=Kernel.fit(phi, lam=lam, form=form, block=5)
     )
     np.testing.assert_allclose(get_method("relative-if").score(inputs), rel, rtol=1e-7)
@@ -65,7 +65,7 @@ def test_precomputed_gram_path_matches_features_path():
     _, rel, ren = direct(phi, tgt, lam)
     p64, t64 = phi.astype(np.float64), tgt.astype(np.float64)
     gram = p64 @ p64.T
-    inputs = ScoreInputs(
+    inputs = ScoreInputs.of(
         kernel=Kernel.from_gram(gram, lam),
         target_inner=t64 @ p64.T,
         train_sqnorm=np.diag(gram).copy(),
@@ -75,7 +75,7 @@ def test_precomputed_gram_path_matches_features_path():
     np.testing.assert_allclose(get_method("relative-if").score(inputs), rel, rtol=1e-7)
     np.testing.assert_allclose(get_method("renormalized-if").score(inputs), ren, rtol=1e-7)
     # gradient dot / cosine: the precomputed path equals the features path
-    feats = ScoreInputs(train_features=phi, target_features=tgt)
+    feats = ScoreInputs.of(train_features=phi, target_features=tgt)
     for name in ("grad-dot", "grad-cos"):
         np.testing.assert_allclose(
             get_method(name).score(inputs), get_method(name).score(feats), rtol=1e-6

@@ -74,7 +74,7 @@ def test_registered_methods_and_run_directory(data, tmp_path):
         (d / "state.json").write_text(json.dumps({"step": step}))
     assert [label for label, _ in resolve_checkpoints(run)] == ["step-500", "step-1000"]
 
-    inputs = ScoreInputs(
+    inputs = ScoreInputs.of(
         train_images=train.images,
         target_images=targets,
         train_ids=train.ids.numpy(),

@@ -250,7 +250,7 @@ def test_traker_pipeline_matches_our_trak_method(setup: Setup) -> None:
     lam = RELATIVE_LAMBDA * gram_scale(train)
     kernel = Kernel.fit(train, lam=lam)
     ours = get_method("trak").score(
-        ScoreInputs(kernel=kernel, target_features=targets, num_train=N_TRAIN)
+        ScoreInputs.of(kernel=kernel, target_features=targets, num_train=N_TRAIN)
     )
 
     def batch(rows: range) -> tuple[torch.Tensor, ...]:

@@ -60,7 +60,7 @@ def trained(digits):
 
 def score(trained, method: str, targets: torch.Tensor, batch_size: int = 8, **options):
     data, model = trained
-    inputs = ScoreInputs(
+    inputs = ScoreInputs.of(
         train_images=data.images, target_images=targets, num_train=len(data),
         num_targets=len(targets), train_ids=data.ids.numpy(), target_ids=np.arange(len(targets)),
         model=model, schedule=NoiseSchedule(), batch_size=batch_size,
@@ -106,7 +106,7 @@ def test_v_and_x0_prediction_models_are_scored_on_their_own_targets(trained, dig
     scores than ε-prediction on the same weights (no ε-only shortcut)."""
     data, model = trained
     eps, _ = score(trained, "abu", digits.images[100:101], **ABU)
-    inputs = ScoreInputs(
+    inputs = ScoreInputs.of(
         train_images=data.images, target_images=digits.images[100:101], num_train=len(data),
         num_targets=1, model=model, schedule=NoiseSchedule(prediction_type="sample"),
     )  # fmt: skip
@@ -148,8 +148,10 @@ def test_an_option_the_method_does_not_take_is_refused_with_those_it_does():
     with pytest.raises(ConfigError) as info:
         get_method("mucs", eta=1.0)
     assert "'eta'" in str(info.value) and "max_steps" in info.value.hint
-    bad = ScoreInputs(train_images=torch.zeros(2, 1, 8, 8), target_images=torch.zeros(1, 1, 8, 8),
-                      model=torch.nn.Identity())  # fmt: skip
+    bad = ScoreInputs.of(
+        train_images=torch.zeros(2, 1, 8, 8), target_images=torch.zeros(1, 1, 8, 8),
+        model=torch.nn.Identity(),
+    )  # fmt: skip
     with pytest.raises(ConfigError, match="abu eta must be ≥ 0"):
         get_method("abu", eta=-1.0).score(bad)
     with pytest.raises(ConfigError, match="mucs tol"):

@@ -150,18 +150,22 @@ class KernelMethod(Method):
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         assert inputs.kernel is not None
-        if inputs.target_inner is not None:
-            return inputs.kernel.solve_inner(inputs.target_inner)
-        assert inputs.target_features is not None
-        return inputs.kernel.cross(inputs.target_features)
+        if inputs.features.target_inner is not None:
+            return inputs.kernel.solve_inner(inputs.features.target_inner)
+        assert inputs.features.target is not None
+        return inputs.kernel.cross(inputs.features.target)
 
     def gram_kernel(self, inputs: ScoreInputs, ridge: Any) -> Kernel:
         """The kernel of a Gram-form input (ΦΦᵀ and k) under λ rule ``ridge``."""
         require_inputs(inputs, self.name, "train_gram", "feature_dim")
-        rank = min(inputs.train_gram.shape[0], int(inputs.feature_dim))
+        rank = min(inputs.features.train_gram.shape[0], int(inputs.features.dim))
         rule = self.lambda_rule(ridge)
-        lam = rule.resolve(inputs.train_gram, rank) if isinstance(rule, Ridge) else float(rule)
-        return Kernel.from_gram(inputs.train_gram, lam)
+        lam = (
+            rule.resolve(inputs.features.train_gram, rank)
+            if isinstance(rule, Ridge)
+            else float(rule)
+        )
+        return Kernel.from_gram(inputs.features.train_gram, lam)
 
     def score_grid(self, inputs: ScoreInputs, ridges: list[Any]) -> list[np.ndarray]:
         """Scores per λ rule from the Gram form (``train_gram``, ``target_inner``)."""
@@ -201,13 +205,13 @@ class DAS(KernelMethod):
         k = super().score(inputs)
         residual = self.options.get("residual", "error")
         if residual == "error":
-            e = np.asarray(inputs.train_error, dtype=np.float64)
+            e = np.asarray(inputs.features.train_error, dtype=np.float64)
             w = e / max(float(e.mean()), 1e-30)
         elif residual == "signed":
-            r = np.asarray(inputs.train_residual, dtype=np.float64)
+            r = np.asarray(inputs.features.train_residual, dtype=np.float64)
             w = r / max(float(np.sqrt(np.mean(r**2))), 1e-30)
         elif residual == "raw":
-            w = np.asarray(inputs.train_residual, dtype=np.float64)
+            w = np.asarray(inputs.features.train_residual, dtype=np.float64)
         elif residual == "none":
             w = np.ones(k.shape[1])
         else:
@@ -255,9 +259,9 @@ class GradDot(Method):
     measure = "loss"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
-        if inputs.target_inner is not None:
-            return np.asarray(inputs.target_inner, dtype=np.float64)
-        return inner_products(inputs.target_features, inputs.train_features)
+        if inputs.features.target_inner is not None:
+            return np.asarray(inputs.features.target_inner, dtype=np.float64)
+        return inner_products(inputs.features.target, inputs.features.train)
 
 
 class GradCos(Method):
@@ -267,10 +271,12 @@ class GradCos(Method):
     measure = "loss"
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
-        if inputs.target_inner is not None:
-            norms = np.sqrt(np.outer(inputs.target_sqnorm, inputs.train_sqnorm))
-            return np.asarray(inputs.target_inner, dtype=np.float64) / np.maximum(norms, 1e-30)
-        return _cosine(inputs.target_features, inputs.train_features)
+        if inputs.features.target_inner is not None:
+            norms = np.sqrt(np.outer(inputs.features.target_sqnorm, inputs.features.train_sqnorm))
+            return np.asarray(inputs.features.target_inner, dtype=np.float64) / np.maximum(
+                norms, 1e-30
+            )
+        return _cosine(inputs.features.target, inputs.features.train)
 
 
 class PixelDot(Method):
@@ -410,7 +416,7 @@ class RelativeIF(KernelMethod):
 
         k = super().score(inputs)
         assert inputs.kernel is not None
-        gram = inputs.train_gram if inputs.kernel.form == "dual" else None
+        gram = inputs.features.train_gram if inputs.kernel.form == "dual" else None
         norms = inverse_norms(inputs.kernel, gram)
         return k / np.maximum(norms, 1e-30)[None, :]
 
@@ -425,13 +431,13 @@ class RenormalizedIF(KernelMethod):
         from diffattr.attribution.kernel import row_norms
 
         k = super().score(inputs)
-        if inputs.train_sqnorm is not None:
-            norms = np.sqrt(np.asarray(inputs.train_sqnorm, dtype=np.float64))
-        elif inputs.train_gram is not None:
-            norms = np.sqrt(np.diag(np.asarray(inputs.train_gram, dtype=np.float64)))
+        if inputs.features.train_sqnorm is not None:
+            norms = np.sqrt(np.asarray(inputs.features.train_sqnorm, dtype=np.float64))
+        elif inputs.features.train_gram is not None:
+            norms = np.sqrt(np.diag(np.asarray(inputs.features.train_gram, dtype=np.float64)))
         else:
             require_inputs(inputs, self.name, "train_features")
-            norms = row_norms(inputs.train_features)
+            norms = row_norms(inputs.features.train)
         return k / np.maximum(norms, 1e-30)[None, :]
 
 
@@ -465,7 +471,7 @@ class EmbeddingCos(Method):
         require_inputs(inputs, self.name, "train_images", "target_images")
         opts = dict(self.options)  # encoder, cache_dir, and EncoderSettings' fields
         encoder = opts.pop("encoder", None)
-        cache_dir = opts.pop("cache_dir", None) or inputs.store_dir
+        cache_dir = opts.pop("cache_dir", None) or inputs.context.store_dir
         values, meta = embedding_scores(
             inputs.train_images,
             inputs.target_images,
@@ -473,7 +479,7 @@ class EmbeddingCos(Method):
             train_ids=inputs.train_ids,
             cache_dir=cache_dir,
             settings=EncoderSettings(**opts),
-            progress=inputs.progress,
+            progress=inputs.context.progress,
         )
         self.score_meta = meta
         return values
@@ -561,7 +567,7 @@ class JourneyTRAK(KernelMethod):
         kernel = inputs.kernel
         if kernel is None:
             require_inputs(inputs, self.name, "train_features")
-            kernel = Kernel.fit(inputs.train_features, self.lambda_rule(inputs.lam))
+            kernel = Kernel.fit(inputs.features.train, self.lambda_rule(inputs.lam))
         self.score_meta = {**meta, "lambda": kernel.lam, "kernel_form": kernel.form}
         return kernel.cross(features)
 
@@ -571,7 +577,7 @@ class JourneyTRAK(KernelMethod):
         from diffattr.attribution.methods.journey import journey_inner_products
 
         inner = journey_inner_products(inputs, self.options)
-        inputs = replace(inputs, target_inner=inner)
+        inputs = inputs.updated(target_inner=inner)
         return [self.gram_kernel(inputs, r).solve_inner(inner) for r in ridges]
 
 

@@ -65,9 +65,9 @@ def combination_from_inputs(inputs: Any, methods: Any = None) -> tuple[np.ndarra
     from diffattr.attribution.methods.spec import method_label
 
     members = parse_members(methods)
-    if inputs.scorer is None:
+    if inputs.context.scorer is None:
         raise ConfigError(
             "combine needs a scorer in its ScoreInputs", hint="score it through Attributor"
         )
-    parts = [inputs.scorer(name, options, lam=inputs.lam) for name, options in members]
+    parts = [inputs.context.scorer(name, options, lam=inputs.lam) for name, options in members]
     return combine_scores(parts), {"combination_of": [method_label(n, o) for n, o in members]}

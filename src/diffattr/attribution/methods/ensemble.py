@@ -86,16 +86,16 @@ def ensemble_from_inputs(
         raise ConfigError("an ensemble of ensembles is not supported")
     members: list[nn.Module] = []
     if include_self:
-        if inputs.model is None:
+        if inputs.context.model is None:
             raise ConfigError("ensemble: include_self needs the attributed model in ScoreInputs")
-        members.append(inputs.model)
+        members.append(inputs.context.model)
     if isinstance(models, str | Path):  # command line: ensemble[models=DIR,DIR]
         models = [part.strip() for part in str(models).split(",") if part.strip()]
     for m in models or []:
         members.append(m if isinstance(m, nn.Module) else load_unet(m))
     if not members:
         raise ConfigError("ensemble: no member models", hint="pass models=[...]")
-    if inputs.store_dir is None or inputs.scorer is None:
+    if inputs.context.store_dir is None or inputs.context.scorer is None:
         raise ConfigError(
             "ensemble needs store_dir and scorer in its ScoreInputs",
             hint="score it through Attributor, or call ensemble.ensemble_scores",
@@ -105,9 +105,15 @@ def ensemble_from_inputs(
         fp = model_fingerprint(model)
         fingerprints.append(fp[:12])
         own = include_self and i == 0
-        store = Path(inputs.store_dir) if own else Path(inputs.store_dir) / "ensemble" / fp[:12]
+        store = (
+            Path(inputs.context.store_dir)
+            if own
+            else Path(inputs.context.store_dir) / "ensemble" / fp[:12]
+        )
         values.append(
-            inputs.scorer(base, base_options or {}, model=model, store_dir=store, lam=inputs.lam)
+            inputs.context.scorer(
+                base, base_options or {}, model=model, store_dir=store, lam=inputs.lam
+            )
         )
     mean = np.mean(np.asarray(values, dtype=np.float64), axis=0).astype(np.float32)  # as Scores
     return mean.astype(np.float64), {"ensemble_of": base, "members": fingerprints}

@@ -516,31 +516,35 @@ def ekfac_from_inputs(
 
     require_inputs(inputs, "ekfac", "model", "train_images", "target_images", "store_dir")
     n, t = inputs.train_images.shape[0], inputs.target_images.shape[0]
-    spec = inputs.settings.timestep_spec() if inputs.settings is not None else TimestepSpec()
-    noise_seed = inputs.settings.noise_seed if inputs.settings is not None else 0
+    spec = (
+        inputs.context.settings.timestep_spec()
+        if inputs.context.settings is not None
+        else TimestepSpec()
+    )
+    noise_seed = inputs.context.settings.noise_seed if inputs.context.settings is not None else 0
     values = ekfac_scores(
-        inputs.model,
+        inputs.context.model,
         inputs.train_images,
         inputs.train_ids if inputs.train_ids is not None else np.arange(n),
         inputs.target_images,
         inputs.target_ids if inputs.target_ids is not None else np.arange(t),
-        inputs.store_dir,
-        schedule=inputs.schedule,
+        inputs.context.store_dir,
+        schedule=inputs.context.schedule,
         timesteps=spec,
         noise_seed=noise_seed,
         strategy=strategy,
         query=query,
         damping=damping,
         fisher=fisher,
-        batch_size=inputs.batch_size,
-        progress=inputs.progress,
+        batch_size=inputs.context.batch_size,
+        progress=inputs.context.progress,
         pairing=pairing,
-        device=inputs.device,
+        device=inputs.context.device,
         normalize=normalize,
         train=train,
         train_conditioning=inputs.train_conditioning,
         target_conditioning=inputs.target_conditioning,
-        params=inputs.settings.params if inputs.settings is not None else None,
+        params=inputs.context.settings.params if inputs.context.settings is not None else None,
     )
     meta = {
         "influence": f"kronfluence {strategy}",

@@ -261,16 +261,16 @@ def journey_from_inputs(
     samples = check_generated(inputs.targets)
     require_inputs(inputs, "journey-trak", "model", "settings")
     features = journey_features(
-        inputs.model,
+        inputs.context.model,
         samples,
-        inputs.settings,
-        inputs.schedule,
-        inputs.store_dir,
+        inputs.context.settings,
+        inputs.context.schedule,
+        inputs.context.store_dir,
         target_ids=inputs.target_ids,
         steps=steps,
         generation_batch_size=generation_batch_size,
-        device=inputs.device,
-        progress=inputs.progress,
+        device=inputs.context.device,
+        progress=inputs.context.progress,
     )
     num = samples.num_steps if samples.trajectory is None else samples.trajectory.shape[0]
     meta = {"journey_steps": trajectory_steps(num, steps).tolist(), "sampler": samples.sampler}
@@ -304,14 +304,15 @@ def journey_inner_products(inputs: Any, options: dict[str, Any]) -> np.ndarray:
             num_steps=int(options.get("num_steps", 50)),
             timesteps=np.empty(0, dtype=np.int64),
         )
+        ctx = inputs.context
         feats = journey_features(
-            inputs.model, samples, inputs.settings, inputs.schedule, inputs.store_dir,
+            ctx.model, samples, ctx.settings, ctx.schedule, ctx.store_dir,
             target_ids=np.asarray(inputs.target_ids)[gen], steps=options.get("steps"),
             generation_batch_size=options.get("generation_batch_size"),
-            progress=inputs.progress, device=inputs.device,
+            progress=ctx.progress, device=ctx.device,
         )  # fmt: skip
-        inner[gen] = inner_products(feats, inputs.train_features)
+        inner[gen] = inner_products(feats, inputs.features.train)
     if real.size:
         require_inputs(inputs, "journey-trak", "target_inner")  # TRAK's, for real targets
-        inner[real] = np.asarray(inputs.target_inner, dtype=np.float64)[real]
+        inner[real] = np.asarray(inputs.features.target_inner, dtype=np.float64)[real]
     return inner

@@ -223,16 +223,16 @@ def tracin_from_inputs(
         [item for _, item in ckpts],
         train,
         inputs.target_images,
-        inputs.settings,
-        inputs.store_dir,
+        inputs.context.settings,
+        inputs.context.store_dir,
         kind=kind,
         learning_rates=learning_rates,
-        schedule=inputs.schedule,
+        schedule=inputs.context.schedule,
         target_ids=inputs.target_ids,
         measure=measure,
-        batch_size=inputs.batch_size,
-        device=inputs.device,
-        progress=inputs.progress,
+        batch_size=inputs.context.batch_size,
+        device=inputs.context.device,
+        progress=inputs.context.progress,
     )
     meta = {"checkpoints": [label for label, _ in ckpts], "tracin_kind": kind}
     return values, meta

@@ -218,7 +218,7 @@ def resolve_timesteps(inputs: Any, timesteps: int | None) -> int:
     """K: the option, else the caller's feature timesteps (``settings.timesteps``, e.g.
     ``--timesteps``), else :data:`FALLBACK_TIMESTEPS`."""
     if timesteps is None:
-        timesteps = getattr(inputs.settings, "timesteps", None) or FALLBACK_TIMESTEPS
+        timesteps = getattr(inputs.context.settings, "timesteps", None) or FALLBACK_TIMESTEPS
     if int(timesteps) < 1:
         raise ConfigError(f"timesteps must be at least 1, got {timesteps}")
     return int(timesteps)
@@ -317,13 +317,18 @@ def _context(inputs: Any, method: str) -> tuple[nn.Module, NoiseSchedule, torch.
     require_inputs(inputs, method, "model", "train_images", "target_images")
     n = inputs.train_images.shape[0]
     ids = inputs.train_ids if inputs.train_ids is not None else np.arange(n)
-    schedule = inputs.schedule or NoiseSchedule()
-    return inputs.model, schedule, inputs.train_images.float(), np.asarray(ids, dtype=np.int64)
+    schedule = inputs.context.schedule or NoiseSchedule()
+    return (
+        inputs.context.model,
+        schedule,
+        inputs.train_images.float(),
+        np.asarray(ids, dtype=np.int64),
+    )
 
 
 def _param_pattern(inputs: Any, params: str | None) -> str | None:
     """The option, else the caller's ``--params`` (``settings.params``), else None."""
-    return params if params is not None else getattr(inputs.settings, "params", None)
+    return params if params is not None else getattr(inputs.context.settings, "params", None)
 
 
 # ---------------------------------------------------------------------------- AbU
@@ -503,9 +508,9 @@ def _caller_options(inputs: Any, options: dict[str, Any]) -> dict[str, Any]:
         **options,
         "timesteps": resolve_timesteps(inputs, options.get("timesteps")),
         "params": _param_pattern(inputs, options.get("params")),
-        "batch_size": inputs.batch_size,
-        "device": inputs.device,
-        "progress": inputs.progress,
+        "batch_size": inputs.context.batch_size,
+        "device": inputs.context.device,
+        "progress": inputs.context.progress,
     }
 
 
