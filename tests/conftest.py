@@ -78,3 +78,21 @@ def chromium_binary() -> str:
     if version.returncode != 0:
         pytest.skip(f"chromium not installed: {found} --version failed: {version.stderr[-300:]}")
     return found
+
+
+@pytest.fixture(scope="session")
+def make_tiny_run():
+    """``make(path, samples=2)``: a digits run at ``path`` (24 training and 8 held-out images,
+    4 steps) with ``samples`` generated images (4 sampling steps); returns its RunDir."""
+    from diffattr.cli import main
+    from diffattr.run import RunDir
+
+    def make(path, samples: int = 2):
+        train = ["--train-count", "24", "--val-count", "8", "--batch-size", "8", "--steps", "4"]
+        assert main(["train", "--data", "digits", *train, "--out", str(path), "--quiet"]) == 0
+        if samples:
+            argv = ["generate", str(path), "--num", str(samples), "--steps", "4", "--quiet"]
+            assert main(argv) == 0
+        return RunDir(path)
+
+    return make

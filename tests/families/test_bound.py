@@ -11,21 +11,15 @@ import pytest
 from diffattr.attribution.features.featurize import FeatureSettings
 from diffattr.attribution.inputs import ScoreInputs
 from diffattr.attribution.methods import method_context, resolve_method
-from diffattr.cli import main
 from diffattr.errors import ConfigError
 from diffattr.families import open_run
 from diffattr.families.pixel import PixelFamily
 from diffattr.families.weights import Weights
-from diffattr.run import RunDir
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bound") / "run"
-    train = ["--train-count", "24", "--val-count", "8", "--batch-size", "8", "--steps", "4"]
-    assert main(["train", "--data", "digits", *train, "--out", str(out), "--quiet"]) == 0
-    assert main(["generate", str(out), "--num", "2", "--steps", "4", "--quiet"]) == 0
-    return RunDir(out)
+def run(tmp_path_factory, make_tiny_run):
+    return make_tiny_run(tmp_path_factory.mktemp("bound") / "run")
 
 
 def test_model_data_and_targets_load_once(run):

@@ -14,18 +14,13 @@ from diffattr.attribution.features.featurize import FeatureSettings
 from diffattr.cli import main
 from diffattr.errors import ConfigError, DiffattrError
 from diffattr.families import open_run
-from diffattr.run import RunDir
 
 FEATURES = ["--timesteps", "2", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("index") / "run"
-    train = ["--train-count", "24", "--val-count", "8", "--batch-size", "8", "--steps", "4"]
-    assert main(["train", "--data", "digits", *train, "--out", str(out), "--quiet"]) == 0
-    assert main(["generate", str(out), "--num", "3", "--steps", "4", "--quiet"]) == 0
-    return RunDir(out)
+def run(tmp_path_factory, make_tiny_run):
+    return make_tiny_run(tmp_path_factory.mktemp("index") / "run", samples=3)
 
 
 def tree_state(path) -> dict[str, tuple[str, int]]:

@@ -19,8 +19,6 @@ import pytest
 from PIL import Image
 
 from diffattr.attribution.features.featurize import FeatureSettings
-from diffattr.cli import main
-from diffattr.run import RunDir
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
@@ -47,14 +45,10 @@ def tree_state(path) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, make_tiny_run):
     from diffattr.serve.app import make_app
 
-    out = tmp_path_factory.mktemp("serve") / "run"
-    train = ["--train-count", "24", "--val-count", "8", "--batch-size", "8", "--steps", "4"]
-    assert main(["train", "--data", "digits", *train, "--out", str(out), "--quiet"]) == 0
-    assert main(["generate", str(out), "--num", "2", "--steps", "4", "--quiet"]) == 0
-    run = RunDir(out)
+    run = make_tiny_run(tmp_path_factory.mktemp("serve") / "run")
     kwargs = {"settings": FeatureSettings(timesteps=2), "progress": False}
     app = make_app(run, "das", index_kwargs=kwargs, k=5, max_upload=4096)  # builds the index
     port = free_port()

@@ -22,7 +22,6 @@ import pytest
 from PIL import Image
 
 from diffattr.attribution.features.featurize import FeatureSettings
-from diffattr.cli import main
 from diffattr.run import RunDir
 
 pytestmark = pytest.mark.slow
@@ -71,13 +70,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def page_url(tmp_path_factory):
+def page_url(tmp_path_factory, make_tiny_run):
     from diffattr.serve.app import make_app
 
-    out = tmp_path_factory.mktemp("serve-browser") / "run"
-    train = ["--train-count", "24", "--val-count", "8", "--batch-size", "8", "--steps", "4"]
-    assert main(["train", "--data", "digits", *train, "--out", str(out), "--quiet"]) == 0
-    assert main(["generate", str(out), "--num", "3", "--steps", "4", "--quiet"]) == 0
+    out = make_tiny_run(tmp_path_factory.mktemp("serve-browser") / "run", samples=3).path
     kwargs = {"settings": FeatureSettings(timesteps=2), "progress": False}
     app = make_app(RunDir(out), "das", index_kwargs=kwargs, k=6)
     port = free_port()

@@ -17,6 +17,7 @@ import numpy as np
 from diffattr.commands.options import (
     TARGETS_HELP,
     add_feature_args,
+    add_index_args,
     add_lambda_args,
     add_screen_args,
     attributor_kwargs,
@@ -575,9 +576,7 @@ def register(add) -> None:
     )
     p.add_argument("run", help="run directory")
     p.add_argument("--method", default="das", help="the method to index (default: das)")
-    add_lambda_args(p)
-    add_screen_args(p)
-    add_feature_args(p)
+    add_index_args(p)
 
     p = add(
         "query",
@@ -594,9 +593,7 @@ def register(add) -> None:
     p.add_argument("--method", default="das", help="the indexed method (default: das)")
     p.add_argument("--k", type=int, default=10, help="proponents and opponents per target")
     p.add_argument("--build", action="store_true", help="build the index when it is missing")
-    add_lambda_args(p)
-    add_screen_args(p)
-    add_feature_args(p)
+    add_index_args(p)
 
     p = add(
         "report",

@@ -327,3 +327,10 @@ def add_screen_args(p: argparse.ArgumentParser) -> None:
         "(default), on each target's own candidates (the DAS paper's form), or on all training "
         "images (no saving: the screen only restricts which images are scored)",
     )
+
+
+def add_index_args(p: argparse.ArgumentParser) -> None:
+    """What chooses an index (``index``, ``query``, ``serve``): λ, screen and feature options."""
+    add_lambda_args(p)
+    add_screen_args(p)
+    add_feature_args(p)

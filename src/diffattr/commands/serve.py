@@ -7,9 +7,7 @@ import argparse
 from typing import Any
 
 from diffattr.commands.options import (
-    add_feature_args,
-    add_lambda_args,
-    add_screen_args,
+    add_index_args,
     attributor_kwargs,
     feature_settings,
     one_method,
@@ -65,6 +63,4 @@ def register(add) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--k", type=int, default=10, help="proponents and opponents shown")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="upload limit in MiB")
-    add_lambda_args(p)
-    add_screen_args(p)
-    add_feature_args(p)
+    add_index_args(p)

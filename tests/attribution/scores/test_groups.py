@@ -13,7 +13,6 @@ from diffattr.attribution.scores.groups import NO_GROUP, group_scores, read_grou
 from diffattr.attribution.scores.names import Names
 from diffattr.cli import main
 from diffattr.errors import DataError
-from diffattr.run import RunDir
 
 NAMES = Names(np.array([10, 11, 12, 13]), ["a.png", "b.png", "sub/c.png", "d.png"])
 
@@ -66,11 +65,8 @@ def test_scores_group_by_the_training_sets_own_labels():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("groups") / "run"
-    train = ["--train-count", "24", "--val-count", "8", "--batch-size", "8", "--steps", "4"]
-    assert main(["train", "--data", "digits", *train, "--out", str(out), "--quiet"]) == 0
-    return RunDir(out)
+def run(tmp_path_factory, make_tiny_run):
+    return make_tiny_run(tmp_path_factory.mktemp("groups") / "run", samples=0)
 
 
 def test_a_copy_of_a_group_a_image_credits_group_a(run, tmp_path, capsys):
