@@ -77,3 +77,20 @@ def test_a_missing_index_names_the_command_and_model_methods_are_refused(run):
     with pytest.raises(ConfigError, match="ekfac computes its own features"):
         bound.index("ekfac", progress=False)
     assert main(["query", str(run.path), "samples", "--method", "das,trak", "--quiet"]) == 2
+
+
+def test_an_index_over_rewritten_features_is_rebuilt(run):
+    import os
+
+    bound = open_run(run)
+    settings = FeatureSettings(timesteps=2)
+    index = bound.index("das", settings=settings, progress=False)
+    features = (
+        run.features_dir
+        / json.loads((index.path / "meta.json").read_text())["train_store"]
+        / "features.npy"
+    )
+    built = (index.path / "meta.json").stat().st_mtime_ns
+    os.utime(features, ns=(features.stat().st_atime_ns, features.stat().st_mtime_ns + 10**9))
+    again = open_run(run).index("das", settings=settings, progress=False)
+    assert again.path == index.path and (index.path / "meta.json").stat().st_mtime_ns > built

@@ -9,8 +9,10 @@ held-out images for κ's reference on every call. An index keeps those in ``RUN/
 - κ's reference: the confidence of the first held-out images scored the same way;
 - ``meta.json``: everything the answers depend on (the method and its resolved options, the
   feature settings, the λ rule, the screen, the model's and the training data's fingerprints,
-  the held-out ids), written last. An index is reused only when all of it matches; a change
-  builds a new one beside it (the name carries a hash of the settings).
+  the held-out ids), written last, with the stamp (size, modification time) of the training
+  features it was fitted on. An index is reused only when all of it matches; other inputs build
+  a new one beside it (the name carries a hash of the settings), and features written again
+  since rebuild it.
 
 A query (:meth:`AttributionIndex.score`) then featurizes only its targets — into a temporary
 directory, so the run directory is never changed by a query — and solves against the stored
@@ -67,7 +69,11 @@ class AttributionIndex:
         path = bound.run.path / "index" / index_name(meta)
         if (path / "meta.json").is_file():
             have = json.loads((path / "meta.json").read_text())
-            if have.get("inputs") == meta:
+            store = have.get("train_store")
+            current = store is None or have.get("store_stamp") == store_stamp(
+                bound.run.features_dir / store
+            )
+            if have.get("inputs") == meta and current:
                 return cls._load(bound, att, path, screen, have)
         if not build:
             raise DiffattrError(
@@ -89,6 +95,7 @@ class AttributionIndex:
                 atomic_write(path / "factor.npy", lambda f: np.save(f, kernel.factor))
                 meta["kernel"] = {"lam": kernel.lam, "form": kernel.form, "block": kernel.block}
             meta["train_store"] = store.path.name
+            meta["store_stamp"] = store_stamp(store.path)
         reference = None
         if att.method.heldout_reference:
             images, ids = bound.heldout()
@@ -143,6 +150,16 @@ class AttributionIndex:
     def remove(self) -> None:
         """Delete this index (the run's features stay)."""
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def store_stamp(path: Path) -> list[int] | None:
+    """(size, modification time) of a feature store's features file: an index over a store
+    written again since (e.g. featurized anew with another thread count) is rebuilt."""
+    f = Path(path) / "features.npy"
+    if not f.is_file():
+        return None
+    st = f.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def check_indexable(method: Any) -> None:
