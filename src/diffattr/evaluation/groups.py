@@ -164,6 +164,7 @@ def evaluate_groups(
     bootstrap CIs over targets (module docstring); scores at the method's default λ from the
     LDS benchmark's kernel caches (or the run's model)."""
     from diffattr.attribution.features.featurize import FeatureSettings
+    from diffattr.attribution.methods import get_method
     from diffattr.attribution.methods.spec import method_label
     from diffattr.evaluation.lds import _EvalContext, _scores_at
     from diffattr.families import get_family, open_run
@@ -184,7 +185,11 @@ def evaluate_groups(
     for method, options in methods:
         scores = _scores_at(ctx, method, options, timesteps)[-1]
         rho, top = group_agreement(scores, train_set.ids.numpy(), manifest["groups"], effects)
-        row: dict[str, Any] = {"method": method_label(method, options), "timesteps": timesteps}
+        image_only = get_method(method, **options).image_only()  # K does not apply
+        row: dict[str, Any] = {
+            "method": method_label(method, options),
+            "timesteps": None if image_only else timesteps,
+        }
         for kind, name in KIND_NAMES.items():
             mask = gt.kinds == kind
             if not mask.any():
@@ -218,7 +223,8 @@ def format_group_table(rows: list[dict[str, Any]], groups: int) -> str:
                 f"{d['spearman']:.3f} [{d['spearman_ci'][0]:.3f}, {d['spearman_ci'][1]:.3f}]"
             )
             cells.append(f"{d['top1']:.2f} [{d['top1_ci'][0]:.2f}, {d['top1_ci'][1]:.2f}]")
-        lines.append(f"| {r['method']} | {r['timesteps']} | " + " | ".join(cells) + " |")
+        k = "–" if r["timesteps"] is None else r["timesteps"]
+        lines.append(f"| {r['method']} | {k} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Chance: Spearman 0, top-1 {1 / groups:.2f} ({groups} groups).")
     return "\n".join(lines) + "\n"
