@@ -2,6 +2,7 @@
 through main() (train, generate, score, report; a missing run named; the default split)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -48,7 +49,11 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     assert html.count("near copy: nearest training image") == 3  # the verdict of every target
     sections = html.split("<section class='target'")[1:]
     assert len(sections) == 3
-    assert all(s.count("data:image/png;base64,") == 1 + 2 * (8 + 4) for s in sections)
+    # the target and each method's 8 proponents and 4 opponents; the group view (digit
+    # classes) adds its top group's members
+    outside = [re.sub(r"<details class='groups'.*?</details>", "", s, flags=re.S) for s in sections]
+    assert all(s.count("data:image/png;base64,") == 1 + 2 * (8 + 4) for s in outside)
+    assert all(s.count("class='gbars'") == 2 for s in sections)
     top = json.loads((tmp_path / "run" / "scores" / "das-samples" / "topk.json").read_text())
     assert len(top) == 3 and len(top[0]["proponents"]) == 5
     scores = np.load(tmp_path / "run" / "scores" / "das-samples" / "scores.npy")
