@@ -53,6 +53,7 @@ class QueryService:
         self.run, self.k = run, k
         self.bound = open_run(run)
         self.index = self.bound.index(method, given, **index_kwargs)
+        self.index.attributor.progress = False  # no progress bar per query on the console
         self.label = method_label(method, given)
         self.pictures = run.data_spec().load()  # (train, val) as pictures
         self.lock = threading.Lock()
