@@ -11,10 +11,11 @@ removing g on target x is
 
 (positive: without g the model fits x worse, so g helped produce it).
 
-Evaluate: a method's group score S_g(x) = Σ_{i∈g} τ(x, zᵢ) (default λ,
-:mod:`~diffattr.attribution.scores.groups`); per target, the Spearman correlation over groups
-of S_g(x) and ΔF_g(x), and whether the top group agrees (argmax S = argmax ΔF); means with
-bootstrap CIs over targets, per target kind (held-out real, generated).
+Evaluate: a method's group score S_g(x) = Σ_{i∈g} τ(x, zᵢ) (the mean for methods whose scores
+do not add; default λ, :mod:`~diffattr.attribution.scores.groups`); per target, the Spearman
+correlation over groups of S_g(x) and ΔF_g(x), and whether the top group agrees
+(argmax S = argmax ΔF); means with bootstrap CIs over targets, per target kind (held-out real,
+generated).
 """
 
 from __future__ import annotations
@@ -126,14 +127,18 @@ def measured_effects(out_dir: str | Path) -> tuple[list[str], np.ndarray]:
 
 
 def group_agreement(
-    scores: np.ndarray, train_ids: np.ndarray, groups: dict[str, list[int]], effects: np.ndarray
+    scores: np.ndarray,
+    train_ids: np.ndarray,
+    groups: dict[str, list[int]],
+    effects: np.ndarray,
+    additive: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per target: (Spearman over groups of the summed scores and the measured effects,
-    whether their top groups agree)."""
+    """Per target: (Spearman over groups of the group scores — sums, or means for scores that
+    do not add — and the measured effects, whether their top groups agree)."""
     from diffattr.attribution.scores.groups import group_scores
 
     assignment = {int(i): g for g, members in groups.items() for i in members}
-    predicted = group_scores(scores, train_ids, assignment, True)
+    predicted = group_scores(scores, train_ids, assignment, additive)
     order = [predicted.groups.index(g) for g in groups]
     s = predicted.values[:, order]
     rho = spearman_columns(s.T, effects.T)
@@ -184,8 +189,11 @@ def evaluate_groups(
     rows = []
     for method, options in methods:
         scores = _scores_at(ctx, method, options, timesteps)[-1]
-        rho, top = group_agreement(scores, train_set.ids.numpy(), manifest["groups"], effects)
-        image_only = get_method(method, **options).image_only()  # K does not apply
+        m = get_method(method, **options)
+        rho, top = group_agreement(
+            scores, train_set.ids.numpy(), manifest["groups"], effects, m.additive
+        )
+        image_only = m.image_only()  # K does not apply
         row: dict[str, Any] = {
             "method": method_label(method, options),
             "timesteps": None if image_only else timesteps,

@@ -28,7 +28,9 @@ def test_group_scores_are_sums_with_signed_shares_and_strongest_members():
     rows = g.rows()[0]
     assert [r["group"] for r in rows][:2] == ["x", "y"] and rows[0]["size"] == 2
     assert "estimated change" in g.meaning()
-    assert "not an estimated effect" in group_scores(values, np.arange(4), {}, False).meaning()
+    means = group_scores(values, np.array([10, 11, 12, 13]), {10: "x", 11: "x", 12: "y"}, False)
+    assert "mean" in means.meaning() and "not an estimated effect" in means.meaning()
+    np.testing.assert_allclose(means.values[0], [1.0, 2.0, 0.0])  # (3 − 1)/2; 2; none scored
 
 
 def test_groups_files_name_images_by_id_or_file(tmp_path):

@@ -1,16 +1,17 @@
 """Group attribution: which *part* of the training data made a target — a class, a category, a
 source, a licence — from any method's per-image scores.
 
-A group's score is the sum of its members' scores, S_g(x) = Σ_{i∈g} τ(x, zᵢ) (members outside a
-screen's candidates count 0), and its share S_g / Σ_h |S_h| (signed; the shares' absolute
-values add up to 1). What the sum means depends on the method (``Method.additive``):
+A group's score S_g(x) and its share S_g / Σ_h |S_h| (signed; the shares' absolute values add
+up to 1) depend on what the method's scores are (``Method.additive``):
 
 - **additive** methods (DAS, D-TRAK, TRAK, Journey-TRAK, gradient dot products, EK-FAC,
   TracIn, AbU): τ estimates how much removing zᵢ would change the target (the datamodel view
-  of the LDS), and such estimates add, so S_g estimates the effect of removing the whole group
-  — to first order: removing many images at once is not the sum of removing each;
+  of the LDS), and such estimates add, so the sum S_g(x) = Σ_{i∈g} τ(x, zᵢ) estimates the
+  effect of removing the whole group — to first order: removing many images at once is not the
+  sum of removing each. Members outside a screen's candidates count 0;
 - the others (cosine similarities, normalised influences, MUCS's skew, combinations, random):
-  S_g is the group's total score, a ranking of groups without an effect behind it.
+  S_g(x) is the mean of its scored members' scores, a ranking of groups without an effect
+  behind it (a sum would rank large groups first whatever their members look like).
 
 Groups come from the training set's own labels (digit classes, emoji categories) or from a
 file (:func:`read_groups`); images in no group form the group :data:`NO_GROUP`.
@@ -102,7 +103,7 @@ class GroupScores:
         if self.additive:
             return ("the sum of its members' scores: the estimated change of the target when "
                     "the group is removed (first order)")  # fmt: skip
-        return "the sum of its members' scores (a ranking of groups, not an estimated effect)"
+        return "the mean of its members' scores (a ranking of groups, not an estimated effect)"
 
     def rows(self) -> list[dict[str, Any]]:
         """Per target, its groups by decreasing score: name, score, share, size, members."""
@@ -128,16 +129,20 @@ def group_scores(
     values: np.ndarray, train_ids: np.ndarray, assignment: dict[int, str], additive: bool
 ) -> GroupScores:
     """:class:`GroupScores` of (T, N) scores over training images ``train_ids``, grouped by
-    ``assignment`` (id → group; others in :data:`NO_GROUP`). NaN scores (outside a screen)
-    count 0."""
+    ``assignment`` (id → group; others in :data:`NO_GROUP`): sums for ``additive`` scores, NaN
+    (outside a screen) counting 0; else means over the scored (finite) members."""
     labels = [assignment.get(int(i), NO_GROUP) for i in np.asarray(train_ids).tolist()]
     groups = sorted(set(labels), key=lambda g: (g == NO_GROUP, g))
     index = {g: j for j, g in enumerate(groups)}
     member = np.asarray([index[g] for g in labels])
-    v = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
+    raw = np.asarray(values, dtype=np.float64)
+    v = np.nan_to_num(raw, nan=0.0)
     one_hot = np.zeros((v.shape[1], len(groups)))
     one_hot[np.arange(v.shape[1]), member] = 1.0
     sums = v @ one_hot
+    if not additive:
+        counts = np.isfinite(raw).astype(np.float64) @ one_hot
+        sums = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
     total = np.abs(sums).sum(axis=1, keepdims=True)
     shares = np.divide(sums, total, out=np.zeros_like(sums), where=total > 0)
     ids = np.asarray(train_ids)
