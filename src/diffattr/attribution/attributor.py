@@ -8,6 +8,9 @@ ids, values = scores.top_k(8)
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -269,13 +272,32 @@ class Attributor:
             scores.set_confidence_reference(scores.confidence()[:cap], scores.target_ids[:cap])
             return scores
         if self.method.heldout_reference and TRAJECTORIES not in self.method.requirements():
-            ref, ref_ids = _first(heldout, heldout_ids, cap)
-            kappa = self.score(ref, ref_ids, screen).confidence()
-            scores.set_confidence_reference(kappa, ref_ids)
+            scores.set_confidence_reference(*self.heldout_confidence(heldout, heldout_ids, screen))
         if near_copy:
             images, _ = as_images(targets, scores.target_ids)
             scores.set_near_copies(near_copies(images, self.train, heldout))
         return scores
+
+    def heldout_confidence(
+        self, heldout: Any, heldout_ids: np.ndarray | None = None, screen: Screen | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(κ, ids) of the first :data:`~.confidence.HELDOUT_REFERENCE` held-out images scored
+        as targets: κ's reference (:meth:`compare_to_heldout`)."""
+        from diffattr.attribution.scores.confidence import HELDOUT_REFERENCE
+
+        ref, ref_ids = _first(heldout, heldout_ids, min(HELDOUT_REFERENCE, len(heldout)))
+        return self.score(ref, ref_ids, screen).confidence(), np.asarray(ref_ids)
+
+    @contextmanager
+    def temporary_target_store(self) -> Iterator[None]:
+        """Within the block, target features are stored in a temporary directory (removed at
+        its end), so that answering leaves the run's feature directory unchanged."""
+        with tempfile.TemporaryDirectory(prefix="diffattr-targets-") as tmp:
+            self.target_store_dir = Path(tmp)
+            try:
+                yield
+            finally:
+                self.target_store_dir = None
 
     def _score(self, targets: Any, target_ids: np.ndarray | None, screen: Screen | None) -> Scores:
         """:meth:`score` without the held-out comparison."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +136,8 @@ class AttributionIndex:
             _, targets, ids = self.bound.targets(spec_or_targets, att.method, cache)
         else:
             targets = spec_or_targets
-        with tempfile.TemporaryDirectory(prefix="diffattr-query-") as tmp:
-            att.target_store_dir = Path(tmp)
-            try:
-                scores = att.score(targets, ids, screen=self.screen)
-            finally:
-                att.target_store_dir = None
+        with att.temporary_target_store():
+            scores = att.score(targets, ids, screen=self.screen)
         if self.reference is not None:
             scores.set_confidence_reference(*self.reference)
         return scores
@@ -176,19 +171,10 @@ def check_indexable(method: Any) -> None:
 def heldout_reference(att: Any, images: Any, ids: np.ndarray, screen: Any) -> Any:
     """(κ, ids) of the first held-out images scored as targets (κ's reference, as
     :meth:`~diffattr.attribution.attributor.Attributor.compare_to_heldout` takes it)."""
-    from diffattr.attribution.attributor import _first
-    from diffattr.attribution.scores.confidence import HELDOUT_REFERENCE
-
     if not len(ids):
         return None
-    ref, ref_ids = _first(images, ids, min(HELDOUT_REFERENCE, len(ids)))
-    with tempfile.TemporaryDirectory(prefix="diffattr-index-") as tmp:
-        att.target_store_dir = Path(tmp)
-        try:
-            kappa = att.score(ref, ref_ids, screen=screen).confidence()
-        finally:
-            att.target_store_dir = None
-    return kappa, np.asarray(ref_ids)
+    with att.temporary_target_store():
+        return att.heldout_confidence(images, ids, screen)
 
 
 def index_meta(bound: Any, att: Any, screen: Any) -> dict[str, Any]:
