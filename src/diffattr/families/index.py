@@ -116,7 +116,8 @@ class AttributionIndex:
             store = FeatureStore.load(bound.run.features_dir / meta["train_store"])
             factor = np.load(path / "factor.npy", mmap_mode="r")
             k = meta["kernel"]
-            kernel = Kernel(store.features, float(k["lam"]), k["form"], factor, int(k["block"]))
+            lam, form, block = float(k["lam"]), k["form"], int(k["block"])
+            kernel = Kernel(store.features, lam, form, factor, block, keep_mapped=True)
             att.use_kernel(kernel, store)
         reference = None
         if (path / "reference.npz").is_file():

@@ -71,6 +71,36 @@ def test_auto_strategy_and_bad_strategy(tiny_model):
     assert make(strategy="layers").strategy == "layers"
 
 
+def test_models_sharing_a_tensor_keep_it_tied():
+    """functional_call's tying runs only for a model whose names share a tensor; its
+    gradient is then the sum over both uses, as an ordinary backward pass gives."""
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(1, 1, 3, padding=1)
+            self.b = torch.nn.Conv2d(1, 1, 3, padding=1)
+            self.b.weight = self.a.weight
+
+        def forward(self, x, t):
+            return type("Out", (), {"sample": self.b(torch.tanh(self.a(x)))})()
+
+    torch.manual_seed(0)
+    model = Shared()
+    spec = TimestepSpec(2)
+    x = torch.randn(1, 1, 4, 4)
+    want = loop_gradient(model, make_measure("das"), x[0], 0, spec.for_sample(0, 1000), False)
+    for strategy in ("auto", "vmap", "backward"):
+        comp = GradientComputer(
+            model, make_measure("das"), NoiseSchedule(), spec, normalize=False, strategy=strategy
+        )
+        assert comp.tie_weights and comp.strategy != "layers"  # its hooks would miss a use
+        got = comp.compute(x, np.array([0]))[0][0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    untied = GradientComputer(torch.nn.Conv2d(1, 1, 3), make_measure("das"), NoiseSchedule(), spec)
+    assert not untied.tie_weights
+
+
 def test_unsupported_layer_falls_back_to_vmap():
     class WithEmbedding(torch.nn.Module):
         def __init__(self):

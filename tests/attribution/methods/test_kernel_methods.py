@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from diffattr.attribution.features.store import release_pages
-from diffattr.attribution.kernel import TILE_BYTES, Kernel, kernel_dtype, read_tiles, tile_rows
+from diffattr.attribution.kernel import (
+    TILE_BYTES,
+    Kernel,
+    inner_products,
+    kernel_dtype,
+    read_tiles,
+    tile_products,
+    tile_rows,
+)
 from diffattr.attribution.methods import ScoreInputs, get_method
 from diffattr.errors import ConfigError, NumericalError
 
@@ -155,6 +163,29 @@ def test_streaming_a_memmap_keeps_its_pages_out_of_the_resident_set(tmp_path):
     assert _rss_file_bytes() - before < 8 << 20
     assert float(np.asarray(features).sum()) == n * k  # control: a plain read stays resident
     assert _rss_file_bytes() - before > 24 << 20
+
+
+@pytest.mark.parametrize("targets", [1, 40])
+def test_products_with_a_float32_store_are_the_float64_products(tmp_path, targets, monkeypatch):
+    """Few targets: the tile is converted in cache-sized blocks (and an index's kernel keeps
+    the store mapped); the products equal converting the whole store, to float64 rounding."""
+    monkeypatch.setattr("diffattr.attribution.kernel.CONVERT_BLOCK", (3, 50))  # ragged blocks
+    rng = np.random.default_rng(0)
+    phi = rng.standard_normal((37, 130)).astype(np.float32)
+    np.save(tmp_path / "f.npy", phi)
+    mapped = np.load(tmp_path / "f.npy", mmap_mode="r")
+    t = rng.standard_normal((targets, 130))
+    want = t @ phi.astype(np.float64).T
+    for release in (True, False):
+        got = inner_products(t, mapped, block=8, release=release)
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(tile_products(t, phi[:5]), want[:, :5], rtol=1e-12, atol=1e-12)
+    tiles = [tile for _, tile in read_tiles(mapped, 8, np.float32, release=False)]
+    assert all(isinstance(tile, np.memmap) for tile in tiles)  # not copied
+    kept = Kernel.fit(mapped, lam=1.0)
+    kept.keep_mapped = True
+    np.testing.assert_allclose(kept.cross(t), Kernel.fit(phi, lam=1.0).cross(t), rtol=1e-10)
 
 
 def test_cholesky_is_taken_in_place():

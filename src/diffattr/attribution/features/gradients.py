@@ -247,6 +247,10 @@ class GradientComputer:
         self.params = {n: cast(named[n]) for n in names}
         self.fixed = {n: cast(p) for n, p in named.items() if n not in self.params}
         self.fixed.update({n: cast(b) for n, b in model.named_buffers()})
+        #: Whether functional_call must tie shared tensors: its check walks every parameter
+        #: on each call (a third of one query's featurization for the tiny UNet), so it runs
+        #: only for models that share a tensor between names.
+        self.tie_weights = len(dict(model.named_parameters(remove_duplicate=False))) > len(named)
         self.num_params = sum(p.numel() for p in self.params.values())
         #: Pairs per gradient call, capped so their per-pair gradients (4·p bytes each) fit
         #: in gradient_memory(MICRO_BATCH_BYTES): 64 pairs of a 35.7M-parameter UNet would be
@@ -307,7 +311,8 @@ class GradientComputer:
 
     def _f(self, params, xt, t, target, ab, cond=None):
         args = (xt[None], t[None]) if cond is None else (xt[None], t[None], cond[None])
-        out = functional_call(self.model, (params, self.fixed), args).sample[0]
+        tie = self.tie_weights
+        out = functional_call(self.model, (params, self.fixed), args, tie_weights=tie).sample[0]
         out = out.float()  # the measure and its reductions in float32 (gradients flow back)
         diff = out - target
         return self.measure(out, target, ab), (diff.pow(2).mean(), diff.mean())
@@ -381,7 +386,8 @@ class GradientComputer:
             self._use_attention()
             with torch.no_grad(), recording(self._plan):
                 functional_call(self.model, (self.params, self.fixed),
-                                self._model_args(probe[1], probe[2], c))  # fmt: skip
+                                self._model_args(probe[1], probe[2], c),
+                                tie_weights=self.tie_weights)  # fmt: skip
                 per_pair = recorded_bytes_per_pair(self._plan, 1)
             budget = gradient_memory(MICRO_BATCH_BYTES, self.device)
             self.layer_pass_pairs = max(1, min(AUTO_MAX_PAIRS, budget // max(1, per_pair)))
@@ -442,7 +448,9 @@ class GradientComputer:
         """(model output y (float32), per-pair measure values f(y, target, ᾱ_t)) of a batch of
         pairs under ``params``."""
         args = self._model_args(xt, t, cond)
-        out = functional_call(self.model, (params, self.fixed), args).sample.float()
+        tie = self.tie_weights
+        out = functional_call(self.model, (params, self.fixed), args, tie_weights=tie).sample
+        out = out.float()
         return out, vmap(self.measure)(out, target, ab)
 
     def _model_args(self, xt, t, cond) -> tuple[torch.Tensor, ...]:

@@ -52,7 +52,12 @@ def _supported(module: nn.Module) -> bool:
 
 
 def layer_plan(model: nn.Module, param_names: list[str]) -> list[HookedLayer] | None:
-    """The layers owning ``param_names``, or None if one of them is not a supported layer."""
+    """The layers owning ``param_names``, or None if one of them is not a supported layer or
+    the model shares a tensor between names (a shared weight's per-layer gradients would
+    miss its other uses; such models take the vmap path, which ties them)."""
+    every = list(model.named_parameters(remove_duplicate=False))
+    if len({id(p) for _, p in every}) < len(every):
+        return None
     wanted = set(param_names)
     plan: list[HookedLayer] = []
     for mod_name, module in model.named_modules():

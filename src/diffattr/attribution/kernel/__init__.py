@@ -39,6 +39,11 @@ from diffattr.errors import ConfigError, NumericalError
 TILE_BYTES = 256 << 20
 #: Largest Gram matrix kept in float64; a larger one is float32.
 MAX_FLOAT64_KERNEL_BYTES = 2 << 30
+#: Up to this many targets, :func:`tile_products` converts a float32 tile to the product's
+#: precision in cache-sized blocks (rows × columns) instead of copying the whole tile: a query
+#: of one image then reads the store at about 4× the speed, with the same float64 products.
+FEW_TARGETS = 32
+CONVERT_BLOCK = (8, 32768)
 
 
 def tile_rows(dim: int, tile_bytes: int = TILE_BYTES) -> int:
@@ -61,16 +66,25 @@ def _blocks(n: int, block: int):
 
 
 def read_tiles(
-    features: np.ndarray, block: int | None = None, dtype: np.dtype | type = np.float64
+    features: np.ndarray,
+    block: int | None = None,
+    dtype: np.dtype | type = np.float64,
+    release: bool = True,
 ) -> Iterator[tuple[slice, np.ndarray]]:
-    """(rows, in-memory copy of Φ[rows]) tile by tile, releasing the mapped pages after each.
+    """(rows, Φ[rows]) tile by tile: an in-memory copy, the mapped pages released after each.
 
     Streaming an N×k memmap thus holds one tile (about TILE_BYTES) in memory, not the store.
+    ``release=False`` (an index answering queries): the pages stay mapped — the next pass
+    finds them without faulting them in again — and a tile already in ``dtype`` is not copied.
     """
     n, k = features.shape
     for sl in _blocks(n, block or tile_rows(k)):
+        if not release and features.dtype == dtype:
+            yield sl, features[sl]
+            continue
         tile = np.array(features[sl], dtype=dtype, copy=True)
-        release_pages(features)
+        if release:
+            release_pages(features)
         yield sl, tile
 
 
@@ -141,8 +155,9 @@ def inner_products(
     block: int | None = None,
     dtype=np.float64,
     executor: Any = None,
+    release: bool = True,
 ) -> np.ndarray:
-    """(T, N) matrix φ(x)ᵀφᵢ, streamed over tiles of Φ.
+    """(T, N) matrix φ(x)ᵀφᵢ, streamed over tiles of Φ (``release``: as :func:`read_tiles`).
 
     ``executor`` (:mod:`diffattr.parallel`): the tiles become its jobs when Φ is a
     memory-mapped ``.npy`` (a feature store): each worker maps the store and a copy of the
@@ -154,19 +169,43 @@ def inner_products(
     if executor is not None and filename is not None and str(filename).endswith(".npy"):
         return _inner_products_by_jobs(t, str(filename), features.shape, block, executor)
     out = np.empty((t.shape[0], features.shape[0]), dtype=dtype)
-    for sl, f in read_tiles(features, block, dtype):
-        out[:, sl] = t @ f.T
+    keep = features.dtype if len(t) <= FEW_TARGETS else dtype  # see tile_products
+    for sl, f in read_tiles(features, block, keep, release):
+        out[:, sl] = tile_products(t, f)
+    return out
+
+
+def tile_products(a: np.ndarray, tile: np.ndarray) -> np.ndarray:
+    """A·tileᵀ in A's precision. A tile of another precision (a float32 store's) is converted
+    in blocks of :data:`CONVERT_BLOCK` that stay in cache, each block's products added up —
+    the same products as converting the whole tile first, without writing and reading a
+    float64 copy of it (for one target, that copy costs about 4× the products)."""
+    a = np.asarray(a)
+    if tile.dtype == a.dtype:
+        return a @ tile.T
+    rows, cols = CONVERT_BLOCK
+    out = np.zeros((a.shape[0], tile.shape[0]), dtype=a.dtype)
+    buf = np.empty((rows, cols), dtype=a.dtype)
+    for r in range(0, tile.shape[0], rows):
+        r1 = min(tile.shape[0], r + rows)
+        for c in range(0, tile.shape[1], cols):
+            c1 = min(tile.shape[1], c + cols)
+            block = buf[: r1 - r, : c1 - c]
+            np.copyto(block, tile[r:r1, c:c1])
+            out[:, r:r1] += a[:, c:c1] @ block.T
     return out
 
 
 def product_tile(job: tuple[str, str, int, int]) -> tuple[int, int, np.ndarray]:
-    """One scoring job: A Φ[start:stop]ᵀ, with Φ and A mapped from their ``.npy`` files."""
+    """One scoring job: A Φ[start:stop]ᵀ, with Φ and A mapped from their ``.npy`` files (the
+    tile kept in the store's precision for few targets, as in :func:`inner_products`)."""
     features_path, a_path, start, stop = job
     a = np.load(a_path, mmap_mode="r")
     features = np.load(features_path, mmap_mode="r")
-    tile = np.array(features[start:stop], dtype=a.dtype, copy=True)
+    keep = features.dtype if len(a) <= FEW_TARGETS else a.dtype
+    tile = np.array(features[start:stop], dtype=keep, copy=True)
     release_pages(features)
-    return start, stop, np.asarray(a) @ tile.T
+    return start, stop, tile_products(np.asarray(a), tile)
 
 
 def _inner_products_by_jobs(
@@ -206,6 +245,9 @@ class Kernel:
     block: int = 4096
     #: Runs the training-tile products of :meth:`cross` as jobs (:mod:`diffattr.parallel`).
     executor: Any = field(default=None, repr=False, compare=False)
+    #: Keep Φ's pages mapped between calls of :meth:`cross` (an index answering queries: a
+    #: query then does not fault the store in again; the pages are the OS's file cache).
+    keep_mapped: bool = field(default=False, compare=False)
 
     @property
     def dtype(self) -> np.dtype:
@@ -288,10 +330,14 @@ class Kernel:
         t = np.asarray(targets, dtype=dt)
         if self.form == "primal":
             y = self._solve(t.T)  # (k, T) = G⁻¹ φ(x)
-            out = inner_products(y.T, self.features, self.block, dt, self.executor)
+            out = self._inner(y.T)
             return out.astype(np.float64, copy=False)
-        inner = inner_products(t, self.features, self.block, dt, self.executor)  # φ(x)ᵀΦᵀ
+        inner = self._inner(t)  # φ(x)ᵀΦᵀ
         return self._solve(inner.T).T.astype(np.float64, copy=False)
+
+    def _inner(self, a: np.ndarray) -> np.ndarray:
+        release = not self.keep_mapped
+        return inner_products(a, self.features, self.block, a.dtype, self.executor, release)
 
     def leverage(self) -> np.ndarray:
         """hᵢ = φᵢᵀ G⁻¹ φᵢ ∈ [0, 1) for every training row."""
