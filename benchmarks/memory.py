@@ -19,10 +19,17 @@ what it computed:
   forms a per-sample gradient.
 - ``write store``: a FeatureStore of N × k synthetic float32 features written row-tile by
   row-tile (N = 50,000, k = 32768: 6.6 GB on disk).
-- ``score``: the primal kernel G = ΦᵀΦ + λI accumulated from store tiles (float32 above
-  2 GiB, factorised in place), then φ(x)ᵀG⁻¹Φᵀ for 1,000 target rows, streamed over the store.
-  What stays resident: G (k² × 4 bytes = 4.3 GB at k = 32768), one tile, the target block and
-  the (T, N) scores.
+- ``score``: the primal kernel G = ΦᵀΦ + λI accumulated from store tiles by BLAS syrk (float32
+  above 2 GiB, factorised in place), then φ(x)ᵀG⁻¹Φᵀ for 1,000 target rows, streamed over the
+  store. What stays resident: G (k² × 4 bytes = 4.3 GB at k = 32768), one tile, the target
+  block and the (T, N) scores. Then the same kernel answers ``--queries`` single targets as an
+  index does (the store kept mapped between them, after one warm-up query): the part of a
+  query that is not featurizing its image (``featurize-query`` times that part).
+- ``score-general``: the same with the Gram accumulated by a general product (gemm, c += AᵀA
+  in place) instead of syrk — the baseline for syrk's half arithmetic, in the same run.
+- ``featurize-query``: one image of the `cifar` preset featurized at K = 32 with the sketch
+  projector (countsketch, the default) at k = 32768: what one query of an N = 50,000 index of
+  that model featurizes.
 
 ``--quick`` runs small sizes (about a minute) to check the script itself.
 """
@@ -45,8 +52,26 @@ from pathlib import Path
 import numpy as np
 
 SIZES = {
-    "full": {"images": 16, "timesteps": 2, "k": 32768, "dense_k": 256, "n": 50_000, "t": 1000},
-    "quick": {"images": 4, "timesteps": 1, "k": 4096, "dense_k": 256, "n": 5_000, "t": 100},
+    "full": {
+        "images": 16,
+        "timesteps": 2,
+        "k": 32768,
+        "dense_k": 256,
+        "n": 50_000,
+        "t": 1000,
+        "queries": 3,
+        "query_timesteps": 32,
+    },
+    "quick": {
+        "images": 4,
+        "timesteps": 1,
+        "k": 4096,
+        "dense_k": 256,
+        "n": 5_000,
+        "t": 100,
+        "queries": 3,
+        "query_timesteps": 2,
+    },
 }
 
 
@@ -118,23 +143,85 @@ def case_write_store(size: dict, work: Path) -> dict:
     return {"detail": f"N={n:,} × k={k:,} float32 ({gb:.1f} GB on disk)", "seconds": seconds}
 
 
-def case_score(size: dict, work: Path) -> dict:
+def general_gram(features: np.ndarray, block=None, dtype=np.float64) -> np.ndarray:
+    """ΦᵀΦ by a general product accumulated in place (BLAS gemm, c += fᵀf per tile): the
+    baseline that :func:`diffattr.attribution.kernel.primal_gram`'s syrk halves."""
+    import scipy.linalg.blas
+
+    from diffattr.attribution.kernel import read_tiles
+
+    k = features.shape[1]
+    gram = np.zeros((k, k), dtype=dtype)
+    c = gram.T  # Fortran-ordered view, updated in place
+    gemm = scipy.linalg.blas.get_blas_funcs("gemm", dtype=gram.dtype)
+    for _, f in read_tiles(features, block, dtype):
+        out = gemm(1.0, f, f, beta=1.0, c=c, trans_a=1, overwrite_c=1)
+        if not np.shares_memory(out, gram):
+            c[...] = out
+    return gram
+
+
+def case_score(size: dict, work: Path, gram: str = "syrk") -> dict:
+    import diffattr.attribution.kernel as kernel_module
     from diffattr.attribution.features.store import FeatureStore
     from diffattr.attribution.kernel import Kernel
 
+    if gram == "general":
+        kernel_module.primal_gram = general_gram
     n, k, t = size["n"], size["k"], size["t"]
     store = FeatureStore.load(work / "big-store")
-    targets = np.random.default_rng(1).standard_normal((t, k), dtype=np.float32)
+    rng = np.random.default_rng(1)
+    targets = rng.standard_normal((t, k), dtype=np.float32)
     start = time.perf_counter()
     kernel = Kernel.fit(store.features)
     fitted = time.perf_counter() - start
     scores = kernel.cross(targets)
     seconds = time.perf_counter() - start
     assert scores.shape == (t, n) and np.isfinite(scores).all()
+    kernel.keep_mapped = True  # as an index's kernel
+    one = rng.standard_normal((size["queries"] + 1, 1, k), dtype=np.float32)
+    query = []
+    for q in one:
+        q0 = time.perf_counter()
+        kernel.cross(q)
+        query.append(time.perf_counter() - q0)
+    rest = float(np.median(query[1:]))
     return {
-        "detail": f"{t:,} targets × N={n:,}, k={k:,}, {kernel.form} kernel in {kernel.dtype}",
+        "detail": f"{t:,} targets × N={n:,}, k={k:,}, {kernel.form} kernel in {kernel.dtype}, "
+        f"Gram by {gram}",
         "seconds": seconds,
-        "rate": f"kernel {fitted:.0f} s, products {seconds - fitted:.0f} s",
+        "rate": f"kernel {fitted:.0f} s (Gram by {gram}), products {seconds - fitted:.0f} s; "
+        f"one-target query {rest:.2f} s (median of {len(query) - 1}, after one warm-up)",
+        "kernel_seconds": fitted,
+        "query_seconds": rest,
+    }
+
+
+def case_featurize_query(size: dict, work: Path) -> dict:
+    import torch
+
+    from diffattr.attribution.features.featurize import (
+        DEFAULT_PROJECTION,
+        FeatureSettings,
+        featurize,
+    )
+    from diffattr.diffusion.presets import build_unet
+    from diffattr.diffusion.schedule import NoiseSchedule
+
+    model = build_unet("cifar", 32, 3)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    projector = DEFAULT_PROJECTION[0]  # what "auto" picks for N = 50,000 of this model
+    settings = FeatureSettings(
+        measure="das", timesteps=size["query_timesteps"], projector=projector, proj_dim=size["k"]
+    )
+    start = time.perf_counter()
+    featurize(model, image, np.arange(1), work / "store-query", settings, NoiseSchedule(),
+              data_fingerprint="synthetic", progress=False)  # fmt: skip
+    seconds = time.perf_counter() - start
+    return {
+        "detail": f"1 image × {size['query_timesteps']} timesteps, {projector} k={size['k']}",
+        "seconds": seconds,
+        "rate": "the featurizing part of one query",
     }
 
 
@@ -145,6 +232,8 @@ def child(case: str, mode: str, work: Path) -> None:
     size = SIZES[mode]
     if case == "model":
         out = case_model(size, work)
+    elif case == "featurize-query":
+        out = case_featurize_query(size, work)
     elif case.startswith("featurize-"):
         projector = case.split("-", 1)[1]
         k = size["dense_k"] if projector in ("gaussian", "rademacher") else size["k"]
@@ -154,6 +243,8 @@ def child(case: str, mode: str, work: Path) -> None:
         out = case_write_store(size, work)
     elif case == "score":
         out = case_score(size, work)
+    elif case == "score-general":
+        out = case_score(size, work, gram="general")
     else:
         raise SystemExit(f"unknown case {case}")
     out["peak_rss"] = peak_rss()
@@ -161,7 +252,8 @@ def child(case: str, mode: str, work: Path) -> None:
 
 
 CASES = ["model", "featurize-countsketch", "featurize-sparse-jl", "featurize-rademacher",
-         "featurize-logra", "write-store", "score"]  # fmt: skip
+         "featurize-logra", "write-store", "score", "score-general",
+         "featurize-query"]  # fmt: skip
 #: ``featurize-logra``: the per-layer rank (16 gives k = 32,147 on the `cifar` preset).
 LOGRA_RANK = 16
 
@@ -174,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cases",
         default=",".join(CASES),
-        help=f"comma-separated subset of: {', '.join(CASES)} (score needs write-store)",
+        help=f"comma-separated subset of: {', '.join(CASES)} (the score cases need write-store)",
     )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
