@@ -277,7 +277,7 @@ def lds(args: argparse.Namespace) -> str:
                 continue
             print(f"scoring {label} on {len(rows)} targets …", flush=True)
             att = bound.attributor(method, options, settings, progress=True)
-            inputs = replace(att.inputs(gt.images, gt.images, gt.keys), settings=settings)
+            inputs = att.inputs(gt.images, gt.images, gt.keys).updated(settings=settings)
             clock = Clock()
             values = att.method.score(inputs)
             cpu, wall = clock.read()
