@@ -1,3 +1,4 @@
+import argparse
 import os
 import signal
 import subprocess
@@ -143,6 +144,17 @@ def test_tiny_lds_end_to_end(tiny_run, tmp_path):
     with pytest.raises(DiffattrError, match="--screen-kernel all"):
         evaluate_benchmark(bench, None, [("das", {})], [1], progress=False,
                            screens=[Screen("pixel-cos", 2, "union")])  # fmt: skip
+    # `--screen none,…`: the unscreened row too, first, as without a screen.
+    from diffattr.commands.evaluate import lds_screens
+
+    parsed = lds_screens(argparse.Namespace(screen="none,pixel-cos:2"))
+    assert parsed[0] is None and parsed[1] == two
+    plain, screened = evaluate_benchmark(
+        bench, None, [("das", {})], [1], progress=False, bootstrap=20, screens=parsed
+    )[:2]
+    assert plain["method"] == "das" and "screen" not in plain
+    assert plain["val"]["default_lds"] == rows2[0]["val"]["default_lds"]
+    assert screened["val"]["default_lds"] == masked["val"]["default_lds"]
 
 
 def test_summary_flags_a_lambda_at_the_grid_edge():

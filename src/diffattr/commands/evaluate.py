@@ -94,13 +94,15 @@ def check_benchmark_files(bench: Path) -> None:
 
 
 def lds_screens(args: argparse.Namespace) -> list[Any] | None:
-    """``lds eval --screen A:M,B:M2``: screens applied as masks (the kernel on all N)."""
+    """``lds eval --screen A:M,B:M2``: screens applied as masks (the kernel on all N); ``none``
+    in the list also gives the unscreened rows."""
     from diffattr.attribution.methods.spec import split_top_level
     from diffattr.attribution.screening import Screen
 
     if not getattr(args, "screen", None):
         return None
-    return [Screen.parse(text, "all") for text in split_top_level(args.screen, ",")]
+    texts = split_top_level(args.screen, ",")
+    return [None if t.strip() == "none" else Screen.parse(t, "all") for t in texts]
 
 
 def cmd_lds_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -250,7 +252,8 @@ def register(add) -> None:
         default=None,
         metavar="SIMILARITY:M[,…]",
         help="evaluate each method's scores kept on each target's M most similar training "
-        "images only (the kernel on all N; unscored images add 0), one row per screen",
+        "images only (the kernel on all N; unscored images add 0), one row per screen; "
+        "'none' in the list adds the unscreened rows (none,pixel-cos:5%%)",
     )
     e.add_argument("--out", default=None, help="table file (default: BENCH/results.md)")
     add_feature_args(e, several_timesteps=True)

@@ -184,7 +184,7 @@ def evaluate_benchmark(
     ``device``: where features are computed. ``screens``: instead of the plain scores, each
     method's scores kept on each :class:`~diffattr.attribution.screening.Screen`'s candidates
     only (the kernel on all N, ``--screen-kernel all``; unscored images add 0 to a subset's
-    prediction), one row per screen.
+    prediction), one row per screen (``None`` in the list: the plain scores' row).
     """
     from diffattr.attribution.features.featurize import FeatureSettings
     from diffattr.attribution.methods import METHODS, get_method
@@ -207,7 +207,7 @@ def evaluate_benchmark(
         device,
     )
     rows: list[dict[str, Any]] = []
-    keep = {screen: _screen_mask(ctx, screen) for screen in screens or []}
+    keep = {screen: _screen_mask(ctx, screen) for screen in screens or [] if screen is not None}
     ceilings = {"noise ceiling": noise_ceiling(gt), "seed agreement": seed_agreement(gt)}
     for method, options in methods:
         if method not in METHODS:
