@@ -199,10 +199,13 @@ def test_cholesky_is_taken_in_place():
     np.testing.assert_allclose(np.tril(factor), want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("syrk_elements", [None, 33])  # 33: 3 rows per syrk call (k = 11)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_primal_gram_is_the_full_symmetric_product(dtype):
+def test_primal_gram_is_the_full_symmetric_product(dtype, syrk_elements, monkeypatch):
     from diffattr.attribution.kernel import primal_gram
 
+    if syrk_elements:  # a tile split into several syrk updates (OpenBLAS's crash at large k)
+        monkeypatch.setattr("diffattr.attribution.kernel.SYRK_MAX_ELEMENTS", syrk_elements)
     phi = np.random.default_rng(4).standard_normal((37, 11)).astype(np.float32)
     got = primal_gram(phi, block=5, dtype=dtype)
     assert got.dtype == dtype and np.array_equal(got, got.T)

@@ -39,6 +39,10 @@ from diffattr.errors import ConfigError, NumericalError
 TILE_BYTES = 256 << 20
 #: Largest Gram matrix kept in float64; a larger one is float32.
 MAX_FLOAT64_KERNEL_BYTES = 2 << 30
+#: Most elements (rows × k) of one syrk update: OpenBLAS 0.3.30's threaded ssyrk crashes
+#: (SIGSEGV) at k = 32768 from 768 rows per call on, and runs at 512; 2²³ keeps a margin
+#: (256 rows at k = 32768) and costs nothing measurable (each call still does 2·rows·k²/2 flops).
+SYRK_MAX_ELEMENTS = 1 << 23
 #: Up to this many targets, :func:`tile_products` converts a float32 tile to the product's
 #: precision in cache-sized blocks (rows × columns) instead of copying the whole tile: a query
 #: of one image then reads the store at about 4× the speed, with the same float64 products.
@@ -118,10 +122,13 @@ def primal_gram(
     gram = np.zeros((k, k), dtype=dtype)
     lower = gram.T  # Fortran-ordered view: BLAS updates it in place
     syrk = scipy.linalg.blas.get_blas_funcs("syrk", dtype=gram.dtype)
-    for _, f in read_tiles(features, block, dtype):
-        out = syrk(1.0, f.T, beta=1.0, c=lower, trans=0, lower=1, overwrite_c=1)
-        if not np.shares_memory(out, gram):  # the wrapper had to copy: keep its result
-            lower[...] = out
+    step = max(1, SYRK_MAX_ELEMENTS // k)
+    for _, tile in read_tiles(features, block, dtype):
+        for r in range(0, tile.shape[0], step):
+            f = tile[r : r + step]
+            out = syrk(1.0, f.T, beta=1.0, c=lower, trans=0, lower=1, overwrite_c=1)
+            if not np.shares_memory(out, gram):  # the wrapper had to copy: keep its result
+                lower[...] = out
     step = tile_rows(k)
     for i0 in range(0, k, step):  # mirror the lower triangle, one band of rows at a time
         i1 = min(k, i0 + step)
