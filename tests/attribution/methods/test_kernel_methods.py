@@ -211,3 +211,19 @@ def test_primal_gram_is_the_full_symmetric_product(dtype, syrk_elements, monkeyp
     assert got.dtype == dtype and np.array_equal(got, got.T)
     want = phi.astype(np.float64).T @ phi.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_large_matrices_are_factorised_with_one_blas_thread(monkeypatch):
+    """OpenBLAS's threaded Cholesky crashes on a 4 GiB matrix: from LARGE_MATRIX_BYTES on,
+    factor and solves run with one BLAS thread, and give the same kernel."""
+    from threadpoolctl import threadpool_info
+
+    from diffattr.attribution.kernel import blas_threads_for
+
+    phi = np.random.default_rng(5).standard_normal((30, 12))
+    t = np.random.default_rng(6).standard_normal((2, 12))
+    want = Kernel.fit(phi, lam=0.5).cross(t)
+    monkeypatch.setattr("diffattr.attribution.kernel.LARGE_MATRIX_BYTES", 64)
+    with blas_threads_for(np.zeros(8)):  # 64 bytes: limited
+        assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
+    np.testing.assert_allclose(Kernel.fit(phi, lam=0.5).cross(t), want, rtol=1e-12)

@@ -20,6 +20,7 @@ factorised (default: the effective-dimension rule, df(λ) = min(200, min(N, k) /
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -43,6 +44,8 @@ MAX_FLOAT64_KERNEL_BYTES = 2 << 30
 #: (SIGSEGV) at k = 32768 from 768 rows per call on, and runs at 512; 2²³ keeps a margin
 #: (256 rows at k = 32768) and costs nothing measurable (each call still does 2·rows·k²/2 flops).
 SYRK_MAX_ELEMENTS = 1 << 23
+#: Matrices this large are factorised and solved with one BLAS thread (:func:`blas_threads_for`).
+LARGE_MATRIX_BYTES = 1 << 32
 #: Up to this many targets, :func:`tile_products` converts a float32 tile to the product's
 #: precision in cache-sized blocks (rows × columns) instead of copying the whole tile: a query
 #: of one image then reads the store at about 4× the speed, with the same float64 products.
@@ -101,13 +104,25 @@ def gram_scale(features: np.ndarray, block: int | None = None) -> float:
     return total / min(n, k)
 
 
+def blas_threads_for(matrix: np.ndarray) -> Any:
+    """A context in which BLAS/LAPACK may use its threads on ``matrix``: one thread for a
+    matrix of 4 GiB or more (OpenBLAS 0.3.30's threaded Cholesky crashes with SIGSEGV on a
+    32768² float32 matrix, 2³² bytes; 24576² runs), else no limit."""
+    if matrix.nbytes < LARGE_MATRIX_BYTES:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
 def _factor_in_place(gram: np.ndarray) -> np.ndarray:
     """Lower Cholesky factor of the symmetric ``gram``, overwriting it.
 
     LAPACK works in place only on Fortran-ordered input; a C-ordered symmetric matrix is its
     own transpose, so ``gram.T`` is that input (without it scipy makes a full copy: 2× memory).
     """
-    return scipy.linalg.cho_factor(gram.T, lower=True, overwrite_a=True)[0]
+    with blas_threads_for(gram):
+        return scipy.linalg.cho_factor(gram.T, lower=True, overwrite_a=True)[0]
 
 
 def primal_gram(
@@ -329,7 +344,8 @@ class Kernel:
 
     def _solve(self, rhs: np.ndarray) -> np.ndarray:
         rhs = np.asarray(rhs, dtype=self.dtype)
-        return scipy.linalg.cho_solve((self.factor, True), rhs, check_finite=False)
+        with blas_threads_for(self.factor):
+            return scipy.linalg.cho_solve((self.factor, True), rhs, check_finite=False)
 
     def cross(self, targets: np.ndarray) -> np.ndarray:
         """(T, N) matrix of φ(x)ᵀ G⁻¹ φᵢ for target features ``targets`` (T, k)."""
