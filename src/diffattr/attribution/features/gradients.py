@@ -33,6 +33,7 @@ from diffattr.attribution.features.layer_grads import (
     recorded_bytes_per_pair,
     recording,
     segment_sample_grads,
+    shares_tensors,
 )
 from diffattr.attribution.features.layer_projection import LayerProjection, LayerProjector
 from diffattr.attribution.features.measure import Measure
@@ -250,7 +251,7 @@ class GradientComputer:
         #: Whether functional_call must tie shared tensors: its check walks every parameter
         #: on each call (a third of one query's featurization for the tiny UNet), so it runs
         #: only for models that share a tensor between names.
-        self.tie_weights = len(dict(model.named_parameters(remove_duplicate=False))) > len(named)
+        self.tie_weights = shares_tensors(model)
         self.num_params = sum(p.numel() for p in self.params.values())
         #: Pairs per gradient call, capped so their per-pair gradients (4·p bytes each) fit
         #: in gradient_memory(MICRO_BATCH_BYTES): 64 pairs of a 35.7M-parameter UNet would be

@@ -51,12 +51,18 @@ def _supported(module: nn.Module) -> bool:
     return isinstance(module, SUPPORTED_LAYERS)
 
 
+def shares_tensors(model: nn.Module) -> bool:
+    """Whether one parameter or buffer tensor is reachable under two names (tied weights)."""
+    named = [*model.named_parameters(remove_duplicate=False),
+             *model.named_buffers(remove_duplicate=False)]  # fmt: skip
+    return len({id(t) for _, t in named}) < len(named)
+
+
 def layer_plan(model: nn.Module, param_names: list[str]) -> list[HookedLayer] | None:
     """The layers owning ``param_names``, or None if one of them is not a supported layer or
     the model shares a tensor between names (a shared weight's per-layer gradients would
     miss its other uses; such models take the vmap path, which ties them)."""
-    every = list(model.named_parameters(remove_duplicate=False))
-    if len({id(p) for _, p in every}) < len(every):
+    if shares_tensors(model):
         return None
     wanted = set(param_names)
     plan: list[HookedLayer] = []

@@ -137,10 +137,10 @@ def primal_gram(
     gram = np.zeros((k, k), dtype=dtype)
     lower = gram.T  # Fortran-ordered view: BLAS updates it in place
     syrk = scipy.linalg.blas.get_blas_funcs("syrk", dtype=gram.dtype)
-    step = max(1, SYRK_MAX_ELEMENTS // k)
+    rows_per_update = max(1, SYRK_MAX_ELEMENTS // k)
     for _, tile in read_tiles(features, block, dtype):
-        for r in range(0, tile.shape[0], step):
-            f = tile[r : r + step]
+        for r in range(0, tile.shape[0], rows_per_update):
+            f = tile[r : r + rows_per_update]
             out = syrk(1.0, f.T, beta=1.0, c=lower, trans=0, lower=1, overwrite_c=1)
             if not np.shares_memory(out, gram):  # the wrapper had to copy: keep its result
                 lower[...] = out
@@ -191,10 +191,16 @@ def inner_products(
     if executor is not None and filename is not None and str(filename).endswith(".npy"):
         return _inner_products_by_jobs(t, str(filename), features.shape, block, executor)
     out = np.empty((t.shape[0], features.shape[0]), dtype=dtype)
-    keep = features.dtype if len(t) <= FEW_TARGETS else dtype  # see tile_products
+    keep = tile_precision(len(t), features.dtype, dtype)
     for sl, f in read_tiles(features, block, keep, release):
         out[:, sl] = tile_products(t, f)
     return out
+
+
+def tile_precision(num_targets: int, store_dtype: np.dtype, dtype: np.dtype | type) -> Any:
+    """The precision a store tile is read in: the store's own for up to :data:`FEW_TARGETS`
+    targets (:func:`tile_products` converts it block by block), else the products'."""
+    return store_dtype if num_targets <= FEW_TARGETS else dtype
 
 
 def tile_products(a: np.ndarray, tile: np.ndarray) -> np.ndarray:
@@ -224,8 +230,7 @@ def product_tile(job: tuple[str, str, int, int]) -> tuple[int, int, np.ndarray]:
     features_path, a_path, start, stop = job
     a = np.load(a_path, mmap_mode="r")
     features = np.load(features_path, mmap_mode="r")
-    keep = features.dtype if len(a) <= FEW_TARGETS else a.dtype
-    tile = np.array(features[start:stop], dtype=keep, copy=True)
+    tile = np.array(features[start:stop], dtype=tile_precision(len(a), features.dtype, a.dtype))
     release_pages(features)
     return start, stop, tile_products(np.asarray(a), tile)
 
